@@ -1,0 +1,50 @@
+//! Every bound of the protocol, with the reason for its value. Each length read from the wire or
+//! from disk is checked against one of these before anything is allocated.
+
+/// Largest write or read carried by one frame. 1 MiB matches the FUSE `max_write` the client
+/// asks for, so one kernel request is one frame.
+pub const DATA_BYTES_MAX: usize = 1 << 20;
+
+/// Largest postcard message in a frame. A transaction of many small commands or a batch of
+/// directory entries fits easily; anything larger is a bug or an attack.
+pub const MESSAGE_BYTES_MAX: usize = 1 << 20;
+
+/// Largest whole frame (header + message + bulk data).
+pub const FRAME_BYTES_MAX: usize = crate::frame::HEADER_BYTES + MESSAGE_BYTES_MAX + DATA_BYTES_MAX;
+
+/// Longest file name component, as Linux `NAME_MAX`.
+pub const NAME_BYTES_MAX: usize = 255;
+
+/// Longest symlink target, as Linux `PATH_MAX`.
+pub const SYMLINK_TARGET_BYTES_MAX: usize = 4096;
+
+/// Largest opaque object handle: the kernel's `MAX_HANDLE_SZ` (128) plus our type byte,
+/// handle type and MAC.
+pub const HANDLE_BYTES_MAX: usize = 128 + 32;
+
+/// Largest extended attribute value, as Linux `XATTR_SIZE_MAX`.
+pub const XATTR_VALUE_BYTES_MAX: usize = 65536;
+
+/// Largest extended attribute name, as Linux `XATTR_NAME_MAX`.
+pub const XATTR_NAME_BYTES_MAX: usize = 255;
+
+/// Most commands in one transaction: enough for a whole batch of a maildir delivery or an untar
+/// flush, small enough that applying one never holds the apply lock for long.
+pub const TXN_COMMANDS_MAX: usize = 1024;
+
+/// Most requests a client may have in flight on one connection; the server stops reading from a
+/// connection at this bound (backpressure), the client waits for a permit.
+pub const REQUESTS_IN_FLIGHT_MAX: usize = 256;
+
+/// Most directory entries returned by one readdir request.
+pub const READDIR_ENTRIES_MAX: usize = 1024;
+
+/// Most supplementary groups carried in credentials, as Linux `NGROUPS_MAX`.
+pub const GROUPS_MAX: usize = 65536;
+
+/// Seconds a new connection has to complete the handshake before it is closed.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+
+const _: () = assert!(FRAME_BYTES_MAX >= crate::frame::HEADER_BYTES + DATA_BYTES_MAX);
+const _: () = assert!(FRAME_BYTES_MAX <= u32::MAX as usize);
+const _: () = assert!(READDIR_ENTRIES_MAX * (NAME_BYTES_MAX + 64) <= MESSAGE_BYTES_MAX);

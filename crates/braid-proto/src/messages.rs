@@ -1,0 +1,252 @@
+//! Typed messages. Every mutating request is a [`Txn`]: an ordered list of [`Command`]s applied
+//! atomically and at most once (client id + [`TxnSeq`]). Bulk data of `Write` commands travels
+//! in the frame's data section, in command order, never inside the message.
+use serde::{Deserialize, Serialize};
+
+/// Protocol versions this build speaks, newest first.
+pub const PROTOCOL_VERSIONS: &[u16] = &[1];
+
+/// Identifies one client (one mount) for deduplication; random, chosen at mount time and kept
+/// across reconnects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ClientId(pub u64);
+
+/// A client's transaction sequence number, strictly increasing per client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TxnSeq(pub u64);
+
+/// Position in the server's transaction log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
+pub struct Lsn(pub u64);
+
+/// An opaque, server-issued, tamper-evident name for one object (file, directory, ...). It stays
+/// valid across renames and server restarts, and names no object outside the export.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Handle(pub Vec<u8>);
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Handle(")?;
+        for b in self.0.iter().take(16) {
+            write!(f, "{b:02x}")?;
+        }
+        write!(f, ")")
+    }
+}
+
+/// Client hello: first frame on a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol versions the client speaks, any order.
+    pub versions: Vec<u16>,
+    pub client_id: ClientId,
+    /// Free text for logs (host name, version).
+    pub client_name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Welcome {
+    Accepted(ExportInfo),
+    /// The server refuses the client; the reason is for humans.
+    Refused { reason: String },
+}
+
+/// What the server tells a client about the export at mount time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportInfo {
+    pub version: u16,
+    pub root: Entry,
+    pub read_only: bool,
+    /// Changes whenever the server process restarts; the client reopens its pins then.
+    pub server_instance: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Timestamp {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+/// A new value for atime or mtime in a setattr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TimeSet {
+    Now,
+    At(Timestamp),
+}
+
+/// Attributes of an object, as `stat` reports them on the server's file system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Attr {
+    pub ino: u64,
+    pub size: u64,
+    pub blocks: u64,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+    /// File type and permission bits, as `st_mode`.
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u64,
+    pub blksize: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub handle: Handle,
+    pub attr: Attr,
+}
+
+/// Who asks for a mutation. The server applies mutations with these credentials, so ownership,
+/// setgid inheritance and permission rules are those of the exported file system.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Credentials {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub ino: u64,
+    /// File type bits as in `st_mode` (`S_IFREG`, ...).
+    pub kind: u32,
+    /// Opaque cookie: pass it back to continue after this entry.
+    pub cookie: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub blocks_free: u64,
+    pub blocks_available: u64,
+    pub files: u64,
+    pub files_free: u64,
+    pub block_size: u32,
+    pub name_max: u32,
+    pub fragment_size: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Whence {
+    Data,
+    Hole,
+}
+
+/// Read-only requests and control requests. Mutations are in [`Request::Txn`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    Lookup { parent: Handle, name: Vec<u8> },
+    GetAttr { handle: Handle },
+    ReadLink { handle: Handle },
+    Read { handle: Handle, offset: u64, len: u32 },
+    ReadDir { handle: Handle, cookie: u64 },
+    StatFs,
+    GetXattr { handle: Handle, name: Vec<u8> },
+    ListXattr { handle: Handle },
+    Lseek { handle: Handle, offset: u64, whence: Whence },
+    /// Keeps the object alive on the server while the client has it open, so an open file that
+    /// is unlinked stays readable. Released by `Release`.
+    Open { handle: Handle },
+    Release { handle: Handle },
+    Txn(Txn),
+    /// Returns once every transaction applied before it is durable on the server.
+    Commit,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Txn {
+    pub seq: TxnSeq,
+    /// Every transaction of this client below this seq has its reply: the server may forget
+    /// their cached replies.
+    pub replied_below: TxnSeq,
+    pub creds: Credentials,
+    pub commands: Vec<Command>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Regular file (`rdev` 0, `S_IFREG`), fifo, socket or device node, by the type in `mode`.
+    Create { parent: Handle, name: Vec<u8>, mode: u32, rdev: u64, exclusive: bool },
+    Mkdir { parent: Handle, name: Vec<u8>, mode: u32 },
+    Symlink { parent: Handle, name: Vec<u8>, target: Vec<u8> },
+    Link { handle: Handle, new_parent: Handle, new_name: Vec<u8> },
+    Unlink { parent: Handle, name: Vec<u8> },
+    Rmdir { parent: Handle, name: Vec<u8> },
+    Rename { parent: Handle, name: Vec<u8>, new_parent: Handle, new_name: Vec<u8>, flags: u32 },
+    SetAttr { handle: Handle, changes: AttrChanges },
+    /// `len` bytes of the frame's data section, following those of earlier writes.
+    Write { handle: Handle, offset: u64, len: u32 },
+    Fallocate { handle: Handle, offset: u64, len: u64, mode: i32 },
+    CopyFileRange { source: Handle, source_offset: u64, target: Handle, target_offset: u64, len: u64 },
+    SetXattr { handle: Handle, name: Vec<u8>, value: Vec<u8>, flags: i32 },
+    RemoveXattr { handle: Handle, name: Vec<u8> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct AttrChanges {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeSet>,
+    pub mtime: Option<TimeSet>,
+}
+
+/// What one successful command produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandOk {
+    Entry(Entry),
+    Attr(Attr),
+    Written(u64),
+    Done,
+}
+
+/// Result of a transaction: one item per command applied, in order. Application stops at the
+/// first command that fails, which is then the last item.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnOutcome {
+    pub lsn: Lsn,
+    pub results: Vec<Result<CommandOk, Errno>>,
+}
+
+/// A POSIX error number, as on Linux.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Errno(pub i32);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Entry(Entry),
+    Attr(Attr),
+    ReadLink(Vec<u8>),
+    /// The bytes are the frame's data section.
+    Read,
+    ReadDir { entries: Vec<DirEntry>, eof: bool },
+    StatFs(StatFs),
+    Xattr(Vec<u8>),
+    XattrList(Vec<u8>),
+    Lseek(u64),
+    Done,
+    Txn(TxnOutcome),
+    Committed(Lsn),
+}
+
+/// Errors the server returns instead of a reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum WireError {
+    #[error("errno {}", .0 .0)]
+    Errno(Errno),
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    #[error("the export is read-only")]
+    ReadOnly,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    pub result: Result<Reply, WireError>,
+    /// Every transaction with an lsn at or below this is durable.
+    pub durable: Lsn,
+}

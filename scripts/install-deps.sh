@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# install-deps.sh: idempotent setup of everything the test/bench scripts need, for a fresh
+# Debian 12 machine running as root. Safe to re-run: installs only what is missing.
+#   apt:   fuse3 libfuse3-dev pkg-config (build of the FUSE client), bindfs fio postmark (bench peers and
+#          workloads), attr (xattr tools), python3 (bench helpers, fsx probe), util-linux (mountpoint,
+#          fallocate, findmnt), build-essential (cc for cargo install), ca-certificates/curl-free.
+#   cargo: pjdfstest and fsx (conformance suites), installed into ~/.cargo/bin, which CI may cache.
+set -euo pipefail
+
+die() { echo "install-deps: ERROR: $*" >&2; exit 1; }
+say() { echo "install-deps: $*"; }
+[ "$(id -u)" = 0 ] || die "must run as root (apt-get, and the suites need root anyway)"
+
+APT_PKGS=(fuse3 libfuse3-dev pkg-config bindfs fio postmark attr python3 util-linux procps build-essential)
+missing=()
+for p in "${APT_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "apt-get install ${missing[*]}"
+  # Another apt/dpkg (e.g. unattended-upgrades, a parallel job) may hold the lock: wait for it
+  # (up to 10 min) instead of failing.
+  export DEBIAN_FRONTEND=noninteractive
+  apt=(apt-get -o DPkg::Lock::Timeout=600 -qq)
+  log=$(mktemp)
+  if ! "${apt[@]}" update >"$log" 2>&1 || ! "${apt[@]}" install -y --no-install-recommends "${missing[@]}" >>"$log" 2>&1; then
+    tail -20 "$log" >&2; rm -f "$log"; die "apt-get install failed for: ${missing[*]}"
+  fi
+  rm -f "$log"
+fi
+
+# cargo-installed suites: ~/.cargo/bin is the cache between CI runs, so only build when absent.
+CARGO_BIN=${CARGO_HOME:-$HOME/.cargo}/bin
+export PATH="$CARGO_BIN:$PATH"
+command -v cargo >/dev/null || die "cargo not found (install rustup/cargo first)"
+for crate in pjdfstest fsx; do
+  if [ -x "$CARGO_BIN/$crate" ]; then continue; fi
+  say "cargo install --locked $crate (a few minutes)"
+  log=$(mktemp)
+  if ! cargo install --locked --quiet "$crate" >"$log" 2>&1; then
+    tail -30 "$log" >&2; rm -f "$log"; die "cargo install $crate failed"
+  fi
+  rm -f "$log"
+done
+
+# FUSE needs /dev/fuse; without it nothing mounts (e.g. an unprivileged container).
+[ -c /dev/fuse ] || die "/dev/fuse missing (load the fuse module or run the container with --device /dev/fuse)"
+say "ok (apt: ${#APT_PKGS[@]} packages present; pjdfstest, fsx in $CARGO_BIN)"
