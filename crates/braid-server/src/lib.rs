@@ -1,1 +1,138 @@
-//! placeholder
+//! The braid server: exports a local directory over TCP.
+//!
+//! Layout: `session` (connections and dispatch) -> `applier` (dedup, log, apply) -> `export`
+//! (handles, descriptors, syscalls) and `wal` (log segments); `commit` makes it all durable.
+#![deny(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod applier;
+pub mod commit;
+pub mod dedup;
+pub mod export;
+pub mod handles;
+pub mod session;
+pub mod sys;
+pub mod wal;
+
+use std::fs;
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tokio::net::TcpListener;
+
+use crate::applier::Applier;
+use crate::commit::{Committer, FlushTargets};
+use crate::export::Export;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The directory to export.
+    pub data_dir: PathBuf,
+    /// Where the transaction log and the handle key live; never inside `data_dir`.
+    pub state_dir: PathBuf,
+    pub read_only: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Export(#[from] export::ExportError),
+    #[error(transparent)]
+    Wal(#[from] wal::WalError),
+    #[error("state directory {path}: {source}")]
+    State { path: PathBuf, source: io::Error },
+    #[error("state directory {state} is inside the exported directory {data}: clients could read the handle key")]
+    StateInsideExport { state: PathBuf, data: PathBuf },
+}
+
+pub struct ServerState {
+    pub export: Export,
+    pub applier: Mutex<Applier>,
+    pub committer: Arc<Committer>,
+    pub read_only: bool,
+    /// Random per process start; tells clients the server restarted.
+    pub instance: u64,
+}
+
+pub struct Server {
+    state: Arc<ServerState>,
+}
+
+impl Server {
+    /// Opens the export and the log (recovering it), and starts the commit thread.
+    pub fn open(config: &ServerConfig) -> Result<Self, ServerError> {
+        sys::clear_umask();
+        let state_err = |source| ServerError::State { path: config.state_dir.clone(), source };
+        fs::create_dir_all(&config.state_dir).map_err(state_err)?;
+        let data = fs::canonicalize(&config.data_dir).map_err(|source| ServerError::State { path: config.data_dir.clone(), source })?;
+        let state_dir = fs::canonicalize(&config.state_dir).map_err(state_err)?;
+        if state_dir.starts_with(&data) {
+            return Err(ServerError::StateInsideExport { state: state_dir, data });
+        }
+        let key = load_or_create_key(&state_dir.join("handle.key")).map_err(state_err)?;
+        let export = Export::open(&data, key)?;
+        let wal_dir = state_dir.join("wal");
+        let (wal, recovered) = wal::Wal::open(&wal_dir)?;
+        tracing::info!(records = recovered.records, next_lsn = recovered.next_lsn.0, "transaction log recovered");
+        let applied = braid_proto::Lsn(recovered.next_lsn.0 - 1);
+        let committer = Committer::new(applied, wal.segment());
+        let targets = flush_targets(&export, &state_dir, wal_dir).map_err(state_err)?;
+        let thread_committer = committer.clone();
+        std::thread::Builder::new()
+            .name("braid-commit".into())
+            .spawn(move || thread_committer.run(targets))
+            .map_err(state_err)?;
+        let state = ServerState {
+            export,
+            applier: Mutex::new(Applier::new(wal, recovered.cache, recovered.next_lsn)),
+            committer,
+            read_only: config.read_only,
+            instance: rand::random(),
+        };
+        Ok(Self { state: Arc::new(state) })
+    }
+
+    /// Accepts connections until the listener fails.
+    pub async fn serve(&self, listener: TcpListener) -> io::Result<()> {
+        loop {
+            let (stream, peer) = listener.accept().await?;
+            tokio::spawn(session::serve_connection(self.state.clone(), stream, peer));
+        }
+    }
+}
+
+fn flush_targets(export: &Export, state_dir: &Path, wal_dir: PathBuf) -> io::Result<FlushTargets> {
+    let export_fd = export.root_fd().try_clone_to_owned()?;
+    let mut file_systems = vec![export_fd];
+    let state_fd = fs::File::open(state_dir)?;
+    let export_dev = rustix::fs::fstat(&file_systems[0])?.st_dev;
+    if state_fd.metadata()?.dev() != export_dev {
+        file_systems.push(state_fd.as_fd().try_clone_to_owned()?);
+    }
+    Ok(FlushTargets { file_systems, wal_dir })
+}
+
+fn load_or_create_key(path: &Path) -> io::Result<[u8; 32]> {
+    match fs::read(path) {
+        Ok(bytes) if bytes.len() == 32 => {
+            let mut key = [0u8; 32];
+            key.copy_from_slice(&bytes);
+            Ok(key)
+        }
+        Ok(bytes) => Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} holds {} bytes, expected 32", path.display(), bytes.len()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let key: [u8; 32] = rand::random();
+            let tmp = path.with_extension("tmp");
+            let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+            io::Write::write_all(&mut file, &key)?;
+            file.sync_all()?;
+            fs::rename(&tmp, path)?;
+            fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()?;
+            Ok(key)
+        }
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,104 @@
+//! Group commit: one thread makes the log and the export durable for every transaction applied
+//! so far with one `syncfs` per file system, however many clients asked for it meanwhile.
+//!
+//! # Correctness
+//! `durable` is published only after the flush covering every lsn up to it returned success.
+//! A failed flush is fatal: the server stops at once, because after a failed `syncfs` the kernel
+//! may have dropped dirty pages, and acking anything afterwards could ack lost data. On restart
+//! the log says which transactions clients must resend.
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use braid_proto::Lsn;
+use tokio::sync::watch;
+
+use crate::sys;
+use crate::wal;
+
+/// An idle server still commits what was applied at least this often, which bounds the work a
+/// crash of the whole machine can undo and lets old log segments be deleted.
+const BACKGROUND_COMMIT_MS: u64 = 1000;
+
+pub struct Committer {
+    wanted: Mutex<bool>,
+    wake: Condvar,
+    durable: watch::Sender<Lsn>,
+    /// Highest lsn whose application has finished (set by the applier).
+    pub applied: AtomicU64,
+    /// The segment being written (set by the applier); older ones are obsolete after a commit.
+    pub segment: AtomicU64,
+}
+
+/// What the commit thread flushes: the export's file system and, if it is another one, the
+/// state directory's.
+pub struct FlushTargets {
+    pub file_systems: Vec<OwnedFd>,
+    pub wal_dir: PathBuf,
+}
+
+impl Committer {
+    pub fn new(applied: Lsn, segment: u64) -> Arc<Self> {
+        Arc::new(Self {
+            wanted: Mutex::new(false),
+            wake: Condvar::new(),
+            durable: watch::channel(applied).0,
+            applied: AtomicU64::new(applied.0),
+            segment: AtomicU64::new(segment),
+        })
+    }
+
+    pub fn durable(&self) -> Lsn {
+        *self.durable.borrow()
+    }
+
+    /// Returns once everything applied before the call is durable.
+    pub async fn commit(&self) -> Lsn {
+        let target = Lsn(self.applied.load(Ordering::Acquire));
+        let mut rx = self.durable.subscribe();
+        if *rx.borrow() >= target {
+            return *rx.borrow();
+        }
+        *self.wanted.lock().expect("commit lock") = true;
+        self.wake.notify_one();
+        let durable = *rx.wait_for(|d| *d >= target).await.expect("the commit thread never exits while serving");
+        durable
+    }
+
+    /// Runs the commit loop on the current thread, forever.
+    pub fn run(self: Arc<Self>, targets: FlushTargets) -> ! {
+        loop {
+            self.wait_for_work();
+            let target = Lsn(self.applied.load(Ordering::Acquire));
+            let segment = self.segment.load(Ordering::Acquire);
+            for fd in &targets.file_systems {
+                if let Err(e) = sys::syncfs(fd.as_fd()) {
+                    tracing::error!(error = %e, "syncfs failed: stopping the server so that nothing unflushed is acked");
+                    std::process::exit(70);
+                }
+            }
+            assert!(target >= self.durable(), "durable lsn moving backwards: {target:?} < {:?}", self.durable());
+            self.durable.send_replace(target);
+            if let Err(e) = wal::delete_segments_before(&targets.wal_dir, segment) {
+                tracing::warn!(error = %e, "cannot delete old log segments");
+            }
+        }
+    }
+
+    fn wait_for_work(&self) {
+        let mut wanted = self.wanted.lock().expect("commit lock");
+        loop {
+            if *wanted {
+                *wanted = false;
+                return;
+            }
+            let (guard, timeout) = self.wake.wait_timeout(wanted, Duration::from_millis(BACKGROUND_COMMIT_MS)).expect("commit lock");
+            wanted = guard;
+            if timeout.timed_out() && self.applied.load(Ordering::Acquire) > self.durable().0 {
+                return;
+            }
+        }
+    }
+}

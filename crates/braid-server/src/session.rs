@@ -1,0 +1,185 @@
+//! One client connection: handshake, then a reader loop that dispatches requests to tasks and
+//! a writer task that sends responses in the order they complete.
+//!
+//! Junk on the port (bad magic, bad checksum, oversized lengths, undecodable messages,
+//! truncated frames) closes this connection with one log line; the server keeps serving others.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use braid_proto::limits::{HANDSHAKE_TIMEOUT_MS, REQUESTS_IN_FLIGHT_MAX};
+use braid_proto::{
+    encode_frame, ExportInfo, Frame, FrameHeader, FrameKind, Hello, Reply, Request, Response, WireError, Welcome,
+    HEADER_BYTES, PROTOCOL_VERSIONS,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::ServerState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad frame: {0}")]
+    Codec(#[from] braid_proto::CodecError),
+    #[error("bad frame header: {0}")]
+    Header(#[from] braid_proto::frame::HeaderError),
+    #[error("unexpected {0:?} frame")]
+    UnexpectedKind(FrameKind),
+    #[error("no hello within {HANDSHAKE_TIMEOUT_MS} ms")]
+    HandshakeTimeout,
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+pub async fn serve_connection(state: Arc<ServerState>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let (mut reader, writer) = stream.into_split();
+    let mut writer = BufWriter::with_capacity(256 * 1024, writer);
+    let hello = match handshake(&state, &mut reader, &mut writer).await {
+        Ok(hello) => hello,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "closing connection during handshake");
+            return;
+        }
+    };
+    tracing::info!(%peer, client = hello.client_id.0, name = %hello.client_name, "client connected");
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(REQUESTS_IN_FLIGHT_MAX);
+    let writer_task = tokio::spawn(write_responses(writer, rx));
+    if let Err(e) = read_requests(&state, &mut reader, tx, hello.client_id).await {
+        tracing::warn!(%peer, client = hello.client_id.0, error = %e, "closing connection");
+    } else {
+        tracing::info!(%peer, client = hello.client_id.0, "client disconnected");
+    }
+    writer_task.abort();
+}
+
+async fn handshake(state: &ServerState, reader: &mut OwnedReadHalf, writer: &mut BufWriter<OwnedWriteHalf>) -> Result<Hello, SessionError> {
+    let frame = tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), read_frame(reader))
+        .await
+        .map_err(|_| SessionError::HandshakeTimeout)??;
+    if frame.header.kind != FrameKind::Hello {
+        return Err(SessionError::UnexpectedKind(frame.header.kind));
+    }
+    let hello: Hello = frame.decode()?;
+    let welcome = match (PROTOCOL_VERSIONS.iter().find(|v| hello.versions.contains(v)), state.export.root_entry()) {
+        (Some(&version), Ok(root)) => Welcome::Accepted(ExportInfo {
+            version,
+            root,
+            read_only: state.read_only,
+            server_instance: state.instance,
+        }),
+        (None, _) => Welcome::Refused {
+            reason: format!("no common protocol version: client speaks {:?}, server speaks {:?}", hello.versions, PROTOCOL_VERSIONS),
+        },
+        (_, Err(e)) => Welcome::Refused { reason: format!("export root unavailable: errno {}", e.0) },
+    };
+    let bytes = encode_frame(FrameKind::Welcome, frame.header.request_id, &welcome, &[])?;
+    writer.write_all(&bytes).await?;
+    writer.flush().await?;
+    match welcome {
+        Welcome::Accepted(_) => Ok(hello),
+        Welcome::Refused { reason } => Err(SessionError::Refused(reason)),
+    }
+}
+
+/// Reads one frame, checking the header before allocating the payload.
+pub async fn read_frame(reader: &mut OwnedReadHalf) -> Result<Frame, SessionError> {
+    let mut head = [0u8; HEADER_BYTES];
+    reader.read_exact(&mut head).await?;
+    let header = FrameHeader::decode(&head)?;
+    let mut payload = vec![0u8; header.payload_bytes()];
+    reader.read_exact(&mut payload).await?;
+    Ok(Frame::from_payload(header, payload)?)
+}
+
+async fn read_requests(state: &Arc<ServerState>, reader: &mut OwnedReadHalf, tx: mpsc::Sender<Vec<u8>>, client: braid_proto::ClientId) -> Result<(), SessionError> {
+    let permits = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
+    loop {
+        let frame = match read_frame(reader).await {
+            Ok(frame) => frame,
+            Err(SessionError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if frame.header.kind != FrameKind::Request {
+            return Err(SessionError::UnexpectedKind(frame.header.kind));
+        }
+        let request: Request = frame.decode()?;
+        // Backpressure: stop reading this connection while it has too many requests in flight.
+        let permit = permits.clone().acquire_owned().await.expect("semaphore never closed");
+        let (state, tx) = (state.clone(), tx.clone());
+        tokio::spawn(async move {
+            let id = frame.header.request_id;
+            let (result, data) = handle_request(&state, client, request, frame).await;
+            let response = Response { result, durable: state.committer.durable() };
+            let bytes = encode_frame(FrameKind::Response, id, &response, &data).expect("responses stay within limits");
+            let _ = tx.send(bytes).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn write_responses(mut writer: BufWriter<OwnedWriteHalf>, mut rx: mpsc::Receiver<Vec<u8>>) {
+    while let Some(bytes) = rx.recv().await {
+        if writer.write_all(&bytes).await.is_err() {
+            return;
+        }
+        // Coalesce responses that are already waiting into one write.
+        while let Ok(more) = rx.try_recv() {
+            if writer.write_all(&more).await.is_err() {
+                return;
+            }
+        }
+        if writer.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+type Handled = (Result<Reply, WireError>, Vec<u8>);
+
+async fn handle_request(state: &Arc<ServerState>, client: braid_proto::ClientId, request: Request, frame: Frame) -> Handled {
+    if let Request::Commit = request {
+        return (Ok(Reply::Committed(state.committer.commit().await)), Vec::new());
+    }
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || handle_blocking(&state, client, request, frame))
+        .await
+        .unwrap_or_else(|e| (Err(WireError::Malformed(format!("request handler failed: {e}"))), Vec::new()))
+}
+
+fn handle_blocking(state: &ServerState, client: braid_proto::ClientId, request: Request, frame: Frame) -> Handled {
+    use braid_proto::Errno;
+    let export = &state.export;
+    let plain = |r: Result<Reply, Errno>| (r.map_err(WireError::Errno), Vec::new());
+    match request {
+        Request::Lookup { parent, name } => plain(export.lookup(&parent, &name).map(Reply::Entry)),
+        Request::GetAttr { handle } => plain(export.getattr(&handle).map(Reply::Attr)),
+        Request::ReadLink { handle } => plain(export.readlink(&handle).map(Reply::ReadLink)),
+        Request::Read { handle, offset, len } => {
+            let len = len.min(braid_proto::limits::DATA_BYTES_MAX as u32);
+            match export.read(&handle, offset, len) {
+                Ok(data) => (Ok(Reply::Read), data),
+                Err(e) => (Err(WireError::Errno(e)), Vec::new()),
+            }
+        }
+        Request::ReadDir { handle, cookie } => plain(export.readdir(&handle, cookie).map(|(entries, eof)| Reply::ReadDir { entries, eof })),
+        Request::StatFs => plain(export.statfs().map(Reply::StatFs)),
+        Request::GetXattr { handle, name } => plain(export.getxattr(&handle, &name).map(Reply::Xattr)),
+        Request::ListXattr { handle } => plain(export.listxattr(&handle).map(Reply::XattrList)),
+        Request::Lseek { handle, offset, whence } => plain(export.lseek(&handle, offset, whence).map(Reply::Lseek)),
+        Request::Open { handle } => plain(export.pin(&handle).map(|()| Reply::Done)),
+        Request::Release { handle } => plain(export.unpin(&handle).map(|()| Reply::Done)),
+        Request::Txn(txn) => {
+            if state.read_only {
+                return (Err(WireError::ReadOnly), Vec::new());
+            }
+            let result = crate::applier::apply_txn(&state.applier, &state.committer, export, client, &txn, &frame.message, &frame.data);
+            (result, Vec::new())
+        }
+        Request::Commit => unreachable!("handled without blocking"),
+    }
+}

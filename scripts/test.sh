@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# scripts/test.sh: the whole CI run, stage by stage, failing fast with the stage name:
+#   deps      scripts/install-deps.sh (apt packages, pjdfstest, fsx)
+#   build     cargo build --release --workspace
+#   test      cargo test --release --workspace            (unit + integration tests)
+#   pjdfstest tests/conformance/pjdfstest.sh on a fresh braid mount (tests/e2e/with-mount.sh)
+#   fsx       tests/conformance/fsx.sh on a fresh braid mount
+#   crash     tests/crash/maildir-crash.sh, if present (it manages its own server/mount)
+# Prints PASS/FAIL/SKIP and seconds per stage, and a summary. Budget: ~30 min on 2 cores.
+# Env: STAGES (subset, e.g. "build pjdfstest"), TEST_OUT (dir for suite logs), plus what the
+# scripts read (BRAID, FSX_OPS, FSX_TIMEOUT, PJDFS_TIMEOUT, NAPTIME, ...).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+export TEST_OUT=${TEST_OUT:-/tmp/braid-test-$(date +%Y%m%d-%H%M%S)}
+export PJDFS_OUT=$TEST_OUT/pjdfstest FSX_OUT=$TEST_OUT/fsx
+# keep the worst case inside the budget: pjdfstest takes seconds, fsx a few minutes per variant
+export PJDFS_TIMEOUT=${PJDFS_TIMEOUT:-600} FSX_TIMEOUT=${FSX_TIMEOUT:-420}
+STAGES=${STAGES:-deps build test pjdfstest fsx crash}
+summary=()
+
+finish() {
+  echo; echo "==================== summary (logs: $TEST_OUT)"
+  printf '  %s\n' "${summary[@]}"
+}
+stage() {  # stage NAME CMD...: run, record PASS/FAIL, stop everything on failure
+  local name=$1 t0=$SECONDS rc; shift
+  [[ " $STAGES " == *" $name "* ]] || return 0
+  echo; echo "==================== stage $name: $*"
+  "$@"; rc=$?
+  if [ $rc = 0 ]; then
+    summary+=("PASS  $name ($((SECONDS - t0))s)"); echo "---- PASS $name ($((SECONDS - t0))s)"
+  else
+    summary+=("FAIL  $name ($((SECONDS - t0))s, exit $rc)"); echo "---- FAIL $name (exit $rc)"
+    finish; echo "FAILED at stage: $name"; exit 1
+  fi
+}
+mkdir -p "$TEST_OUT"
+
+stage deps scripts/install-deps.sh
+stage build cargo build --release --workspace
+stage test cargo test --release --workspace
+stage pjdfstest tests/e2e/with-mount.sh tests/conformance/pjdfstest.sh
+stage fsx tests/e2e/with-mount.sh tests/conformance/fsx.sh
+if [ -x tests/crash/maildir-crash.sh ]; then
+  stage crash tests/crash/maildir-crash.sh
+elif [[ " $STAGES " == *" crash "* ]]; then
+  summary+=("SKIP  crash (tests/crash/maildir-crash.sh not present)")
+fi
+finish; echo "ALL PASSED"

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# with-mount.sh CMD [ARGS...]
+#
+# Runs CMD against a fresh braid file system: starts `braid serve` on a new temp export dir + state dir,
+# listening on 127.0.0.1:<free port>, mounts it with `braid mount` on a temp mount point, runs CMD with
+#   BRAID_MNT=<mount point>  BRAID_EXPORT=<export dir>  BRAID_STATE=<state dir>  BRAID_ADDR=<host:port>
+#   BRAID_SERVER_PID=<pid>   BRAID_CLIENT_PID=<pid>
+# then unmounts and stops both daemons (EXIT trap: also on failure or Ctrl-C). Exit status = CMD's.
+# Daemon logs are printed (tail) when CMD fails, and kept with the temp dir if KEEP=1.
+#
+# Env: BRAID (binary, default <repo>/target/release/braid), MOUNT_TIMEOUT (s, default 20), KEEP=1.
+set -uo pipefail
+[ $# -gt 0 ] || { echo "usage: with-mount.sh CMD [ARGS...]" >&2; exit 2; }
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+BRAID=${BRAID:-${CARGO_TARGET_DIR:-$REPO/target}/release/braid}
+[ -x "$BRAID" ] || { echo "with-mount: braid binary not found: $BRAID (cargo build --release, or set BRAID)" >&2; exit 2; }
+DEADLINE=${MOUNT_TIMEOUT:-20}
+
+T=$(mktemp -d /tmp/braid-e2e.XXXXXX)
+EXPORT=$T/export STATE=$T/state MNT=$T/mnt
+mkdir -p "$EXPORT" "$STATE" "$MNT"
+# mktemp -d makes $T 0700: the unprivileged users of the suites (pjdfstest: nobody, tests) must
+# be able to reach the mount point, or every permission test fails with EACCES on the path.
+chmod 755 "$T"
+spid="" cpid="" rc=99
+say() { echo "with-mount: $*" >&2; }
+mounted() { grep -qs " $MNT fuse" /proc/self/mounts; }   # also true for a dead client ("not connected")
+alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
+# stop PID: TERM, wait up to 10 s, then KILL (only processes this script started)
+stop() { local i; alive "$1" || return 0; kill "$1" 2>/dev/null
+  for i in $(seq 1 100); do alive "$1" || return 0; sleep 0.1; done
+  say "pid $1 ignored TERM, KILL"; kill -9 "$1" 2>/dev/null; }
+
+cleanup() {
+  trap - EXIT INT TERM
+  if mounted; then
+    # braid's own umount first; fusermount3 as a fallback; lazy as the last resort (a hung client)
+    timeout 20 "$BRAID" umount "$MNT" >/dev/null 2>&1 || timeout 20 fusermount3 -u "$MNT" 2>/dev/null ||
+      { say "unmount failed, lazy unmount"; fusermount3 -uz "$MNT" 2>/dev/null || umount -l "$MNT"; }
+  fi
+  # the client exits by itself once unmounted; give it a few seconds before stop() TERMs it
+  for _ in $(seq 1 50); do alive "$cpid" || break; sleep 0.1; done
+  stop "$cpid"; stop "$spid"
+  if [ "$rc" != 0 ]; then
+    for f in server client; do [ -s "$T/$f.log" ] && { say "--- $f log (tail)"; tail -20 "$T/$f.log" >&2; }; done
+  fi
+  if [ "${KEEP:-0}" = 1 ] || mounted; then say "kept $T"; else rm -rf "$T"; fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'rc=130; exit' INT
+trap 'rc=143; exit' TERM
+
+# A free port: let the kernel pick one, then release it (tiny race, acceptable for a test rig).
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+ADDR=127.0.0.1:$PORT
+"$BRAID" serve --data "$EXPORT" --listen "$ADDR" --state "$STATE" >"$T/server.log" 2>&1 &
+spid=$!
+# wait (deadline) until the port is in LISTEN state: /proc/net/tcp, state 0A, local port in hex
+hexport=$(printf ':%04X' "$PORT")
+for _ in $(seq 1 $((DEADLINE * 10))); do
+  awk -v p="$hexport" '$4 == "0A" && substr($2, length($2) - 4) == p {f=1} END {exit !f}' /proc/net/tcp && break
+  alive "$spid" || { say "braid serve exited early"; exit; }
+  sleep 0.1
+done
+alive "$spid" || { say "braid serve exited early"; exit; }
+
+# --foreground in the background: we keep the client's pid (to stop it) and its log
+"$BRAID" mount "$ADDR" "$MNT" --foreground >"$T/client.log" 2>&1 &
+cpid=$!
+for _ in $(seq 1 $((DEADLINE * 10))); do
+  mountpoint -q "$MNT" && break
+  alive "$cpid" || { say "braid mount exited before the mount was up"; exit; }
+  sleep 0.1
+done
+mountpoint -q "$MNT" || { say "not mounted after ${DEADLINE}s: $MNT"; exit; }
+
+BRAID_MNT=$MNT BRAID_EXPORT=$EXPORT BRAID_STATE=$STATE BRAID_ADDR=$ADDR \
+  BRAID_SERVER_PID=$spid BRAID_CLIENT_PID=$cpid "$@"
+rc=$?
+alive "$spid" || say "WARNING: braid serve is no longer running (crashed during CMD?)"
+alive "$cpid" || say "WARNING: braid mount client is no longer running (crashed during CMD?)"
+exit "$rc"
