@@ -3,7 +3,7 @@
 # Debian 12 machine running as root. Safe to re-run: installs only what is missing.
 #   apt:   fuse3 libfuse3-dev pkg-config (build of the FUSE client), bindfs fio postmark (bench peers and
 #          workloads), attr (xattr tools), python3 (bench helpers, fsx probe), util-linux (mountpoint,
-#          fallocate, findmnt), build-essential (cc for cargo install), ca-certificates/curl-free.
+#          fallocate, findmnt), passwd (useradd for the pjdfstest user), build-essential (cc for cargo install).
 #   cargo: pjdfstest and fsx (conformance suites), installed into ~/.cargo/bin, which CI may cache.
 set -euo pipefail
 
@@ -11,7 +11,7 @@ die() { echo "install-deps: ERROR: $*" >&2; exit 1; }
 say() { echo "install-deps: $*"; }
 [ "$(id -u)" = 0 ] || die "must run as root (apt-get, and the suites need root anyway)"
 
-APT_PKGS=(fuse3 libfuse3-dev pkg-config bindfs fio postmark attr python3 util-linux procps build-essential)
+APT_PKGS=(fuse3 libfuse3-dev pkg-config bindfs fio postmark attr python3 util-linux passwd procps build-essential)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

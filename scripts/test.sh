@@ -10,7 +10,7 @@
 # Env: STAGES (subset, e.g. "build pjdfstest"), TEST_OUT (dir for suite logs), plus what the
 # scripts read (BRAID, FSX_OPS, FSX_TIMEOUT, PJDFS_TIMEOUT, NAPTIME, ...).
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 export TEST_OUT=${TEST_OUT:-/tmp/braid-test-$(date +%Y%m%d-%H%M%S)}
 export PJDFS_OUT=$TEST_OUT/pjdfstest FSX_OUT=$TEST_OUT/fsx

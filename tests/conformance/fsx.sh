@@ -13,7 +13,7 @@
 set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 DIR=${1:-${BRAID_MNT:-}}
-[ -n "$DIR" ] && DIR=$(cd "$DIR" 2>/dev/null && pwd) || { echo "usage: fsx.sh MOUNTDIR" >&2; exit 2; }
+if [ -z "$DIR" ] || ! DIR=$(cd "$DIR" 2>/dev/null && pwd); then echo "usage: fsx.sh MOUNTDIR" >&2; exit 2; fi
 OUT=${FSX_OUT:-$(mktemp -d /tmp/fsx.XXXXXX)}
 OPS=${FSX_OPS:-100000}; SEED=${FSX_SEED:-1}
 FSX=${FSX:-$(command -v fsx || echo "$HOME/.cargo/bin/fsx")}

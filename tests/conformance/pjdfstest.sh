@@ -14,7 +14,7 @@
 set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 DIR=${1:-${BRAID_MNT:-}}; [ $# -gt 0 ] && shift
-[ -n "$DIR" ] && DIR=$(cd "$DIR" 2>/dev/null && pwd) || { echo "usage: pjdfstest.sh MOUNTDIR [FILTER...]" >&2; exit 2; }
+if [ -z "$DIR" ] || ! DIR=$(cd "$DIR" 2>/dev/null && pwd); then echo "usage: pjdfstest.sh MOUNTDIR [FILTER...]" >&2; exit 2; fi
 ALLOW=$HERE/pjdfstest-expected-failures.txt
 OUT=${PJDFS_OUT:-$(mktemp -d /tmp/pjdfstest.XXXXXX)}
 SECONDARY=${SECONDARY:-/dev/shm/pjdfs-secondary}

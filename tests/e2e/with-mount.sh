@@ -9,6 +9,7 @@
 # Daemon logs are printed (tail) when CMD fails, and kept with the temp dir if KEEP=1.
 #
 # Env: BRAID (binary, default <repo>/target/release/braid), MOUNT_TIMEOUT (s, default 20), KEEP=1.
+# shellcheck disable=SC2317  # functions below are called from the EXIT trap
 set -uo pipefail
 [ $# -gt 0 ] || { echo "usage: with-mount.sh CMD [ARGS...]" >&2; exit 2; }
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -27,8 +28,8 @@ say() { echo "with-mount: $*" >&2; }
 mounted() { grep -qs " $MNT fuse" /proc/self/mounts; }   # also true for a dead client ("not connected")
 alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
 # stop PID: TERM, wait up to 10 s, then KILL (only processes this script started)
-stop() { local i; alive "$1" || return 0; kill "$1" 2>/dev/null
-  for i in $(seq 1 100); do alive "$1" || return 0; sleep 0.1; done
+stop() { alive "$1" || return 0; kill "$1" 2>/dev/null
+  for _ in $(seq 1 100); do alive "$1" || return 0; sleep 0.1; done
   say "pid $1 ignored TERM, KILL"; kill -9 "$1" 2>/dev/null; }
 
 cleanup() {

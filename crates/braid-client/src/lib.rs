@@ -1,1 +1,222 @@
-//! placeholder
+//! The braid client library: one connection to a server that survives the server's restarts,
+//! typed calls for every request, and the transaction sequence of this mount. No FUSE here.
+//!
+//! # Correctness
+//! A call returns only with the server's reply. While the connection is down, calls wait; on
+//! reconnect every request without a reply is sent again, and the server applies each
+//! transaction at most once (client id + seq), so a resend can never apply a change twice.
+#![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+mod connection;
+pub mod inodes;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use braid_proto::{
+    Attr, ClientId, Command, CommandOk, Credentials, DirEntry, Entry, Errno, ExportInfo, Handle, Lsn, Reply, Request, StatFs, Txn,
+    TxnSeq, Whence, WireError,
+};
+
+pub use connection::Connection;
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `host:port` of the server.
+    pub server: String,
+    /// Shown in the server's logs.
+    pub client_name: String,
+    /// How long a call may wait for an unreachable server before it fails with `TimedOut`;
+    /// `None` waits for ever (as NFS `hard`).
+    pub retry_budget: Option<Duration>,
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ClientError {
+    #[error("server returned errno {}", .0 .0)]
+    Errno(Errno),
+    #[error("the export is read-only")]
+    ReadOnly,
+    #[error("no reply from {server} within the retry budget of {budget_ms} ms")]
+    TimedOut { server: String, budget_ms: u128 },
+    #[error("server {server} refused the connection: {reason}")]
+    Refused { server: String, reason: String },
+    #[error("cannot reach {server}: {reason}")]
+    Unreachable { server: String, reason: String },
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+#[derive(Clone)]
+pub struct Client {
+    connection: Arc<Connection>,
+    txns: Arc<TxnSequencer>,
+}
+
+/// Hands out transaction sequence numbers and remembers which have no reply yet.
+struct TxnSequencer {
+    next: AtomicU64,
+    outstanding: Mutex<BTreeSet<u64>>,
+}
+
+impl TxnSequencer {
+    fn begin(&self) -> (TxnSeq, TxnSeq) {
+        let mut outstanding = self.outstanding.lock().expect("txn lock");
+        let seq = self.next.fetch_add(1, Ordering::Relaxed);
+        outstanding.insert(seq);
+        let replied_below = *outstanding.first().expect("just inserted");
+        (TxnSeq(seq), TxnSeq(replied_below))
+    }
+
+    fn end(&self, seq: TxnSeq) {
+        self.outstanding.lock().expect("txn lock").remove(&seq.0);
+    }
+}
+
+impl Client {
+    /// Connects and completes the handshake; fails at once if the server is unreachable or
+    /// refuses, so that `braid mount` reports it.
+    pub async fn connect(config: ClientConfig) -> Result<(Self, ExportInfo)> {
+        let client_id = ClientId(rand::random());
+        let (connection, info) = Connection::open(config, client_id).await?;
+        let txns = Arc::new(TxnSequencer { next: AtomicU64::new(1), outstanding: Mutex::new(BTreeSet::new()) });
+        Ok((Self { connection, txns }, info))
+    }
+
+    pub fn durable(&self) -> Lsn {
+        self.connection.durable()
+    }
+
+    pub async fn lookup(&self, parent: &Handle, name: &[u8]) -> Result<Entry> {
+        match self.call(Request::Lookup { parent: parent.clone(), name: name.to_vec() }).await? {
+            Reply::Entry(entry) => Ok(entry),
+            other => unexpected(other),
+        }
+    }
+
+    pub async fn getattr(&self, handle: &Handle) -> Result<Attr> {
+        match self.call(Request::GetAttr { handle: handle.clone() }).await? {
+            Reply::Attr(attr) => Ok(attr),
+            other => unexpected(other),
+        }
+    }
+
+    pub async fn readlink(&self, handle: &Handle) -> Result<Vec<u8>> {
+        match self.call(Request::ReadLink { handle: handle.clone() }).await? {
+            Reply::ReadLink(target) => Ok(target),
+            other => unexpected(other),
+        }
+    }
+
+    pub async fn read(&self, handle: &Handle, offset: u64, len: u32) -> Result<Vec<u8>> {
+        let (reply, data) = self.connection.call(Request::Read { handle: handle.clone(), offset, len }, Vec::new()).await?;
+        match reply {
+            Reply::Read => Ok(data),
+            other => unexpected(other),
+        }
+    }
+
+    pub async fn readdir(&self, handle: &Handle, cookie: u64) -> Result<(Vec<DirEntry>, bool)> {
+        match self.call(Request::ReadDir { handle: handle.clone(), cookie }).await? {
+            Reply::ReadDir { entries, eof } => Ok((entries, eof)),
+            other => unexpected(other),
+        }
+    }
+
+    pub async fn statfs(&self) -> Result<StatFs> {
+        match self.call(Request::StatFs).await? {
+            Reply::StatFs(s) => Ok(s),
+            other => unexpected(other),
+        }
+    }
+
+    pub async fn getxattr(&self, handle: &Handle, name: &[u8]) -> Result<Vec<u8>> {
+        match self.call(Request::GetXattr { handle: handle.clone(), name: name.to_vec() }).await? {
+            Reply::Xattr(value) => Ok(value),
+            other => unexpected(other),
+        }
+    }
+
+    pub async fn listxattr(&self, handle: &Handle) -> Result<Vec<u8>> {
+        match self.call(Request::ListXattr { handle: handle.clone() }).await? {
+            Reply::XattrList(names) => Ok(names),
+            other => unexpected(other),
+        }
+    }
+
+    pub async fn lseek(&self, handle: &Handle, offset: u64, whence: Whence) -> Result<u64> {
+        match self.call(Request::Lseek { handle: handle.clone(), offset, whence }).await? {
+            Reply::Lseek(at) => Ok(at),
+            other => unexpected(other),
+        }
+    }
+
+    /// Tells the server this mount has `handle` open (see `Request::Open`). Pins are restored
+    /// after a server restart.
+    pub async fn open(&self, handle: &Handle) -> Result<()> {
+        self.connection.pin(handle, 1);
+        self.call(Request::Open { handle: handle.clone() }).await.map(|_| ())
+    }
+
+    /// Records a pin the server took as part of a command (`Command::Create { pin: true }`).
+    pub fn pinned(&self, handle: &Handle) {
+        self.connection.pin(handle, 1);
+    }
+
+    pub async fn release(&self, handle: &Handle) -> Result<()> {
+        self.connection.pin(handle, -1);
+        self.call(Request::Release { handle: handle.clone() }).await.map(|_| ())
+    }
+
+    /// Applies `commands` as one transaction. `data` holds the bytes of the `Write` commands,
+    /// in order. Returns one result per command applied; the last may be an error.
+    pub async fn txn(&self, creds: Credentials, commands: Vec<Command>, data: Vec<u8>) -> Result<Vec<std::result::Result<CommandOk, Errno>>> {
+        let (seq, replied_below) = self.txns.begin();
+        let request = Request::Txn(Txn { seq, replied_below, creds, commands });
+        let result = self.connection.call(request, data).await;
+        self.txns.end(seq);
+        match result?.0 {
+            Reply::Txn(outcome) => Ok(outcome.results),
+            other => unexpected(other),
+        }
+    }
+
+    /// Applies one command as its own transaction.
+    pub async fn apply(&self, creds: Credentials, command: Command, data: Vec<u8>) -> Result<CommandOk> {
+        let mut results = self.txn(creds, vec![command], data).await?;
+        match results.pop() {
+            Some(Ok(ok)) => Ok(ok),
+            Some(Err(errno)) => Err(ClientError::Errno(errno)),
+            None => Err(ClientError::Protocol("empty txn outcome".into())),
+        }
+    }
+
+    /// Returns once every transaction this client has had a reply for is durable.
+    pub async fn commit(&self) -> Result<Lsn> {
+        match self.call(Request::Commit).await? {
+            Reply::Committed(lsn) => Ok(lsn),
+            other => unexpected(other),
+        }
+    }
+
+    async fn call(&self, request: Request) -> Result<Reply> {
+        self.connection.call(request, Vec::new()).await.map(|(reply, _)| reply)
+    }
+}
+
+fn unexpected<T>(reply: Reply) -> Result<T> {
+    Err(ClientError::Protocol(format!("unexpected reply {reply:?}")))
+}
+
+pub(crate) fn wire_error(e: WireError) -> ClientError {
+    match e {
+        WireError::Errno(errno) => ClientError::Errno(errno),
+        WireError::ReadOnly => ClientError::ReadOnly,
+        WireError::Malformed(m) => ClientError::Protocol(format!("server says: malformed request: {m}")),
+    }
+}

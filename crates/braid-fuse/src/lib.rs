@@ -1,1 +1,570 @@
-//! placeholder
+//! The FUSE adapter: each kernel request is decoded, turned into one client call, and replied
+//! to. No file-system logic lives here; see `braid-client` and the server.
+//!
+//! Permission checks are the kernel's (`default_permissions`) against the server's attributes;
+//! mutations carry the caller's uid, gid and groups, and the server applies them with those
+//! credentials, so ownership and permission rules are the exported file system's own.
+#![forbid(unsafe_code)]
+
+mod errno;
+mod groups;
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use braid_client::inodes::InodeTable;
+use braid_client::{Client, ClientError};
+use braid_proto::{Attr, AttrChanges, Command, CommandOk, Credentials, DirEntry, Entry, ExportInfo, Handle, TimeSet, Timestamp, Whence};
+use fuser::{
+    AccessFlags, Config, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session, SessionACL, TimeOrNow,
+    WriteFlags,
+};
+
+pub use errno::errno_for;
+
+/// Largest FUSE read or write; matches the protocol's data limit, so one kernel request is one
+/// frame.
+const IO_BYTES_MAX: u32 = braid_proto::limits::DATA_BYTES_MAX as u32;
+
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// How long the kernel may cache attributes and names without asking again.
+    pub attr_ttl: Duration,
+    /// Kernel request loops; several so that a slow request (fsync) does not block others.
+    pub threads: usize,
+    /// Shown as the source in `mount` / `/proc/mounts`.
+    pub fs_name: String,
+}
+
+pub struct BraidFs {
+    client: Client,
+    runtime: tokio::runtime::Handle,
+    inodes: Mutex<InodeTable>,
+    dirs: Mutex<HashMap<u64, DirStream>>,
+    next_fh: AtomicU64,
+    ttl: Duration,
+    read_only: bool,
+}
+
+/// Entries of one open directory, fetched from the server in batches and kept until
+/// `releasedir`, so the kernel's small readdir calls do not each cost a round trip.
+struct DirStream {
+    handle: Handle,
+    entries: Vec<DirEntry>,
+    eof: bool,
+}
+
+/// Mounts `fs` on `mountpoint` and returns the session once the kernel has completed the FUSE
+/// handshake: the mount is then usable. Run the session to serve it.
+pub fn mount(fs: BraidFs, mountpoint: &Path, options: &MountOptions) -> io::Result<Session<BraidFs>> {
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(options.fs_name.clone()),
+        MountOption::Subtype("braid".into()),
+        MountOption::DefaultPermissions,
+    ];
+    if fs.read_only {
+        config.mount_options.push(MountOption::RO);
+    }
+    // Other users may use the mount only if the kernel is told to check their permissions,
+    // which default_permissions does.
+    config.acl = if nix_is_root() { SessionACL::All } else { SessionACL::Owner };
+    config.n_threads = Some(options.threads.max(2));
+    config.clone_fd = true;
+    Session::new(fs, mountpoint, &config)
+}
+
+fn nix_is_root() -> bool {
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+}
+
+impl BraidFs {
+    pub fn new(client: Client, info: &ExportInfo, runtime: tokio::runtime::Handle, options: &MountOptions) -> Self {
+        Self {
+            client,
+            runtime,
+            inodes: Mutex::new(InodeTable::new(info.root.attr.ino, info.root.handle.clone())),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            ttl: options.attr_ttl,
+            read_only: info.read_only,
+        }
+    }
+
+    fn block<T>(&self, call: impl std::future::Future<Output = Result<T, ClientError>>) -> Result<T, Errno> {
+        self.runtime.block_on(call).map_err(|e| errno_for(&e))
+    }
+
+    fn handle(&self, ino: INodeNo) -> Result<Handle, Errno> {
+        self.inodes.lock().expect("inode lock").handle(ino.0).ok_or(Errno::ESTALE)
+    }
+
+    fn file_attr(&self, attr: &Attr) -> FileAttr {
+        let node = self.inodes.lock().expect("inode lock").node_id(attr.ino);
+        file_attr(node, attr)
+    }
+
+    fn reply_entry(&self, reply: ReplyEntry, entry: Result<Entry, Errno>) {
+        match entry {
+            Ok(entry) => {
+                let node = self.inodes.lock().expect("inode lock").remember(entry.attr.ino, &entry.handle);
+                reply.entry(&self.ttl, &file_attr(node, &entry.attr), Generation(0));
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn reply_empty(&self, reply: ReplyEmpty, result: Result<(), Errno>) {
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// Runs one mutation as its own transaction with the caller's credentials.
+    fn apply(&self, req: &Request, command: Command, data: Vec<u8>) -> Result<CommandOk, Errno> {
+        if self.read_only {
+            return Err(Errno::EROFS);
+        }
+        self.block(self.client.apply(credentials(req), command, data))
+    }
+
+    fn apply_entry(&self, req: &Request, command: Command) -> Result<Entry, Errno> {
+        match self.apply(req, command, Vec::new())? {
+            CommandOk::Entry(entry) => Ok(entry),
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    fn apply_done(&self, req: &Request, command: Command) -> Result<(), Errno> {
+        self.apply(req, command, Vec::new()).map(|_| ())
+    }
+
+    fn child(&self, parent: INodeNo, name: &OsStr) -> Result<(Handle, Vec<u8>), Errno> {
+        Ok((self.handle(parent)?, name.as_bytes().to_vec()))
+    }
+
+    /// Serves one readdir call from the stream's cached entries, fetching more as needed.
+    fn fill_dir(&self, fh: u64, offset: u64, mut add: impl FnMut(&DirEntry) -> bool) -> Result<(), Errno> {
+        let mut dirs = self.dirs.lock().expect("dir lock");
+        let stream = dirs.get_mut(&fh).ok_or(Errno::EBADF)?;
+        if offset == 0 && !stream.entries.is_empty() {
+            // rewinddir: start again so that new entries show.
+            stream.entries.clear();
+            stream.eof = false;
+        }
+        let mut at = match offset {
+            0 => 0,
+            cookie => stream.entries.iter().position(|e| e.cookie == cookie).map_or(stream.entries.len(), |i| i + 1),
+        };
+        loop {
+            if at == stream.entries.len() {
+                if stream.eof {
+                    return Ok(());
+                }
+                let cookie = stream.entries.last().map_or(offset, |e| e.cookie);
+                let (more, eof) = self.block(self.client.readdir(&stream.handle, cookie))?;
+                stream.eof = eof;
+                if more.is_empty() {
+                    stream.eof = true;
+                    return Ok(());
+                }
+                stream.entries.extend(more);
+            }
+            if add(&stream.entries[at]) {
+                return Ok(());
+            }
+            at += 1;
+        }
+    }
+}
+
+impl Filesystem for BraidFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let _ = config.set_max_write(IO_BYTES_MAX);
+        let _ = config.set_max_readahead(IO_BYTES_MAX);
+        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS | InitFlags::FUSE_BIG_WRITES | InitFlags::FUSE_ASYNC_READ);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let entry = self.child(parent, name).and_then(|(p, n)| self.block(self.client.lookup(&p, &n)));
+        self.reply_entry(reply, entry);
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.inodes.lock().expect("inode lock").forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.handle(ino).and_then(|h| self.block(self.client.getattr(&h))) {
+            Ok(attr) => reply.attr(&self.ttl, &self.file_attr(&attr)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let changes = AttrChanges { mode, uid, gid, size, atime: atime.map(time_set), mtime: mtime.map(time_set) };
+        let result = self.handle(ino).and_then(|handle| {
+            if changes == AttrChanges::default() {
+                return self.block(self.client.getattr(&handle));
+            }
+            match self.apply(req, Command::SetAttr { handle, changes }, Vec::new())? {
+                CommandOk::Attr(attr) => Ok(attr),
+                _ => Err(Errno::EIO),
+            }
+        });
+        match result {
+            Ok(attr) => reply.attr(&self.ttl, &self.file_attr(&attr)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.handle(ino).and_then(|h| self.block(self.client.readlink(&h))) {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, rdev: u32, reply: ReplyEntry) {
+        let entry = self.child(parent, name).and_then(|(parent, name)| {
+            self.apply_entry(req, Command::Create { parent, name, mode, rdev: rdev as u64, exclusive: true, pin: false })
+        });
+        self.reply_entry(reply, entry);
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+        let entry = self.child(parent, name).and_then(|(parent, name)| self.apply_entry(req, Command::Mkdir { parent, name, mode }));
+        self.reply_entry(reply, entry);
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let result = self.child(parent, name).and_then(|(parent, name)| self.apply_done(req, Command::Unlink { parent, name }));
+        self.reply_empty(reply, result);
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let result = self.child(parent, name).and_then(|(parent, name)| self.apply_done(req, Command::Rmdir { parent, name }));
+        self.reply_empty(reply, result);
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let entry = self.child(parent, link_name).and_then(|(parent, name)| {
+            self.apply_entry(req, Command::Symlink { parent, name, target: target.as_os_str().as_bytes().to_vec() })
+        });
+        self.reply_entry(reply, entry);
+    }
+
+    fn rename(&self, req: &Request, parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr, flags: RenameFlags, reply: ReplyEmpty) {
+        let result = self.child(parent, name).and_then(|(parent, name)| {
+            let (new_parent, new_name) = self.child(newparent, newname)?;
+            self.apply_done(req, Command::Rename { parent, name, new_parent, new_name, flags: flags.bits() })
+        });
+        self.reply_empty(reply, result);
+    }
+
+    fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let entry = self.handle(ino).and_then(|handle| {
+            let (new_parent, new_name) = self.child(newparent, newname)?;
+            self.apply_entry(req, Command::Link { handle, new_parent, new_name })
+        });
+        self.reply_entry(reply, entry);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.handle(ino).and_then(|h| self.block(self.client.open(&h))) {
+            Ok(()) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
+        match self.handle(ino).and_then(|h| self.block(self.client.read(&h, offset, size.min(IO_BYTES_MAX)))) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let result = self.handle(ino).and_then(|handle| {
+            let command = Command::Write { handle, offset, len: data.len() as u32 };
+            self.apply(req, command, data.to_vec())
+        });
+        match result {
+            Ok(CommandOk::Written(n)) => reply.written(n as u32),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        // Writes are already on the server when they return; close has nothing to send.
+        reply.ok();
+    }
+
+    fn release(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+        let result = self.handle(ino).and_then(|h| self.block(self.client.release(&h)));
+        self.reply_empty(reply, result);
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let result = self.block(self.client.commit()).map(|_| ());
+        self.reply_empty(reply, result);
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.handle(ino) {
+            Ok(handle) => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                self.dirs.lock().expect("dir lock").insert(fh, DirStream { handle, entries: Vec::new(), eof: false });
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let inodes_root = |ino: u64| self.inodes.lock().expect("inode lock").node_id(ino);
+        let result = self.fill_dir(fh.0, offset, |e| reply.add(INodeNo(inodes_root(e.ino)), e.cookie, file_type(e.kind), OsStr::from_bytes(&e.name)));
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.dirs.lock().expect("dir lock").remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let result = self.block(self.client.commit()).map(|_| ());
+        self.reply_empty(reply, result);
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.block(self.client.statfs()) {
+            Ok(s) => reply.statfs(s.blocks, s.blocks_free, s.blocks_available, s.files, s.files_free, s.block_size, s.name_max, s.fragment_size),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+        let result = self.handle(ino).and_then(|handle| {
+            let command = Command::SetXattr { handle, name: name.as_bytes().to_vec(), value: value.to_vec(), flags };
+            self.apply_done(req, command)
+        });
+        self.reply_empty(reply, result);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let value = self.handle(ino).and_then(|h| self.block(self.client.getxattr(&h, name.as_bytes())));
+        reply_xattr(reply, value, size);
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let names = self.handle(ino).and_then(|h| self.block(self.client.listxattr(&h)));
+        reply_xattr(reply, names, size);
+    }
+
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let result = self.handle(ino).and_then(|handle| self.apply_done(req, Command::RemoveXattr { handle, name: name.as_bytes().to_vec() }));
+        self.reply_empty(reply, result);
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Only called without default_permissions; the kernel checks permissions itself.
+        reply.ok();
+    }
+
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, flags: i32, reply: ReplyCreate) {
+        let exclusive = flags & libc::O_EXCL != 0;
+        let entry = self.child(parent, name).and_then(|(parent, name)| {
+            let entry = self.apply_entry(req, Command::Create { parent, name, mode, rdev: 0, exclusive, pin: true })?;
+            self.client.pinned(&entry.handle);
+            Ok(entry)
+        });
+        match entry {
+            Ok(entry) => {
+                let node = self.inodes.lock().expect("inode lock").remember(entry.attr.ino, &entry.handle);
+                reply.created(&self.ttl, &file_attr(node, &entry.attr), Generation(0), FileHandle(0), FopenFlags::empty());
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fallocate(&self, req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+        let result = self.handle(ino).and_then(|handle| self.apply_done(req, Command::Fallocate { handle, offset, len: length, mode }));
+        self.reply_empty(reply, result);
+    }
+
+    fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        let whence = match whence {
+            libc::SEEK_DATA => Whence::Data,
+            libc::SEEK_HOLE => Whence::Hole,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        let Ok(offset) = u64::try_from(offset) else { return reply.error(Errno::ENXIO) };
+        match self.handle(ino).and_then(|h| self.block(self.client.lseek(&h, offset, whence))) {
+            Ok(at) => reply.offset(at as i64),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        req: &Request,
+        ino_in: INodeNo,
+        _fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        _fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let result = self.handle(ino_in).and_then(|source| {
+            let target = self.handle(ino_out)?;
+            // A FUSE reply carries a 32-bit count; the kernel loops for the rest.
+            let len = len.min(u32::MAX as u64 & !0xfff);
+            self.apply(req, Command::CopyFileRange { source, source_offset: offset_in, target, target_offset: offset_out, len }, Vec::new())
+        });
+        match result {
+            Ok(CommandOk::Written(n)) => reply.written(n as u32),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+fn reply_xattr(reply: ReplyXattr, value: Result<Vec<u8>, Errno>, size: u32) {
+    match value {
+        Ok(value) if size == 0 => reply.size(value.len() as u32),
+        Ok(value) if value.len() > size as usize => reply.error(Errno::ERANGE),
+        Ok(value) => reply.data(&value),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn credentials(req: &Request) -> Credentials {
+    let groups = if req.uid() == 0 { Vec::new() } else { groups::supplementary_groups(req.pid()) };
+    Credentials { uid: req.uid(), gid: req.gid(), groups }
+}
+
+fn time_set(t: TimeOrNow) -> TimeSet {
+    match t {
+        TimeOrNow::Now => TimeSet::Now,
+        TimeOrNow::SpecificTime(t) => TimeSet::At(timestamp(t)),
+    }
+}
+
+fn timestamp(t: SystemTime) -> Timestamp {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timestamp { secs: d.as_secs() as i64, nanos: d.subsec_nanos() },
+        Err(before) => {
+            let d = before.duration();
+            if d.subsec_nanos() == 0 {
+                Timestamp { secs: -(d.as_secs() as i64), nanos: 0 }
+            } else {
+                Timestamp { secs: -(d.as_secs() as i64) - 1, nanos: 1_000_000_000 - d.subsec_nanos() }
+            }
+        }
+    }
+}
+
+fn system_time(t: Timestamp) -> SystemTime {
+    if t.secs >= 0 {
+        UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs()) + Duration::from_nanos(t.nanos as u64)
+    }
+}
+
+fn file_type(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn file_attr(node: u64, a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(node),
+        size: a.size,
+        blocks: a.blocks,
+        atime: system_time(a.atime),
+        mtime: system_time(a.mtime),
+        ctime: system_time(a.ctime),
+        crtime: UNIX_EPOCH,
+        kind: file_type(a.mode),
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev as u32,
+        blksize: a.blksize,
+        flags: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip_before_and_after_the_epoch() {
+        for t in [Timestamp { secs: 0, nanos: 0 }, Timestamp { secs: 1_900_000_000, nanos: 5 }, Timestamp { secs: -1, nanos: 999_999_999 }, Timestamp { secs: -100, nanos: 0 }] {
+            assert_eq!(timestamp(system_time(t)), t);
+        }
+    }
+
+    #[test]
+    fn file_types_follow_the_mode() {
+        assert_eq!(file_type(libc::S_IFDIR | 0o755), FileType::Directory);
+        assert_eq!(file_type(libc::S_IFIFO), FileType::NamedPipe);
+        assert_eq!(file_type(libc::S_IFREG | 0o644), FileType::RegularFile);
+    }
+}

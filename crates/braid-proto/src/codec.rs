@@ -121,7 +121,7 @@ mod tests {
                 replied_below: TxnSeq(5),
                 creds: Credentials { uid: 1000, gid: 1000, groups: vec![4, 27] },
                 commands: vec![
-                    Command::Create { parent: handle(1), name: b"m".to_vec(), mode: 0o100644, rdev: 0, exclusive: true },
+                    Command::Create { parent: handle(1), name: b"m".to_vec(), mode: 0o100644, rdev: 0, exclusive: true, pin: false },
                     Command::Write { handle: handle(4), offset: 0, len: 3 },
                     Command::Rename {
                         parent: handle(1),

@@ -169,7 +169,8 @@ pub struct Txn {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Regular file (`rdev` 0, `S_IFREG`), fifo, socket or device node, by the type in `mode`.
-    Create { parent: Handle, name: Vec<u8>, mode: u32, rdev: u64, exclusive: bool },
+    /// `pin` also does what `Request::Open` does, saving a round trip for create-and-open.
+    Create { parent: Handle, name: Vec<u8>, mode: u32, rdev: u64, exclusive: bool, pin: bool },
     Mkdir { parent: Handle, name: Vec<u8>, mode: u32 },
     Symlink { parent: Handle, name: Vec<u8>, target: Vec<u8> },
     Link { handle: Handle, new_parent: Handle, new_name: Vec<u8> },

@@ -203,8 +203,12 @@ impl Export {
     /// before a crash: then "already exists" and "already gone" count as success.
     pub fn apply(&self, command: &Command, data: &[u8], creds: &Credentials, tolerant: bool) -> OpResult<CommandOk> {
         match command {
-            Command::Create { parent, name, mode, rdev, exclusive } => {
-                self.create(parent, name, *mode, *rdev, *exclusive && !tolerant, creds, tolerant)
+            Command::Create { parent, name, mode, rdev, exclusive, pin } => {
+                let entry = self.create(parent, name, *mode, *rdev, *exclusive && !tolerant, creds, tolerant)?;
+                if *pin {
+                    self.pin(&entry.handle)?;
+                }
+                Ok(CommandOk::Entry(entry))
             }
             Command::Mkdir { parent, name, mode } => self.make_entry(parent, name, creds, tolerant, |dir, name| {
                 rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(*mode & 0o7777))
@@ -250,7 +254,7 @@ impl Export {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn create(&self, parent: &Handle, name: &[u8], mode: u32, rdev: u64, exclusive: bool, creds: &Credentials, tolerant: bool) -> OpResult<CommandOk> {
+    fn create(&self, parent: &Handle, name: &[u8], mode: u32, rdev: u64, exclusive: bool, creds: &Credentials, tolerant: bool) -> OpResult<Entry> {
         let dir = self.dir_fd(parent)?;
         let name = component(name)?;
         let perm = Mode::from_raw_mode(mode & 0o7777);
@@ -260,7 +264,7 @@ impl Export {
                 rustix::fs::mknodat(dir.as_fd(), name.as_c_str(), file_type, perm, rdev as rustix::fs::Dev).map_err(from_rustix)
             });
             tolerate(made, tolerant, libc::EEXIST)?;
-            return self.entry_at(dir.as_fd(), &name).map(CommandOk::Entry);
+            return self.entry_at(dir.as_fd(), &name);
         }
         let mut flags = OFlags::CREATE | OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW;
         if exclusive {
@@ -280,7 +284,7 @@ impl Export {
         let entry = self.entry_at(dir.as_fd(), &name)?;
         let (_, kernel) = self.sealer.open(&entry.handle).map_err(|_| ESTALE)?;
         self.cache_insert(kernel, Arc::new(opened));
-        Ok(CommandOk::Entry(entry))
+        Ok(entry)
     }
 
     fn make_entry(

@@ -1,1 +1,216 @@
-fn main() {}
+//! `braid`: the command-line entry point. Parses arguments, sets up logging, and hands over to
+//! the server or the FUSE client. Errors are reported here, once, with their context.
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command as Process, ExitCode, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "braid", version, about = "braid: a network file system with a coherent write-back cache")]
+struct Cli {
+    /// Log filter, as RUST_LOG (e.g. "info", "braid_server=debug").
+    #[arg(long, global = true, default_value = "info", env = "BRAID_LOG")]
+    log: String,
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Export a local directory to braid clients.
+    Serve(ServeArgs),
+    /// Mount a braid export with FUSE.
+    Mount(MountArgs),
+    /// Unmount a braid mount (as `fusermount3 -u`).
+    Umount {
+        /// The mount point.
+        mountpoint: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Directory to export. It may already hold files; they appear in the mount.
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// Address to listen on, e.g. 0.0.0.0:7700.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7700")]
+    listen: SocketAddr,
+    /// Directory for the transaction log and the handle key. Must not be inside --data.
+    /// Default: a sibling of the export named "<data>.braid-state".
+    #[arg(long, value_name = "DIR")]
+    state: Option<PathBuf>,
+    /// Refuse every change: clients get EROFS.
+    #[arg(long)]
+    read_only: bool,
+}
+
+#[derive(clap::Args)]
+struct MountArgs {
+    /// Server address, HOST:PORT.
+    server: String,
+    /// Where to mount.
+    mountpoint: PathBuf,
+    /// Stay in the foreground instead of daemonizing once the mount is up.
+    #[arg(long, short = 'f')]
+    foreground: bool,
+    /// Seconds a request waits for an unreachable server before failing with ETIMEDOUT;
+    /// 0 waits for ever (like NFS "hard").
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+    timeout: u64,
+    /// Seconds the kernel may cache attributes and names.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+    attr_ttl: f64,
+    /// Kernel request threads.
+    #[arg(long, default_value_t = 8)]
+    threads: usize,
+    /// Write logs to this file (a daemonized mount has no terminal).
+    #[arg(long, value_name = "FILE")]
+    log_file: Option<PathBuf>,
+    /// Internal: set by the parent of a daemonized mount; print "ready" when mounted.
+    #[arg(long, hide = true)]
+    notify_ready: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let log_file = match &cli.command {
+        Commands::Mount(args) => args.log_file.clone(),
+        _ => None,
+    };
+    if let Err(e) = init_logging(&cli.log, log_file.as_deref()) {
+        eprintln!("braid: {e:#}");
+        return ExitCode::from(2);
+    }
+    let result = match cli.command {
+        Commands::Serve(args) => serve(args),
+        Commands::Mount(args) if args.foreground || args.notify_ready => mount(args),
+        Commands::Mount(args) => daemonize_mount(&args),
+        Commands::Umount { mountpoint } => umount(&mountpoint),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("braid: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str, file: Option<&Path>) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).with_context(|| format!("bad --log filter {filter:?}"))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    match file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open log file {}", path.display()))?;
+            builder.with_ansi(false).with_writer(std::sync::Mutex::new(file)).init();
+        }
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    if !args.data.is_dir() {
+        bail!("--data {}: not a directory", args.data.display());
+    }
+    let state = args.state.unwrap_or_else(|| default_state_dir(&args.data));
+    let config = braid_server::ServerConfig { data_dir: args.data.clone(), state_dir: state.clone(), read_only: args.read_only };
+    let server = braid_server::Server::open(&config).with_context(|| format!("cannot start serving {}", args.data.display()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("braid-server").build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+        tracing::info!(data = %args.data.display(), state = %state.display(), listen = %args.listen, read_only = args.read_only, "serving");
+        tokio::select! {
+            served = server.serve(listener) => served.context("accepting connections failed"),
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("interrupted; stopping");
+                Ok(())
+            }
+        }
+    })
+}
+
+fn default_state_dir(data: &Path) -> PathBuf {
+    let data = std::fs::canonicalize(data).unwrap_or_else(|_| data.to_path_buf());
+    let name = data.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "root".into());
+    data.with_file_name(format!("{name}.braid-state"))
+}
+
+fn mount(args: MountArgs) -> Result<()> {
+    if !args.mountpoint.is_dir() {
+        bail!("mount point {}: not a directory", args.mountpoint.display());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("braid-client").build()?;
+    let config = braid_client::ClientConfig {
+        server: args.server.clone(),
+        client_name: format!("{}:{}", hostname(), std::process::id()),
+        retry_budget: (args.timeout > 0).then(|| Duration::from_secs(args.timeout)),
+    };
+    let (client, info) = runtime
+        .block_on(braid_client::Client::connect(config))
+        .with_context(|| format!("cannot mount {} on {}", args.server, args.mountpoint.display()))?;
+    let options = braid_fuse::MountOptions {
+        attr_ttl: Duration::from_secs_f64(args.attr_ttl),
+        threads: args.threads,
+        fs_name: format!("braid:{}", args.server),
+    };
+    let fs = braid_fuse::BraidFs::new(client, &info, runtime.handle().clone(), &options);
+    let session = braid_fuse::mount(fs, &args.mountpoint, &options)
+        .with_context(|| format!("cannot mount on {} (is fuse3 installed and /dev/fuse present?)", args.mountpoint.display()))?;
+    tracing::info!(server = %args.server, mountpoint = %args.mountpoint.display(), "mounted");
+    if args.notify_ready {
+        // The parent waits for this line, then exits; our stdout is its pipe.
+        println!("ready");
+        std::io::stdout().flush()?;
+    }
+    session.run().context("FUSE session failed")?;
+    tracing::info!(mountpoint = %args.mountpoint.display(), "unmounted");
+    Ok(())
+}
+
+/// Runs the mount in a detached child and returns once the child says the mount is up, or
+/// fails with the child's error, as sshfs does.
+fn daemonize_mount(_args: &MountArgs) -> Result<()> {
+    let exe = std::env::current_exe().context("cannot find the braid executable")?;
+    let mut command = Process::new(exe);
+    command.args(std::env::args_os().skip(1)).arg("--notify-ready").stdin(Stdio::null()).stdout(Stdio::piped());
+    // Its own process group: a Ctrl-C in the shell that ran `braid mount` must not kill it.
+    // Errors before "ready" still reach the user through the inherited stderr.
+    command.process_group(0);
+    let mut child = command.spawn().context("cannot start the mount daemon")?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).context("reading the mount daemon's status")?;
+    if line.trim() == "ready" {
+        return Ok(());
+    }
+    let status = child.wait()?;
+    bail!("mount failed ({status})");
+}
+
+use std::os::unix::process::CommandExt;
+
+fn umount(mountpoint: &Path) -> Result<()> {
+    let status = Process::new("fusermount3")
+        .arg("-u")
+        .arg(mountpoint)
+        .status()
+        .context("cannot run fusermount3 (install the fuse3 package)")?;
+    if !status.success() {
+        bail!("fusermount3 -u {} failed ({status})", mountpoint.display());
+    }
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+}

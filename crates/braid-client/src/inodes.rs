@@ -1,0 +1,112 @@
+//! The table from FUSE node ids to server handles, with the kernel's lookup counts.
+//!
+//! Node ids are the server's inode numbers, so that `stat` shows stable numbers and hard links
+//! share a node; the root's inode number and FUSE's root id 1 are swapped to keep the map a
+//! bijection.
+use std::collections::HashMap;
+
+use braid_proto::Handle;
+
+pub const ROOT_ID: u64 = 1;
+
+pub struct InodeTable {
+    root_ino: u64,
+    nodes: HashMap<u64, Node>,
+}
+
+struct Node {
+    handle: Handle,
+    lookups: u64,
+}
+
+impl InodeTable {
+    pub fn new(root_ino: u64, root: Handle) -> Self {
+        let mut nodes = HashMap::new();
+        // The root is never forgotten: one lookup that no FORGET will take back.
+        nodes.insert(ROOT_ID, Node { handle: root, lookups: 1 });
+        Self { root_ino, nodes }
+    }
+
+    /// The node id the kernel sees for a server inode number.
+    pub fn node_id(&self, ino: u64) -> u64 {
+        if ino == self.root_ino {
+            ROOT_ID
+        } else if ino == ROOT_ID {
+            self.root_ino
+        } else {
+            ino
+        }
+    }
+
+    pub fn handle(&self, node: u64) -> Option<Handle> {
+        self.nodes.get(&node).map(|n| n.handle.clone())
+    }
+
+    /// Records one more kernel reference to the object, returning its node id. A new handle for
+    /// a known id means the inode number was reused by a new object: the old one is gone.
+    pub fn remember(&mut self, ino: u64, handle: &Handle) -> u64 {
+        let id = self.node_id(ino);
+        let node = self.nodes.entry(id).or_insert_with(|| Node { handle: handle.clone(), lookups: 0 });
+        if node.handle != *handle {
+            node.handle = handle.clone();
+        }
+        node.lookups += 1;
+        id
+    }
+
+    pub fn forget(&mut self, node: u64, count: u64) {
+        if node == ROOT_ID {
+            return;
+        }
+        if let Some(n) = self.nodes.get_mut(&node) {
+            n.lookups = n.lookups.saturating_sub(count);
+            if n.lookups == 0 {
+                self.nodes.remove(&node);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_and_inode_one_swap() {
+        let table = InodeTable::new(2, Handle(vec![0]));
+        assert_eq!(table.node_id(2), ROOT_ID);
+        assert_eq!(table.node_id(ROOT_ID), 2);
+        assert_eq!(table.node_id(77), 77);
+    }
+
+    #[test]
+    fn lookups_are_counted_and_forgotten() {
+        // Goal: a node lives exactly as long as the kernel holds lookups on it.
+        let mut table = InodeTable::new(2, Handle(vec![0]));
+        let h = Handle(vec![5]);
+        assert_eq!(table.remember(50, &h), 50);
+        table.remember(50, &h);
+        table.forget(50, 1);
+        assert_eq!(table.handle(50), Some(h.clone()));
+        table.forget(50, 1);
+        assert_eq!(table.handle(50), None);
+        table.forget(ROOT_ID, 100);
+        assert!(table.handle(ROOT_ID).is_some(), "the root is never forgotten");
+    }
+
+    #[test]
+    fn a_reused_inode_number_takes_the_new_handle() {
+        let mut table = InodeTable::new(2, Handle(vec![0]));
+        table.remember(9, &Handle(vec![1]));
+        table.remember(9, &Handle(vec![2]));
+        assert_eq!(table.handle(9), Some(Handle(vec![2])));
+    }
+}
