@@ -1,0 +1,443 @@
+//! Shared harness of the end-to-end suites: a real `braid serve` on a temporary export and state
+//! directory, and a real `braid mount --foreground` on a temporary mount point.
+//!
+//! Every wait is a poll of a condition with a deadline. On drop the mount is unmounted
+//! (`fusermount3 -u`, else `umount -l`) and both processes are killed and reaped; if the test is
+//! failing, the tails of both logs are printed to help diagnosis.
+#![allow(dead_code)]
+
+use std::ffi::{CString, OsStr};
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as Process, Stdio};
+use std::time::{Duration, Instant};
+
+use braid_proto::{
+    encode_frame, Attr, ClientId, Command, CommandOk, Credentials, Entry, Errno, ExportInfo, Frame, FrameHeader, FrameKind, Handle, Hello,
+    Reply, Request, Response, Txn, TxnSeq, Welcome, WireError, HEADER_BYTES, PROTOCOL_VERSIONS,
+};
+
+/// How long a process may take to come up (listen, or complete the FUSE mount).
+pub const START_DEADLINE: Duration = Duration::from_secs(20);
+/// How long an unmount or a process exit may take.
+const STOP_DEADLINE: Duration = Duration::from_secs(10);
+/// A request on the mount waits at most this long for the server; failing tests then end
+/// instead of hanging for the default budget of two minutes.
+const MOUNT_TIMEOUT_SECONDS: u64 = 30;
+const POLL: Duration = Duration::from_millis(10);
+
+pub fn braid_exe() -> &'static str {
+    env!("CARGO_BIN_EXE_braid")
+}
+
+/// A server and, optionally, one mount of it, each in its own temporary directory:
+/// `root/srv/export`, `root/state`, `root/mnt`, `root/logs`.
+pub struct Fixture {
+    pub root: tempfile::TempDir,
+    pub export: PathBuf,
+    pub state: PathBuf,
+    pub mnt: PathBuf,
+    pub port: u16,
+    server: Option<Child>,
+    mount: Option<Child>,
+    logs: PathBuf,
+    server_starts: u32,
+}
+
+impl Fixture {
+    /// A server on an empty export, mounted.
+    pub fn mounted() -> Self {
+        Self::mounted_with(|_| {})
+    }
+
+    /// A server on an export that `prepare` fills first, mounted.
+    pub fn mounted_with(prepare: impl FnOnce(&Path)) -> Self {
+        let mut fixture = Self::serving_with(prepare);
+        fixture.mount();
+        fixture
+    }
+
+    /// A server on an export that `prepare` fills first, without a mount.
+    pub fn serving_with(prepare: impl FnOnce(&Path)) -> Self {
+        let root = tempfile::Builder::new().prefix("braid-e2e-").tempdir().expect("create temp dir");
+        // Other users (tests that act as uid 1000) must be able to reach the mount point.
+        fs::set_permissions(root.path(), fs::Permissions::from_mode(0o755)).expect("chmod temp dir");
+        let export = root.path().join("srv").join("export");
+        let state = root.path().join("state");
+        let mnt = root.path().join("mnt");
+        let logs = root.path().join("logs");
+        for dir in [&export, &state, &mnt, &logs] {
+            fs::create_dir_all(dir).expect("create fixture dir");
+        }
+        prepare(&export);
+        let mut fixture = Self { root, export, state, mnt, port: free_port(), server: None, mount: None, logs, server_starts: 0 };
+        fixture.start_server();
+        fixture
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Starts `braid serve` on the fixture's export, state and port, and waits until it accepts
+    /// connections.
+    pub fn start_server(&mut self) {
+        assert!(self.server.is_none(), "a server is already running");
+        self.server_starts += 1;
+        let log = self.log_file(&format!("server-{}.log", self.server_starts));
+        let child = Process::new(braid_exe())
+            .arg("serve")
+            .arg("--data")
+            .arg(&self.export)
+            .arg("--listen")
+            .arg(self.addr().to_string())
+            .arg("--state")
+            .arg(&self.state)
+            .env("BRAID_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn braid serve");
+        self.server = Some(child);
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            if TcpStream::connect_timeout(&self.addr(), Duration::from_millis(200)).is_ok() {
+                return;
+            }
+            if let Some(status) = self.server.as_mut().expect("server").try_wait().expect("try_wait") {
+                self.server = None;
+                panic!("braid serve exited before listening ({status}):\n{}", self.logs_tail());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "braid serve not listening on {} after {START_DEADLINE:?}:\n{}",
+                self.addr(),
+                self.logs_tail()
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Kills the server with SIGKILL and reaps it.
+    pub fn kill_server(&mut self) {
+        let mut child = self.server.take().expect("no server to kill");
+        child.kill().expect("kill -9 braid serve");
+        child.wait().expect("reap braid serve");
+    }
+
+    /// True while the server process has not exited.
+    pub fn server_alive(&mut self) -> bool {
+        match self.server.as_mut() {
+            Some(child) => child.try_wait().expect("try_wait").is_none(),
+            None => false,
+        }
+    }
+
+    /// Runs `braid mount --foreground` and waits until the mount point is a mount point.
+    pub fn mount(&mut self) {
+        assert!(self.mount.is_none(), "already mounted");
+        let log = self.log_file("mount.log");
+        let child = Process::new(braid_exe())
+            .arg("mount")
+            .arg(self.addr().to_string())
+            .arg(&self.mnt)
+            .arg("--foreground")
+            .arg("--timeout")
+            .arg(MOUNT_TIMEOUT_SECONDS.to_string())
+            .env("BRAID_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn braid mount");
+        self.mount = Some(child);
+        let deadline = Instant::now() + START_DEADLINE;
+        while !is_mount_point(&self.mnt) {
+            if let Some(status) = self.mount.as_mut().expect("mount").try_wait().expect("try_wait") {
+                self.mount = None;
+                panic!("braid mount exited before mounting ({status}):\n{}", self.logs_tail());
+            }
+            assert!(Instant::now() < deadline, "{} not mounted after {START_DEADLINE:?}:\n{}", self.mnt.display(), self.logs_tail());
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// A path under the mount point.
+    pub fn m(&self, relative: &str) -> PathBuf {
+        self.mnt.join(relative)
+    }
+
+    /// A path under the export directory (the server's view).
+    pub fn e(&self, relative: &str) -> PathBuf {
+        self.export.join(relative)
+    }
+
+    /// Writes a file through the mount, reads it back through the mount and from the export,
+    /// and checks that the server is still running: the mount works end to end.
+    pub fn assert_mount_works(&mut self, tag: &str) {
+        assert!(self.server_alive(), "server died ({tag}):\n{}", self.logs_tail());
+        let name = format!("probe-{tag}");
+        let content = format!("probe {tag} {}", "x".repeat(1000)).into_bytes();
+        fs::write(self.m(&name), &content).unwrap_or_else(|e| panic!("write through the mount ({tag}): {e}\n{}", self.logs_tail()));
+        assert_eq!(fs::read(self.m(&name)).expect("read back through the mount"), content, "{tag}: read back through the mount");
+        assert_eq!(fs::read(self.e(&name)).expect("read from the export"), content, "{tag}: content in the export");
+        fs::remove_file(self.m(&name)).expect("remove probe");
+        assert!(self.server_alive(), "server died ({tag}):\n{}", self.logs_tail());
+    }
+
+    /// The last lines of every log of this fixture.
+    pub fn logs_tail(&self) -> String {
+        let mut out = String::new();
+        let mut names: Vec<_> = fs::read_dir(&self.logs).map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect()).unwrap_or_default();
+        names.sort();
+        for path in names {
+            let text = fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let from = lines.len().saturating_sub(40);
+            out.push_str(&format!("---- {} (last {} lines)\n", path.display(), lines.len() - from));
+            for line in &lines[from..] {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    fn log_file(&self, name: &str) -> fs::File {
+        fs::OpenOptions::new().create(true).append(true).open(self.logs.join(name)).expect("open log file")
+    }
+
+    fn unmount(&mut self) {
+        if !is_mount_point(&self.mnt) {
+            return;
+        }
+        let quiet = |program: &str, args: &[&OsStr]| {
+            Process::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false)
+        };
+        if !quiet("fusermount3", &[OsStr::new("-u"), self.mnt.as_os_str()]) {
+            quiet("umount", &[OsStr::new("-l"), self.mnt.as_os_str()]);
+        }
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("fixture logs:\n{}", self.logs_tail());
+        }
+        self.unmount();
+        if let Some(mut mount) = self.mount.take() {
+            if !wait_exit(&mut mount, STOP_DEADLINE) {
+                let _ = mount.kill();
+                let _ = mount.wait();
+            }
+        }
+        // The mount process is gone, so nothing can still be using the mount point.
+        if is_mount_point(&self.mnt) {
+            let _ = Process::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+        if let Some(mut server) = self.server.take() {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+    }
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        std::thread::sleep(POLL);
+    }
+    false
+}
+
+/// A TCP port that was free a moment ago: bind port 0, read the port, release it.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// True if `path` is on another file system than its parent: a mount point.
+pub fn is_mount_point(path: &Path) -> bool {
+    let parent = path.parent().expect("mount point has a parent");
+    match (fs::metadata(path), fs::metadata(parent)) {
+        (Ok(own), Ok(up)) => own.dev() != up.dev(),
+        _ => false,
+    }
+}
+
+/// Polls `condition` until it holds, failing the test after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(POLL);
+    }
+}
+
+pub fn cstr(path: &Path) -> CString {
+    CString::new(path.as_os_str().as_bytes()).expect("path without NUL")
+}
+
+/// The errno of the last failed libc call.
+pub fn last_errno() -> i32 {
+    io::Error::last_os_error().raw_os_error().expect("an OS error")
+}
+
+/// Deterministic bytes for contents: a small xorshift generator, so no extra dependency.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.max(1))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next_u64() as u8).collect()
+    }
+}
+
+/// A hand-made client: a TCP connection that completed the braid handshake, speaking the wire
+/// protocol with `braid_proto` only, one request at a time. Tests use it to send what the real
+/// client never would.
+pub struct RawSession {
+    pub stream: TcpStream,
+    pub info: ExportInfo,
+    next_request_id: u64,
+    next_seq: u64,
+}
+
+impl RawSession {
+    pub fn open(addr: SocketAddr) -> Self {
+        // A client id of its own per session, so that no two sessions share a txn sequence.
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_nanos() as u64;
+        Self::open_as(addr, ClientId(nanos ^ (u64::from(std::process::id()) << 32)))
+    }
+
+    /// A session that introduces itself as `client_id`, as a reconnecting client does; its
+    /// transactions are numbered from 1.
+    pub fn open_as(addr: SocketAddr, client_id: ClientId) -> Self {
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(20))).expect("read timeout");
+        let hello = Hello { versions: PROTOCOL_VERSIONS.to_vec(), client_id, client_name: "raw test session".into() };
+        stream.write_all(&encode_frame(FrameKind::Hello, 0, &hello, &[]).expect("encode hello")).expect("send hello");
+        let frame = read_frame(&mut stream).expect("read welcome");
+        assert_eq!(frame.header.kind, FrameKind::Welcome);
+        match frame.decode::<Welcome>().expect("welcome decodes") {
+            Welcome::Accepted(info) => Self { stream, info, next_request_id: 1, next_seq: 1 },
+            Welcome::Refused { reason } => panic!("server refused the raw session: {reason}"),
+        }
+    }
+
+    pub fn root(&self) -> Handle {
+        self.info.root.handle.clone()
+    }
+
+    /// Sends one request and waits for its response.
+    pub fn call(&mut self, request: &Request, data: &[u8]) -> Result<(Reply, Vec<u8>), WireError> {
+        let id = self.next_request_id;
+        self.next_request_id += 1;
+        let bytes = encode_frame(FrameKind::Request, id, request, data).expect("encode request");
+        self.stream.write_all(&bytes).expect("send request");
+        let frame = read_frame(&mut self.stream).unwrap_or_else(|e| panic!("no response to {request:?}: {e}"));
+        assert_eq!(frame.header.kind, FrameKind::Response);
+        assert_eq!(frame.header.request_id, id, "response to another request");
+        let response: Response = frame.decode().expect("response decodes");
+        response.result.map(|reply| (reply, frame.data))
+    }
+
+    pub fn lookup(&mut self, parent: &Handle, name: &[u8]) -> Result<Entry, WireError> {
+        match self.call(&Request::Lookup { parent: parent.clone(), name: name.to_vec() }, &[])?.0 {
+            Reply::Entry(entry) => Ok(entry),
+            other => panic!("lookup answered {other:?}"),
+        }
+    }
+
+    pub fn getattr(&mut self, handle: &Handle) -> Result<Attr, WireError> {
+        match self.call(&Request::GetAttr { handle: handle.clone() }, &[])?.0 {
+            Reply::Attr(attr) => Ok(attr),
+            other => panic!("getattr answered {other:?}"),
+        }
+    }
+
+    pub fn readlink(&mut self, handle: &Handle) -> Result<Vec<u8>, WireError> {
+        match self.call(&Request::ReadLink { handle: handle.clone() }, &[])?.0 {
+            Reply::ReadLink(target) => Ok(target),
+            other => panic!("readlink answered {other:?}"),
+        }
+    }
+
+    pub fn read(&mut self, handle: &Handle, offset: u64, len: u32) -> Result<Vec<u8>, WireError> {
+        match self.call(&Request::Read { handle: handle.clone(), offset, len }, &[])? {
+            (Reply::Read, data) => Ok(data),
+            (other, _) => panic!("read answered {other:?}"),
+        }
+    }
+
+    /// Sends `commands` as one transaction with root's credentials.
+    pub fn txn(&mut self, commands: Vec<Command>, data: &[u8]) -> Result<Vec<Result<CommandOk, Errno>>, WireError> {
+        let seq = TxnSeq(self.next_seq);
+        self.next_seq += 1;
+        let txn = Txn { seq, replied_below: seq, creds: Credentials { uid: 0, gid: 0, groups: Vec::new() }, commands };
+        match self.call(&Request::Txn(txn), data)?.0 {
+            Reply::Txn(outcome) => Ok(outcome.results),
+            other => panic!("txn answered {other:?}"),
+        }
+    }
+
+    /// One command as its own transaction; a failed command gives its errno.
+    pub fn apply(&mut self, command: Command, data: &[u8]) -> Result<CommandOk, WireError> {
+        let mut results = self.txn(vec![command], data)?;
+        assert_eq!(results.len(), 1, "one result per command");
+        results.pop().expect("one result").map_err(WireError::Errno)
+    }
+}
+
+/// The wire error for an errno.
+pub fn wire_errno(code: i32) -> WireError {
+    WireError::Errno(Errno(code))
+}
+
+fn read_frame(stream: &mut TcpStream) -> io::Result<Frame> {
+    let mut head = [0u8; HEADER_BYTES];
+    stream.read_exact(&mut head)?;
+    let header = FrameHeader::decode(&head).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let mut payload = vec![0u8; header.payload_bytes()];
+    stream.read_exact(&mut payload)?;
+    Frame::from_payload(header, payload).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Waits until the peer closes `stream` (read returns end of file or a reset), failing after
+/// `limit`. Bytes the server sends before closing are ignored.
+pub fn assert_closed_by_peer(stream: &mut TcpStream, what: &str, limit: Duration) {
+    stream.set_read_timeout(Some(Duration::from_millis(100))).expect("read timeout");
+    let deadline = Instant::now() + limit;
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted) => return,
+            Err(e) => panic!("{what}: unexpected read error {e}"),
+        }
+        assert!(Instant::now() < deadline, "{what}: the server did not close the connection within {limit:?}");
+    }
+}

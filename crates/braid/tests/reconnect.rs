@@ -1,0 +1,161 @@
+//! End-to-end recovery from a server crash: the server is killed with SIGKILL while the mount
+//! holds a file open, then restarted on the same export, state directory and port. The mount
+//! must reconnect by itself; applications see no error and lose no acknowledged data.
+mod common;
+
+use std::fs::{self, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+
+use braid_proto::{ClientId, Command, CommandOk};
+use common::{Fixture, RawSession, Rng};
+
+const KIB: usize = 1024;
+
+#[test]
+fn open_file_survives_server_kill_and_restart() {
+    // Goal: after kill -9 and restart of the server, an open file keeps working, new files can
+    // be created, and everything written before the kill is intact.
+    // Method: write 512 KiB and fsync; write 64 KiB more without fsync (acknowledged: after a
+    // process crash it is still in the server's page cache); kill -9 the server; restart it;
+    // then, through the same descriptor, read both ranges (after dropping the client's page
+    // cache, so that the reads go to the server) and write more; create a new file; fsync;
+    // compare everything with the export. Two rounds, so the second restart recovers a log
+    // that the first restart already replayed.
+    let mut fx = Fixture::mounted();
+    let mut rng = Rng::new(42);
+    let file = OpenOptions::new().create_new(true).read(true).write(true).open(fx.m("held-open")).unwrap();
+    let mut expected = Vec::new();
+
+    for round in 0..2 {
+        let synced = rng.bytes(512 * KIB);
+        file.write_all_at(&synced, expected.len() as u64).unwrap();
+        expected.extend_from_slice(&synced);
+        file.sync_all().unwrap_or_else(|e| panic!("round {round}: fsync before the kill: {e}"));
+        let acked = rng.bytes(64 * KIB);
+        file.write_all_at(&acked, expected.len() as u64).unwrap();
+        expected.extend_from_slice(&acked);
+
+        fx.kill_server();
+        fx.start_server();
+
+        drop_page_cache(&file);
+        let mut read = vec![0u8; expected.len()];
+        file.read_exact_at(&mut read, 0).unwrap_or_else(|e| panic!("round {round}: read after restart: {e}\n{}", fx.logs_tail()));
+        assert!(read == expected, "round {round}: data written before the kill differs after the restart");
+
+        let after = format!("written after restart {round}").into_bytes();
+        file.write_all_at(&after, expected.len() as u64).unwrap_or_else(|e| panic!("round {round}: write after restart: {e}"));
+        expected.extend_from_slice(&after);
+        let new_name = format!("created-after-restart-{round}");
+        fs::write(fx.m(&new_name), b"new file").unwrap_or_else(|e| panic!("round {round}: create after restart: {e}"));
+        file.sync_all().unwrap_or_else(|e| panic!("round {round}: fsync after restart: {e}"));
+        assert_eq!(fs::read(fx.e(&new_name)).unwrap(), b"new file");
+        assert!(fs::read(fx.e("held-open")).unwrap() == expected, "round {round}: the export's copy differs");
+    }
+    assert_eq!(file.metadata().unwrap().len(), expected.len() as u64);
+    fx.assert_mount_works("after-restarts");
+}
+
+#[test]
+fn request_issued_while_the_server_is_down_completes_after_restart() {
+    // Goal: requests made while the server is dead wait, are sent on reconnect, and succeed.
+    // Method: kill -9 the server; from another thread append to an open file, create a file
+    // and make a directory (which would fail with EEXIST if applied twice); restart the
+    // server; the thread must finish without error, and the export must hold every change.
+    let mut fx = Fixture::mounted();
+    fs::write(fx.m("log"), b"first\n").unwrap();
+    let appender = OpenOptions::new().append(true).open(fx.m("log")).unwrap();
+    fx.kill_server();
+
+    let new_path = fx.m("made-while-down");
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut appender = appender;
+        std::io::Write::write_all(&mut appender, b"second\n")?;
+        fs::write(&new_path, b"made while the server was down")?;
+        fs::create_dir(new_path.with_extension("dir"))?;
+        std::io::Write::write_all(&mut appender, b"third\n")?;
+        appender.sync_all()
+    });
+    fx.start_server();
+    writer.join().unwrap().unwrap_or_else(|e| panic!("a request across the restart failed: {e}\n{}", fx.logs_tail()));
+
+    assert_eq!(fs::read(fx.e("log")).unwrap(), b"first\nsecond\nthird\n", "each append applied once, in order");
+    assert_eq!(fs::read(fx.e("made-while-down")).unwrap(), b"made while the server was down");
+    assert!(fx.e("made-while-down.dir").is_dir());
+    assert_eq!(fs::read(fx.m("log")).unwrap(), b"first\nsecond\nthird\n");
+    fx.assert_mount_works("after-restart");
+}
+
+// Bug (design gap, server + client): the only thing keeping an unlinked open file alive is
+// the server process's in-memory pin (a cached descriptor). kill -9 closes it, the kernel
+// frees the inode, `restore_pins` then gets ESTALE ("cannot restore an open file after the
+// server restarted"), and the application's next read fails with ESTALE: its data is lost.
+// NFS avoids this with a client-side "silly rename" (unlink of an open file becomes a rename
+// to a hidden name, removed on last close); braid has no equivalent.
+#[test]
+#[ignore = "bug: an unlinked open file is lost when the server restarts (no silly rename)"]
+fn unlinked_open_file_across_restart() {
+    // Goal: an open file that was unlinked stays readable and writable (POSIX), also after
+    // the server restarts.
+    // Method: open, write, unlink through the mount; kill -9 and restart the server; read and
+    // write through the open descriptor.
+    let mut fx = Fixture::mounted();
+    let file = OpenOptions::new().create_new(true).read(true).write(true).open(fx.m("doomed")).unwrap();
+    file.write_all_at(b"still here", 0).unwrap();
+    fs::remove_file(fx.m("doomed")).unwrap();
+    drop_page_cache(&file);
+    let mut buf = [0u8; 10];
+    file.read_exact_at(&mut buf, 0).expect("read of an unlinked open file");
+    assert_eq!(&buf, b"still here");
+
+    fx.kill_server();
+    fx.start_server();
+    drop_page_cache(&file);
+    let mut buf = [0u8; 10];
+    file.read_exact_at(&mut buf, 0).unwrap_or_else(|e| panic!("read of an unlinked open file after restart: {e}\n{}", fx.logs_tail()));
+    assert_eq!(&buf, b"still here");
+    file.write_all_at(b"more", 10).expect("write to an unlinked open file after restart");
+}
+
+#[test]
+fn resent_transaction_after_restart_gets_its_original_reply() {
+    // Goal: a transaction is applied at most once, even when the client resends it to a
+    // restarted server (its reply was lost with the connection).
+    // Method: a hand-made client sends txn 1 (exclusive create, mkdir, symlink: each would
+    // fail with EEXIST if applied again); it resends the same txn as the same client id, to
+    // the same server and then after kill -9 and restart; both times the answer must be the
+    // original results, and txn 2 must then apply normally.
+    let mut fx = Fixture::serving_with(|_| {});
+    let client = ClientId(0x00c0_ffee_0000_0001);
+    let mut session = RawSession::open_as(fx.addr(), client);
+    let root = session.root();
+    let commands = vec![
+        Command::Create { parent: root.clone(), name: b"once".to_vec(), mode: libc::S_IFREG | 0o644, rdev: 0, exclusive: true, pin: false },
+        Command::Mkdir { parent: root.clone(), name: b"once.d".to_vec(), mode: 0o755 },
+        Command::Symlink { parent: root.clone(), name: b"once.link".to_vec(), target: b"once".to_vec() },
+    ];
+    let first = session.txn(commands.clone(), &[]).expect("txn 1");
+    assert!(first.iter().all(|r| r.is_ok()), "txn 1 failed: {first:?}");
+    assert_eq!(first.len(), 3);
+
+    let mut same_server = RawSession::open_as(fx.addr(), client);
+    assert_eq!(same_server.txn(commands.clone(), &[]), Ok(first.clone()), "resend to the same server");
+    drop((session, same_server));
+
+    fx.kill_server();
+    fx.start_server();
+    let mut restarted = RawSession::open_as(fx.addr(), client);
+    assert_eq!(restarted.txn(commands, &[]), Ok(first), "resend after kill -9 and restart");
+    let next = restarted.txn(vec![Command::Unlink { parent: root.clone(), name: b"once.link".to_vec() }], &[]);
+    assert_eq!(next, Ok(vec![Ok(CommandOk::Done)]), "txn 2 after the resend");
+    assert!(fx.e("once").is_file());
+    assert!(fx.e("once.d").is_dir());
+    assert!(!fx.e("once.link").exists());
+}
+
+/// Drops the client kernel's cached pages of `file`, so that the next read asks the server.
+fn drop_page_cache(file: &fs::File) {
+    let ret = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(ret, 0, "posix_fadvise");
+}
