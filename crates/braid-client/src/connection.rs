@@ -1,12 +1,17 @@
 //! The connection to the server, kept alive across failures.
 //!
-//! A supervisor task owns the socket: it writes queued frames, reads responses and routes each
-//! to its waiting call by request id. When the socket fails it reconnects with backoff, and
-//! sends again every request that has no response yet, in request order, then restores the
-//! server-side pins of open files if the server restarted.
+//! Callers write their request frame straight to the socket (under a lock) and wait for the
+//! response on their own channel: no hand-off to another thread on the way out, which on a
+//! small machine costs more than the network round trip. One reader thread per connection
+//! routes each response to its caller by request id. When the socket fails, the reader thread
+//! reconnects with backoff, sends again every request without a response, in request order,
+//! and restores the server-side pins of open files if the server restarted.
 use std::collections::{BTreeMap, HashMap};
+use std::io::{BufReader, Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use braid_proto::limits::REQUESTS_IN_FLIGHT_MAX;
@@ -14,10 +19,6 @@ use braid_proto::{
     encode_frame, ClientId, ExportInfo, Frame, FrameHeader, FrameKind, Handle, Hello, Lsn, Reply, Request, Response, Welcome,
     HEADER_BYTES, PROTOCOL_VERSIONS,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::{wire_error, ClientConfig, ClientError, Result};
 
@@ -28,15 +29,14 @@ type SharedFrame = Arc<Vec<u8>>;
 
 struct Pending {
     frame: SharedFrame,
-    reply: oneshot::Sender<Frame>,
+    reply: SyncSender<Frame>,
 }
 
-#[derive(Default)]
 struct State {
     /// Requests without a response, by request id (= send order).
     pending: BTreeMap<u64, Pending>,
-    /// Queue to the writer of the live socket; `None` while disconnected.
-    sender: Option<mpsc::Sender<SharedFrame>>,
+    /// The live socket's write side; `None` while disconnected.
+    writer: Option<Arc<Mutex<TcpStream>>>,
     server_instance: u64,
 }
 
@@ -46,31 +46,61 @@ pub struct Connection {
     state: Mutex<State>,
     next_request_id: AtomicU64,
     durable: AtomicU64,
-    permits: Semaphore,
+    in_flight: Gate,
     /// Open count per handle, to restore the server's pins after it restarts.
     pins: Mutex<HashMap<Handle, i64>>,
 }
 
+/// A counting gate bounding the requests in flight, as the server's limit.
+struct Gate {
+    count: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl Gate {
+    fn enter(&self) -> GateGuard<'_> {
+        let mut count = self.count.lock().expect("gate lock");
+        while *count >= REQUESTS_IN_FLIGHT_MAX {
+            count = self.freed.wait(count).expect("gate lock");
+        }
+        *count += 1;
+        GateGuard(self)
+    }
+}
+
+struct GateGuard<'a>(&'a Gate);
+
+impl Drop for GateGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.count.lock().expect("gate lock") -= 1;
+        self.0.freed.notify_one();
+    }
+}
+
 struct Link {
-    reader: OwnedReadHalf,
-    writer: OwnedWriteHalf,
+    stream: TcpStream,
     info: ExportInfo,
 }
 
 impl Connection {
-    pub(crate) async fn open(config: ClientConfig, client_id: ClientId) -> Result<(Arc<Self>, ExportInfo)> {
-        let link = connect(&config, client_id).await?;
+    pub(crate) fn open(config: ClientConfig, client_id: ClientId) -> Result<(Arc<Self>, ExportInfo)> {
+        let link = connect(&config, client_id)?;
         let info = link.info.clone();
         let connection = Arc::new(Self {
             config,
             client_id,
-            state: Mutex::new(State { server_instance: info.server_instance, ..State::default() }),
+            state: Mutex::new(State { pending: BTreeMap::new(), writer: None, server_instance: info.server_instance }),
             next_request_id: AtomicU64::new(1),
             durable: AtomicU64::new(0),
-            permits: Semaphore::new(REQUESTS_IN_FLIGHT_MAX),
+            in_flight: Gate { count: Mutex::new(0), freed: Condvar::new() },
             pins: Mutex::new(HashMap::new()),
         });
-        tokio::spawn(connection.clone().supervise(link));
+        let reader = connection.attach(link).map_err(|e| ClientError::Unreachable { server: connection.config.server.clone(), reason: e.to_string() })?;
+        let supervisor = connection.clone();
+        std::thread::Builder::new()
+            .name("braid-conn".into())
+            .spawn(move || supervisor.supervise(reader))
+            .map_err(|e| ClientError::Protocol(format!("cannot start the connection thread: {e}")))?;
         Ok((connection, info))
     }
 
@@ -88,98 +118,111 @@ impl Connection {
     }
 
     /// Sends `request` and waits for its response, across reconnects, within the retry budget.
-    pub async fn call(&self, request: Request, data: Vec<u8>) -> Result<(Reply, Vec<u8>)> {
-        let _permit = self.permits.acquire().await.expect("semaphore never closed");
+    pub fn call(&self, request: &Request, data: &[u8]) -> Result<(Reply, Vec<u8>)> {
+        let _gate = self.in_flight.enter();
         let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
-        let frame = Arc::new(encode_frame(FrameKind::Request, id, &request, &data).map_err(|e| ClientError::Protocol(e.to_string()))?);
-        let (reply_tx, reply_rx) = oneshot::channel();
-        let sender = {
+        let frame = Arc::new(encode_frame(FrameKind::Request, id, request, data).map_err(|e| ClientError::Protocol(e.to_string()))?);
+        let (reply_tx, reply_rx) = sync_channel(1);
+        let writer = {
             let mut state = self.state.lock().expect("connection lock");
             state.pending.insert(id, Pending { frame: frame.clone(), reply: reply_tx });
-            state.sender.clone()
+            state.writer.clone()
         };
-        if let Some(sender) = sender {
-            // A closed queue means the socket just died; the reconnect resends from `pending`.
-            let _ = sender.send(frame).await;
+        if let Some(writer) = writer {
+            // A failed write means the socket died; the reader thread reconnects and resends
+            // everything in `pending`, this request included.
+            let _ = writer.lock().expect("writer lock").write_all(&frame);
         }
         let frame = match self.config.retry_budget {
-            Some(budget) => match tokio::time::timeout(budget, reply_rx).await {
-                Ok(reply) => reply,
-                Err(_) => {
+            Some(budget) => match reply_rx.recv_timeout(budget) {
+                Ok(frame) => frame,
+                Err(RecvTimeoutError::Timeout) => {
                     self.state.lock().expect("connection lock").pending.remove(&id);
                     return Err(ClientError::TimedOut { server: self.config.server.clone(), budget_ms: budget.as_millis() });
                 }
+                Err(RecvTimeoutError::Disconnected) => return Err(ClientError::Protocol("connection thread stopped".into())),
             },
-            None => reply_rx.await,
-        }
-        .map_err(|_| ClientError::Protocol("connection supervisor stopped".into()))?;
+            None => reply_rx.recv().map_err(|_| ClientError::Protocol("connection thread stopped".into()))?,
+        };
         let response: Response = frame.decode().map_err(|e| ClientError::Protocol(e.to_string()))?;
         self.durable.fetch_max(response.durable.0, Ordering::AcqRel);
         let reply = response.result.map_err(wire_error)?;
         Ok((reply, frame.data))
     }
 
-    async fn supervise(self: Arc<Self>, first: Link) {
-        let mut link = Some(first);
+    /// Installs a new socket: resends what has no response, returns the read side.
+    fn attach(self: &Arc<Self>, link: Link) -> std::io::Result<TcpStream> {
+        let reader = link.stream.try_clone()?;
+        let writer = Arc::new(Mutex::new(link.stream));
+        let mut state = self.state.lock().expect("connection lock");
+        let restarted = state.server_instance != link.info.server_instance;
+        state.server_instance = link.info.server_instance;
+        {
+            let mut socket = writer.lock().expect("writer lock");
+            if !state.pending.is_empty() {
+                tracing::info!(requests = state.pending.len(), "resending requests without a reply");
+            }
+            for pending in state.pending.values() {
+                socket.write_all(&pending.frame)?;
+            }
+        }
+        state.writer = Some(writer);
+        drop(state);
+        if restarted {
+            self.restore_pins();
+        }
+        Ok(reader)
+    }
+
+    fn supervise(self: Arc<Self>, mut reader: TcpStream) {
         loop {
-            let Link { reader, writer, info } = match link.take() {
-                Some(link) => link,
-                None => self.reconnect().await,
-            };
-            let (tx, rx) = mpsc::channel(REQUESTS_IN_FLIGHT_MAX * 2);
-            let writer_task = tokio::spawn(write_frames(writer, rx));
-            let (resend, restarted) = {
-                let mut state = self.state.lock().expect("connection lock");
-                state.sender = Some(tx.clone());
-                let restarted = state.server_instance != info.server_instance;
-                state.server_instance = info.server_instance;
-                (state.pending.values().map(|p| p.frame.clone()).collect::<Vec<_>>(), restarted)
-            };
-            if !resend.is_empty() {
-                tracing::info!(requests = resend.len(), "resending requests without a reply");
-            }
-            for frame in resend {
-                let _ = tx.send(frame).await;
-            }
-            if restarted {
-                tokio::spawn(self.clone().restore_pins());
-            }
-            let error = self.read_responses(reader).await;
-            self.state.lock().expect("connection lock").sender = None;
-            writer_task.abort();
+            let error = self.read_responses(&reader);
+            let _ = reader.shutdown(Shutdown::Both);
+            self.state.lock().expect("connection lock").writer = None;
             tracing::warn!(server = %self.config.server, %error, "connection lost; reconnecting");
+            reader = self.reconnect();
         }
     }
 
-    async fn reconnect(&self) -> Link {
+    fn reconnect(self: &Arc<Self>) -> TcpStream {
         let mut backoff = Duration::from_millis(20);
         loop {
-            match connect(&self.config, self.client_id).await {
-                Ok(link) => {
+            match connect(&self.config, self.client_id).map(|link| self.attach(link)) {
+                Ok(Ok(reader)) => {
                     tracing::info!(server = %self.config.server, "reconnected");
-                    return link;
+                    return reader;
                 }
+                Ok(Err(e)) => tracing::debug!(error = %e, "resend after reconnect failed"),
                 Err(e) => tracing::debug!(error = %e, "reconnect failed"),
             }
-            tokio::time::sleep(backoff).await;
+            std::thread::sleep(backoff);
             backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
         }
     }
 
-    async fn restore_pins(self: Arc<Self>) {
+    /// Re-sends one `Open` per open of each pinned handle. Runs on a thread of its own: the
+    /// reader thread must keep reading to receive the replies.
+    fn restore_pins(self: &Arc<Self>) {
         let pins: Vec<(Handle, i64)> = self.pins.lock().expect("pins lock").iter().map(|(h, n)| (h.clone(), *n)).collect();
-        for (handle, count) in pins {
-            for _ in 0..count {
-                if let Err(e) = self.call(Request::Open { handle: handle.clone() }, Vec::new()).await {
-                    tracing::warn!(?handle, error = %e, "cannot restore an open file after the server restarted");
+        if pins.is_empty() {
+            return;
+        }
+        let requests: Vec<Request> =
+            pins.into_iter().flat_map(|(handle, n)| (0..n).map(move |_| Request::Open { handle: handle.clone() })).collect();
+        let this = self.clone();
+        std::thread::spawn(move || {
+            for request in requests {
+                if let Err(e) = this.call(&request, &[]) {
+                    tracing::warn!(error = %e, "cannot restore an open file after the server restarted");
                 }
             }
-        }
+        });
     }
 
-    async fn read_responses(&self, mut reader: OwnedReadHalf) -> String {
+    fn read_responses(&self, stream: &TcpStream) -> String {
+        let mut reader = BufReader::with_capacity(256 * 1024, stream);
         loop {
-            let frame = match read_frame(&mut reader).await {
+            let frame = match read_frame(&mut reader) {
                 Ok(frame) => frame,
                 Err(e) => return e,
             };
@@ -195,52 +238,36 @@ impl Connection {
     }
 }
 
-async fn write_frames(writer: OwnedWriteHalf, mut rx: mpsc::Receiver<SharedFrame>) {
-    let mut writer = BufWriter::with_capacity(256 * 1024, writer);
-    while let Some(frame) = rx.recv().await {
-        if writer.write_all(&frame).await.is_err() {
-            return;
-        }
-        while let Ok(more) = rx.try_recv() {
-            if writer.write_all(&more).await.is_err() {
-                return;
-            }
-        }
-        if writer.flush().await.is_err() {
-            return;
-        }
-    }
-}
-
-async fn read_frame(reader: &mut OwnedReadHalf) -> std::result::Result<Frame, String> {
+fn read_frame(reader: &mut impl Read) -> std::result::Result<Frame, String> {
     let mut head = [0u8; HEADER_BYTES];
-    reader.read_exact(&mut head).await.map_err(|e| e.to_string())?;
+    reader.read_exact(&mut head).map_err(|e| e.to_string())?;
     let header = FrameHeader::decode(&head).map_err(|e| e.to_string())?;
     let mut payload = vec![0u8; header.payload_bytes()];
-    reader.read_exact(&mut payload).await.map_err(|e| e.to_string())?;
+    reader.read_exact(&mut payload).map_err(|e| e.to_string())?;
     Frame::from_payload(header, payload).map_err(|e| e.to_string())
 }
 
-async fn connect(config: &ClientConfig, client_id: ClientId) -> Result<Link> {
+fn connect(config: &ClientConfig, client_id: ClientId) -> Result<Link> {
     let unreachable = |reason: String| ClientError::Unreachable { server: config.server.clone(), reason };
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&config.server))
-        .await
-        .map_err(|_| unreachable("connect timed out".into()))?
-        .map_err(|e| unreachable(e.to_string()))?;
+    let addr = config
+        .server
+        .to_socket_addrs()
+        .map_err(|e| unreachable(e.to_string()))?
+        .next()
+        .ok_or_else(|| unreachable("the address resolves to nothing".into()))?;
+    let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|e| unreachable(e.to_string()))?;
     let _ = stream.set_nodelay(true);
-    let (mut reader, mut writer) = stream.into_split();
     let hello = Hello { versions: PROTOCOL_VERSIONS.to_vec(), client_id, client_name: config.client_name.clone() };
     let bytes = encode_frame(FrameKind::Hello, 0, &hello, &[]).map_err(|e| ClientError::Protocol(e.to_string()))?;
-    writer.write_all(&bytes).await.map_err(|e| unreachable(e.to_string()))?;
-    let frame = tokio::time::timeout(CONNECT_TIMEOUT * 2, read_frame(&mut reader))
-        .await
-        .map_err(|_| unreachable("no answer to hello".into()))?
-        .map_err(|e| unreachable(format!("handshake: {e}")))?;
+    stream.write_all(&bytes).map_err(|e| unreachable(e.to_string()))?;
+    stream.set_read_timeout(Some(CONNECT_TIMEOUT * 2)).map_err(|e| unreachable(e.to_string()))?;
+    let frame = read_frame(&mut stream).map_err(|e| unreachable(format!("handshake: {e}")))?;
+    stream.set_read_timeout(None).map_err(|e| unreachable(e.to_string()))?;
     if frame.header.kind != FrameKind::Welcome {
         return Err(ClientError::Protocol(format!("expected welcome, got {:?}", frame.header.kind)));
     }
     match frame.decode::<Welcome>().map_err(|e| ClientError::Protocol(e.to_string()))? {
-        Welcome::Accepted(info) => Ok(Link { reader, writer, info }),
+        Welcome::Accepted(info) => Ok(Link { stream, info }),
         Welcome::Refused { reason } => Err(ClientError::Refused { server: config.server.clone(), reason }),
     }
 }

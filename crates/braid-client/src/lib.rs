@@ -81,9 +81,9 @@ impl TxnSequencer {
 impl Client {
     /// Connects and completes the handshake; fails at once if the server is unreachable or
     /// refuses, so that `braid mount` reports it.
-    pub async fn connect(config: ClientConfig) -> Result<(Self, ExportInfo)> {
+    pub fn connect(config: ClientConfig) -> Result<(Self, ExportInfo)> {
         let client_id = ClientId(rand::random());
-        let (connection, info) = Connection::open(config, client_id).await?;
+        let (connection, info) = Connection::open(config, client_id)?;
         let txns = Arc::new(TxnSequencer { next: AtomicU64::new(1), outstanding: Mutex::new(BTreeSet::new()) });
         Ok((Self { connection, txns }, info))
     }
@@ -92,65 +92,65 @@ impl Client {
         self.connection.durable()
     }
 
-    pub async fn lookup(&self, parent: &Handle, name: &[u8]) -> Result<Entry> {
-        match self.call(Request::Lookup { parent: parent.clone(), name: name.to_vec() }).await? {
+    pub fn lookup(&self, parent: &Handle, name: &[u8]) -> Result<Entry> {
+        match self.call(Request::Lookup { parent: parent.clone(), name: name.to_vec() })? {
             Reply::Entry(entry) => Ok(entry),
             other => unexpected(other),
         }
     }
 
-    pub async fn getattr(&self, handle: &Handle) -> Result<Attr> {
-        match self.call(Request::GetAttr { handle: handle.clone() }).await? {
+    pub fn getattr(&self, handle: &Handle) -> Result<Attr> {
+        match self.call(Request::GetAttr { handle: handle.clone() })? {
             Reply::Attr(attr) => Ok(attr),
             other => unexpected(other),
         }
     }
 
-    pub async fn readlink(&self, handle: &Handle) -> Result<Vec<u8>> {
-        match self.call(Request::ReadLink { handle: handle.clone() }).await? {
+    pub fn readlink(&self, handle: &Handle) -> Result<Vec<u8>> {
+        match self.call(Request::ReadLink { handle: handle.clone() })? {
             Reply::ReadLink(target) => Ok(target),
             other => unexpected(other),
         }
     }
 
-    pub async fn read(&self, handle: &Handle, offset: u64, len: u32) -> Result<Vec<u8>> {
-        let (reply, data) = self.connection.call(Request::Read { handle: handle.clone(), offset, len }, Vec::new()).await?;
+    pub fn read(&self, handle: &Handle, offset: u64, len: u32) -> Result<Vec<u8>> {
+        let (reply, data) = self.connection.call(&Request::Read { handle: handle.clone(), offset, len }, &[])?;
         match reply {
             Reply::Read => Ok(data),
             other => unexpected(other),
         }
     }
 
-    pub async fn readdir(&self, handle: &Handle, cookie: u64) -> Result<(Vec<DirEntry>, bool)> {
-        match self.call(Request::ReadDir { handle: handle.clone(), cookie }).await? {
+    pub fn readdir(&self, handle: &Handle, cookie: u64) -> Result<(Vec<DirEntry>, bool)> {
+        match self.call(Request::ReadDir { handle: handle.clone(), cookie })? {
             Reply::ReadDir { entries, eof } => Ok((entries, eof)),
             other => unexpected(other),
         }
     }
 
-    pub async fn statfs(&self) -> Result<StatFs> {
-        match self.call(Request::StatFs).await? {
+    pub fn statfs(&self) -> Result<StatFs> {
+        match self.call(Request::StatFs)? {
             Reply::StatFs(s) => Ok(s),
             other => unexpected(other),
         }
     }
 
-    pub async fn getxattr(&self, handle: &Handle, name: &[u8]) -> Result<Vec<u8>> {
-        match self.call(Request::GetXattr { handle: handle.clone(), name: name.to_vec() }).await? {
+    pub fn getxattr(&self, handle: &Handle, name: &[u8]) -> Result<Vec<u8>> {
+        match self.call(Request::GetXattr { handle: handle.clone(), name: name.to_vec() })? {
             Reply::Xattr(value) => Ok(value),
             other => unexpected(other),
         }
     }
 
-    pub async fn listxattr(&self, handle: &Handle) -> Result<Vec<u8>> {
-        match self.call(Request::ListXattr { handle: handle.clone() }).await? {
+    pub fn listxattr(&self, handle: &Handle) -> Result<Vec<u8>> {
+        match self.call(Request::ListXattr { handle: handle.clone() })? {
             Reply::XattrList(names) => Ok(names),
             other => unexpected(other),
         }
     }
 
-    pub async fn lseek(&self, handle: &Handle, offset: u64, whence: Whence) -> Result<u64> {
-        match self.call(Request::Lseek { handle: handle.clone(), offset, whence }).await? {
+    pub fn lseek(&self, handle: &Handle, offset: u64, whence: Whence) -> Result<u64> {
+        match self.call(Request::Lseek { handle: handle.clone(), offset, whence })? {
             Reply::Lseek(at) => Ok(at),
             other => unexpected(other),
         }
@@ -158,9 +158,9 @@ impl Client {
 
     /// Tells the server this mount has `handle` open (see `Request::Open`). Pins are restored
     /// after a server restart.
-    pub async fn open(&self, handle: &Handle) -> Result<()> {
+    pub fn open(&self, handle: &Handle) -> Result<()> {
         self.connection.pin(handle, 1);
-        self.call(Request::Open { handle: handle.clone() }).await.map(|_| ())
+        self.call(Request::Open { handle: handle.clone() }).map(|_| ())
     }
 
     /// Records a pin the server took as part of a command (`Command::Create { pin: true }`).
@@ -168,17 +168,17 @@ impl Client {
         self.connection.pin(handle, 1);
     }
 
-    pub async fn release(&self, handle: &Handle) -> Result<()> {
+    pub fn release(&self, handle: &Handle) -> Result<()> {
         self.connection.pin(handle, -1);
-        self.call(Request::Release { handle: handle.clone() }).await.map(|_| ())
+        self.call(Request::Release { handle: handle.clone() }).map(|_| ())
     }
 
     /// Applies `commands` as one transaction. `data` holds the bytes of the `Write` commands,
     /// in order. Returns one result per command applied; the last may be an error.
-    pub async fn txn(&self, creds: Credentials, commands: Vec<Command>, data: Vec<u8>) -> Result<Vec<std::result::Result<CommandOk, Errno>>> {
+    pub fn txn(&self, creds: Credentials, commands: Vec<Command>, data: Vec<u8>) -> Result<Vec<std::result::Result<CommandOk, Errno>>> {
         let (seq, replied_below) = self.txns.begin();
         let request = Request::Txn(Txn { seq, replied_below, creds, commands });
-        let result = self.connection.call(request, data).await;
+        let result = self.connection.call(&request, &data);
         self.txns.end(seq);
         match result?.0 {
             Reply::Txn(outcome) => Ok(outcome.results),
@@ -187,8 +187,8 @@ impl Client {
     }
 
     /// Applies one command as its own transaction.
-    pub async fn apply(&self, creds: Credentials, command: Command, data: Vec<u8>) -> Result<CommandOk> {
-        let mut results = self.txn(creds, vec![command], data).await?;
+    pub fn apply(&self, creds: Credentials, command: Command, data: Vec<u8>) -> Result<CommandOk> {
+        let mut results = self.txn(creds, vec![command], data)?;
         match results.pop() {
             Some(Ok(ok)) => Ok(ok),
             Some(Err(errno)) => Err(ClientError::Errno(errno)),
@@ -197,15 +197,15 @@ impl Client {
     }
 
     /// Returns once every transaction this client has had a reply for is durable.
-    pub async fn commit(&self) -> Result<Lsn> {
-        match self.call(Request::Commit).await? {
+    pub fn commit(&self) -> Result<Lsn> {
+        match self.call(Request::Commit)? {
             Reply::Committed(lsn) => Ok(lsn),
             other => unexpected(other),
         }
     }
 
-    async fn call(&self, request: Request) -> Result<Reply> {
-        self.connection.call(request, Vec::new()).await.map(|(reply, _)| reply)
+    fn call(&self, request: Request) -> Result<Reply> {
+        self.connection.call(&request, &[]).map(|(reply, _)| reply)
     }
 }
 

@@ -46,7 +46,6 @@ pub struct MountOptions {
 
 pub struct BraidFs {
     client: Client,
-    runtime: tokio::runtime::Handle,
     inodes: Mutex<InodeTable>,
     dirs: Mutex<HashMap<u64, DirStream>>,
     next_fh: AtomicU64,
@@ -87,10 +86,9 @@ fn nix_is_root() -> bool {
 }
 
 impl BraidFs {
-    pub fn new(client: Client, info: &ExportInfo, runtime: tokio::runtime::Handle, options: &MountOptions) -> Self {
+    pub fn new(client: Client, info: &ExportInfo, options: &MountOptions) -> Self {
         Self {
             client,
-            runtime,
             inodes: Mutex::new(InodeTable::new(info.root.attr.ino, info.root.handle.clone())),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -99,8 +97,8 @@ impl BraidFs {
         }
     }
 
-    fn block<T>(&self, call: impl std::future::Future<Output = Result<T, ClientError>>) -> Result<T, Errno> {
-        self.runtime.block_on(call).map_err(|e| errno_for(&e))
+    fn check<T>(&self, result: Result<T, ClientError>) -> Result<T, Errno> {
+        result.map_err(|e| errno_for(&e))
     }
 
     fn handle(&self, ino: INodeNo) -> Result<Handle, Errno> {
@@ -134,7 +132,7 @@ impl BraidFs {
         if self.read_only {
             return Err(Errno::EROFS);
         }
-        self.block(self.client.apply(credentials(req), command, data))
+        self.check(self.client.apply(credentials(req), command, data))
     }
 
     fn apply_entry(&self, req: &Request, command: Command) -> Result<Entry, Errno> {
@@ -171,7 +169,7 @@ impl BraidFs {
                     return Ok(());
                 }
                 let cookie = stream.entries.last().map_or(offset, |e| e.cookie);
-                let (more, eof) = self.block(self.client.readdir(&stream.handle, cookie))?;
+                let (more, eof) = self.check(self.client.readdir(&stream.handle, cookie))?;
                 stream.eof = eof;
                 if more.is_empty() {
                     stream.eof = true;
@@ -196,7 +194,7 @@ impl Filesystem for BraidFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let entry = self.child(parent, name).and_then(|(p, n)| self.block(self.client.lookup(&p, &n)));
+        let entry = self.child(parent, name).and_then(|(p, n)| self.check(self.client.lookup(&p, &n)));
         self.reply_entry(reply, entry);
     }
 
@@ -205,7 +203,7 @@ impl Filesystem for BraidFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.handle(ino).and_then(|h| self.block(self.client.getattr(&h))) {
+        match self.handle(ino).and_then(|h| self.check(self.client.getattr(&h))) {
             Ok(attr) => reply.attr(&self.ttl, &self.file_attr(&attr)),
             Err(e) => reply.error(e),
         }
@@ -232,7 +230,7 @@ impl Filesystem for BraidFs {
         let changes = AttrChanges { mode, uid, gid, size, atime: atime.map(time_set), mtime: mtime.map(time_set) };
         let result = self.handle(ino).and_then(|handle| {
             if changes == AttrChanges::default() {
-                return self.block(self.client.getattr(&handle));
+                return self.check(self.client.getattr(&handle));
             }
             match self.apply(req, Command::SetAttr { handle, changes }, Vec::new())? {
                 CommandOk::Attr(attr) => Ok(attr),
@@ -246,7 +244,7 @@ impl Filesystem for BraidFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.handle(ino).and_then(|h| self.block(self.client.readlink(&h))) {
+        match self.handle(ino).and_then(|h| self.check(self.client.readlink(&h))) {
             Ok(target) => reply.data(&target),
             Err(e) => reply.error(e),
         }
@@ -298,14 +296,14 @@ impl Filesystem for BraidFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.handle(ino).and_then(|h| self.block(self.client.open(&h))) {
+        match self.handle(ino).and_then(|h| self.check(self.client.open(&h))) {
             Ok(()) => reply.opened(FileHandle(0), FopenFlags::empty()),
             Err(e) => reply.error(e),
         }
     }
 
     fn read(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
-        match self.handle(ino).and_then(|h| self.block(self.client.read(&h, offset, size.min(IO_BYTES_MAX)))) {
+        match self.handle(ino).and_then(|h| self.check(self.client.read(&h, offset, size.min(IO_BYTES_MAX)))) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(e),
         }
@@ -340,12 +338,12 @@ impl Filesystem for BraidFs {
     }
 
     fn release(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
-        let result = self.handle(ino).and_then(|h| self.block(self.client.release(&h)));
+        let result = self.handle(ino).and_then(|h| self.check(self.client.release(&h)));
         self.reply_empty(reply, result);
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        let result = self.block(self.client.commit()).map(|_| ());
+        let result = self.check(self.client.commit()).map(|_| ());
         self.reply_empty(reply, result);
     }
 
@@ -375,12 +373,12 @@ impl Filesystem for BraidFs {
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        let result = self.block(self.client.commit()).map(|_| ());
+        let result = self.check(self.client.commit()).map(|_| ());
         self.reply_empty(reply, result);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.block(self.client.statfs()) {
+        match self.check(self.client.statfs()) {
             Ok(s) => reply.statfs(s.blocks, s.blocks_free, s.blocks_available, s.files, s.files_free, s.block_size, s.name_max, s.fragment_size),
             Err(e) => reply.error(e),
         }
@@ -395,12 +393,12 @@ impl Filesystem for BraidFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let value = self.handle(ino).and_then(|h| self.block(self.client.getxattr(&h, name.as_bytes())));
+        let value = self.handle(ino).and_then(|h| self.check(self.client.getxattr(&h, name.as_bytes())));
         reply_xattr(reply, value, size);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let names = self.handle(ino).and_then(|h| self.block(self.client.listxattr(&h)));
+        let names = self.handle(ino).and_then(|h| self.check(self.client.listxattr(&h)));
         reply_xattr(reply, names, size);
     }
 
@@ -442,7 +440,7 @@ impl Filesystem for BraidFs {
             _ => return reply.error(Errno::EINVAL),
         };
         let Ok(offset) = u64::try_from(offset) else { return reply.error(Errno::ENXIO) };
-        match self.handle(ino).and_then(|h| self.block(self.client.lseek(&h, offset, whence))) {
+        match self.handle(ino).and_then(|h| self.check(self.client.lseek(&h, offset, whence))) {
             Ok(at) => reply.offset(at as i64),
             Err(e) => reply.error(e),
         }

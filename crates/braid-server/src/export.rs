@@ -483,6 +483,10 @@ impl Export {
 }
 
 fn as_caller<T>(creds: &Credentials, op: impl FnOnce() -> OpResult<T>) -> OpResult<T> {
+    // The server runs as root: a root caller with group 0 needs no switch (7 syscalls saved).
+    if creds.uid == 0 && creds.gid == 0 {
+        return op();
+    }
     let _guard = sys::as_caller(creds.uid, creds.gid, &creds.groups).map_err(errno)?;
     op()
 }

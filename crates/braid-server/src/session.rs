@@ -108,6 +108,18 @@ async fn read_requests(state: &Arc<ServerState>, reader: &mut OwnedReadHalf, tx:
             return Err(SessionError::UnexpectedKind(frame.header.kind));
         }
         let request: Request = frame.decode()?;
+        if is_quick(&request) {
+            // Quick requests are served right here: handing them to another thread costs more
+            // (two wake-ups) than the few microseconds of file-system work they need.
+            let id = frame.header.request_id;
+            let (result, data) = handle_blocking(state, client, request, frame);
+            let response = Response { result, durable: state.committer.durable() };
+            let bytes = encode_frame(FrameKind::Response, id, &response, &data).expect("responses stay within limits");
+            if tx.send(bytes).await.is_err() {
+                return Ok(());
+            }
+            continue;
+        }
         // Backpressure: stop reading this connection while it has too many requests in flight.
         let permit = permits.clone().acquire_owned().await.expect("semaphore never closed");
         let (state, tx) = (state.clone(), tx.clone());
@@ -136,6 +148,17 @@ async fn write_responses(mut writer: BufWriter<OwnedWriteHalf>, mut rx: mpsc::Re
         if writer.flush().await.is_err() {
             return;
         }
+    }
+}
+
+/// Requests that never wait for the disk in the common case: metadata reads and small
+/// mutations (which only reach the page cache; durability is the committer's job).
+fn is_quick(request: &Request) -> bool {
+    match request {
+        Request::Read { len, .. } => *len <= 128 * 1024,
+        Request::Commit => false,
+        Request::Txn(txn) => txn.commands.len() <= 16,
+        _ => true,
     }
 }
 

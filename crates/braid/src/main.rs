@@ -149,21 +149,19 @@ fn mount(args: MountArgs) -> Result<()> {
     if !args.mountpoint.is_dir() {
         bail!("mount point {}: not a directory", args.mountpoint.display());
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("braid-client").build()?;
     let config = braid_client::ClientConfig {
         server: args.server.clone(),
         client_name: format!("{}:{}", hostname(), std::process::id()),
         retry_budget: (args.timeout > 0).then(|| Duration::from_secs(args.timeout)),
     };
-    let (client, info) = runtime
-        .block_on(braid_client::Client::connect(config))
+    let (client, info) = braid_client::Client::connect(config)
         .with_context(|| format!("cannot mount {} on {}", args.server, args.mountpoint.display()))?;
     let options = braid_fuse::MountOptions {
         attr_ttl: Duration::from_secs_f64(args.attr_ttl),
         threads: args.threads,
         fs_name: format!("braid:{}", args.server),
     };
-    let fs = braid_fuse::BraidFs::new(client, &info, runtime.handle().clone(), &options);
+    let fs = braid_fuse::BraidFs::new(client, &info, &options);
     let session = braid_fuse::mount(fs, &args.mountpoint, &options)
         .with_context(|| format!("cannot mount on {} (is fuse3 installed and /dev/fuse present?)", args.mountpoint.display()))?;
     tracing::info!(server = %args.server, mountpoint = %args.mountpoint.display(), "mounted");
