@@ -1,20 +1,24 @@
-//! The connection to the server, kept alive across failures.
+//! The connection to the server: a pool of TCP channels, each used by one caller at a time for
+//! one request and its response.
 //!
-//! Callers write their request frame straight to the socket (under a lock) and wait for the
-//! response on their own channel: no hand-off to another thread on the way out, which on a
-//! small machine costs more than the network round trip. One reader thread per connection
-//! routes each response to its caller by request id. When the socket fails, the reader thread
-//! reconnects with backoff, sends again every request without a response, in request order,
-//! and restores the server-side pins of open files if the server restarted.
-use std::collections::{BTreeMap, HashMap};
+//! The caller's own thread writes the request and reads the response, so a round trip costs
+//! no thread hand-off at all, which on a small machine matters more than anything else on the
+//! path. Concurrency comes from several channels (one per concurrent caller, up to a bound);
+//! the protocol allows pipelining on one channel, and the server answers out of order, but
+//! this client does not need it.
+//!
+//! # Correctness
+//! When a channel fails, the caller opens a new one (with backoff, within the retry budget)
+//! and sends the same request again. The server applies each transaction at most once (client
+//! id + seq), so a resend never applies a change twice. If the server restarted, the pins of
+//! open files are restored.
+use std::collections::HashMap;
 use std::io::{BufReader, Read, Write};
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use braid_proto::limits::REQUESTS_IN_FLIGHT_MAX;
 use braid_proto::{
     encode_frame, ClientId, ExportInfo, Frame, FrameHeader, FrameKind, Handle, Hello, Lsn, Reply, Request, Response, Welcome,
     HEADER_BYTES, PROTOCOL_VERSIONS,
@@ -24,51 +28,46 @@ use crate::{wire_error, ClientConfig, ClientError, Result};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-
-type SharedFrame = Arc<Vec<u8>>;
-
-struct Pending {
-    frame: SharedFrame,
-    reply: SyncSender<Frame>,
-}
-
-struct State {
-    /// Requests without a response, by request id (= send order).
-    pending: BTreeMap<u64, Pending>,
-    /// The live socket's write side; `None` while disconnected.
-    writer: Option<Arc<Mutex<TcpStream>>>,
-    server_instance: u64,
-}
+/// Most channels (and so most concurrent requests) per mount; more FUSE threads than this wait.
+const CHANNELS_MAX: usize = 32;
 
 pub struct Connection {
     config: ClientConfig,
     client_id: ClientId,
-    state: Mutex<State>,
+    idle: Mutex<Vec<Channel>>,
+    gate: Gate,
     next_request_id: AtomicU64,
     durable: AtomicU64,
-    in_flight: Gate,
+    server_instance: AtomicU64,
+    /// Set when a channel failed, so the next successful connect is logged.
+    lost: AtomicBool,
     /// Open count per handle, to restore the server's pins after it restarts.
     pins: Mutex<HashMap<Handle, i64>>,
 }
 
-/// A counting gate bounding the requests in flight, as the server's limit.
+struct Channel {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+/// A counting gate bounding concurrent calls to the number of channels.
 struct Gate {
     count: Mutex<usize>,
     freed: Condvar,
 }
 
+struct GateGuard<'a>(&'a Gate);
+
 impl Gate {
     fn enter(&self) -> GateGuard<'_> {
         let mut count = self.count.lock().expect("gate lock");
-        while *count >= REQUESTS_IN_FLIGHT_MAX {
+        while *count >= CHANNELS_MAX {
             count = self.freed.wait(count).expect("gate lock");
         }
         *count += 1;
         GateGuard(self)
     }
 }
-
-struct GateGuard<'a>(&'a Gate);
 
 impl Drop for GateGuard<'_> {
     fn drop(&mut self) {
@@ -77,30 +76,20 @@ impl Drop for GateGuard<'_> {
     }
 }
 
-struct Link {
-    stream: TcpStream,
-    info: ExportInfo,
-}
-
 impl Connection {
     pub(crate) fn open(config: ClientConfig, client_id: ClientId) -> Result<(Arc<Self>, ExportInfo)> {
-        let link = connect(&config, client_id)?;
-        let info = link.info.clone();
+        let (channel, info) = connect(&config, client_id)?;
         let connection = Arc::new(Self {
             config,
             client_id,
-            state: Mutex::new(State { pending: BTreeMap::new(), writer: None, server_instance: info.server_instance }),
+            idle: Mutex::new(vec![channel]),
+            gate: Gate { count: Mutex::new(0), freed: Condvar::new() },
             next_request_id: AtomicU64::new(1),
             durable: AtomicU64::new(0),
-            in_flight: Gate { count: Mutex::new(0), freed: Condvar::new() },
+            server_instance: AtomicU64::new(info.server_instance),
+            lost: AtomicBool::new(false),
             pins: Mutex::new(HashMap::new()),
         });
-        let reader = connection.attach(link).map_err(|e| ClientError::Unreachable { server: connection.config.server.clone(), reason: e.to_string() })?;
-        let supervisor = connection.clone();
-        std::thread::Builder::new()
-            .name("braid-conn".into())
-            .spawn(move || supervisor.supervise(reader))
-            .map_err(|e| ClientError::Protocol(format!("cannot start the connection thread: {e}")))?;
         Ok((connection, info))
     }
 
@@ -118,97 +107,74 @@ impl Connection {
     }
 
     /// Sends `request` and waits for its response, across reconnects, within the retry budget.
-    pub fn call(&self, request: &Request, data: &[u8]) -> Result<(Reply, Vec<u8>)> {
-        let _gate = self.in_flight.enter();
+    pub fn call(self: &Arc<Self>, request: &Request, data: &[u8]) -> Result<(Reply, Vec<u8>)> {
+        let _gate = self.gate.enter();
         let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
-        let frame = Arc::new(encode_frame(FrameKind::Request, id, request, data).map_err(|e| ClientError::Protocol(e.to_string()))?);
-        let (reply_tx, reply_rx) = sync_channel(1);
-        let writer = {
-            let mut state = self.state.lock().expect("connection lock");
-            state.pending.insert(id, Pending { frame: frame.clone(), reply: reply_tx });
-            state.writer.clone()
-        };
-        if let Some(writer) = writer {
-            // A failed write means the socket died; the reader thread reconnects and resends
-            // everything in `pending`, this request included.
-            let _ = writer.lock().expect("writer lock").write_all(&frame);
-        }
-        let frame = match self.config.retry_budget {
-            Some(budget) => match reply_rx.recv_timeout(budget) {
-                Ok(frame) => frame,
-                Err(RecvTimeoutError::Timeout) => {
-                    self.state.lock().expect("connection lock").pending.remove(&id);
-                    return Err(ClientError::TimedOut { server: self.config.server.clone(), budget_ms: budget.as_millis() });
+        let frame = encode_frame(FrameKind::Request, id, request, data).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let deadline = self.config.retry_budget.map(|budget| Instant::now() + budget);
+        let mut channel = self.idle.lock().expect("idle lock").pop();
+        let response = loop {
+            let mut current = match channel.take() {
+                Some(channel) => channel,
+                None => self.open_channel(deadline)?,
+            };
+            match current.exchange(&frame, id) {
+                Ok(response) => {
+                    self.idle.lock().expect("idle lock").push(current);
+                    break response;
                 }
-                Err(RecvTimeoutError::Disconnected) => return Err(ClientError::Protocol("connection thread stopped".into())),
-            },
-            None => reply_rx.recv().map_err(|_| ClientError::Protocol("connection thread stopped".into()))?,
-        };
-        let response: Response = frame.decode().map_err(|e| ClientError::Protocol(e.to_string()))?;
-        self.durable.fetch_max(response.durable.0, Ordering::AcqRel);
-        let reply = response.result.map_err(wire_error)?;
-        Ok((reply, frame.data))
-    }
-
-    /// Installs a new socket: resends what has no response, returns the read side.
-    fn attach(self: &Arc<Self>, link: Link) -> std::io::Result<TcpStream> {
-        let reader = link.stream.try_clone()?;
-        let writer = Arc::new(Mutex::new(link.stream));
-        let mut state = self.state.lock().expect("connection lock");
-        let restarted = state.server_instance != link.info.server_instance;
-        state.server_instance = link.info.server_instance;
-        {
-            let mut socket = writer.lock().expect("writer lock");
-            if !state.pending.is_empty() {
-                tracing::info!(requests = state.pending.len(), "resending requests without a reply");
-            }
-            for pending in state.pending.values() {
-                socket.write_all(&pending.frame)?;
-            }
-        }
-        state.writer = Some(writer);
-        drop(state);
-        if restarted {
-            self.restore_pins();
-        }
-        Ok(reader)
-    }
-
-    fn supervise(self: Arc<Self>, mut reader: TcpStream) {
-        loop {
-            let error = self.read_responses(&reader);
-            let _ = reader.shutdown(Shutdown::Both);
-            self.state.lock().expect("connection lock").writer = None;
-            tracing::warn!(server = %self.config.server, %error, "connection lost; reconnecting");
-            reader = self.reconnect();
-        }
-    }
-
-    fn reconnect(self: &Arc<Self>) -> TcpStream {
-        let mut backoff = Duration::from_millis(20);
-        loop {
-            match connect(&self.config, self.client_id).map(|link| self.attach(link)) {
-                Ok(Ok(reader)) => {
-                    tracing::info!(server = %self.config.server, "reconnected");
-                    return reader;
+                Err(error) => {
+                    if !self.lost.swap(true, Ordering::AcqRel) {
+                        tracing::warn!(server = %self.config.server, %error, "connection lost; reconnecting");
+                    }
+                    // Every idle channel went to the same server: drop them too.
+                    self.idle.lock().expect("idle lock").clear();
                 }
-                Ok(Err(e)) => tracing::debug!(error = %e, "resend after reconnect failed"),
+            }
+        };
+        let decoded: Response = response.decode().map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.durable.fetch_max(decoded.durable.0, Ordering::AcqRel);
+        let reply = decoded.result.map_err(wire_error)?;
+        Ok((reply, response.data))
+    }
+
+    /// Connects a new channel, retrying with backoff until `deadline`.
+    fn open_channel(self: &Arc<Self>, deadline: Option<Instant>) -> Result<Channel> {
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            match connect(&self.config, self.client_id) {
+                Ok((channel, info)) => {
+                    if self.lost.swap(false, Ordering::AcqRel) {
+                        tracing::info!(server = %self.config.server, "reconnected; resending requests without a reply");
+                    }
+                    let previous = self.server_instance.swap(info.server_instance, Ordering::AcqRel);
+                    if previous != info.server_instance {
+                        self.restore_pins();
+                    }
+                    return Ok(channel);
+                }
+                Err(e @ ClientError::Refused { .. }) => return Err(e),
                 Err(e) => tracing::debug!(error = %e, "reconnect failed"),
+            }
+            if deadline.is_some_and(|d| Instant::now() + backoff > d) {
+                let budget = self.config.retry_budget.unwrap_or_default();
+                return Err(ClientError::TimedOut { server: self.config.server.clone(), budget_ms: budget.as_millis() });
             }
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
         }
     }
 
-    /// Re-sends one `Open` per open of each pinned handle. Runs on a thread of its own: the
-    /// reader thread must keep reading to receive the replies.
+    /// Re-sends one `Open` per open of each pinned handle, from a thread of its own so that
+    /// the caller that noticed the restart is not delayed.
     fn restore_pins(self: &Arc<Self>) {
-        let pins: Vec<(Handle, i64)> = self.pins.lock().expect("pins lock").iter().map(|(h, n)| (h.clone(), *n)).collect();
-        if pins.is_empty() {
+        let requests: Vec<Request> = {
+            let pins = self.pins.lock().expect("pins lock");
+            pins.iter().flat_map(|(handle, n)| (0..*n).map(move |_| Request::Open { handle: handle.clone() })).collect()
+        };
+        if requests.is_empty() {
             return;
         }
-        let requests: Vec<Request> =
-            pins.into_iter().flat_map(|(handle, n)| (0..n).map(move |_| Request::Open { handle: handle.clone() })).collect();
         let this = self.clone();
         std::thread::spawn(move || {
             for request in requests {
@@ -218,21 +184,19 @@ impl Connection {
             }
         });
     }
+}
 
-    fn read_responses(&self, stream: &TcpStream) -> String {
-        let mut reader = BufReader::with_capacity(256 * 1024, stream);
+impl Channel {
+    /// Writes one request and reads frames until its response.
+    fn exchange(&mut self, frame: &[u8], id: u64) -> std::result::Result<Frame, String> {
+        self.writer.write_all(frame).map_err(|e| e.to_string())?;
         loop {
-            let frame = match read_frame(&mut reader) {
-                Ok(frame) => frame,
-                Err(e) => return e,
-            };
-            if frame.header.kind != FrameKind::Response {
-                return format!("unexpected {:?} frame from the server", frame.header.kind);
+            let response = read_frame(&mut self.reader)?;
+            if response.header.kind != FrameKind::Response {
+                return Err(format!("unexpected {:?} frame from the server", response.header.kind));
             }
-            let waiter = self.state.lock().expect("connection lock").pending.remove(&frame.header.request_id);
-            // No waiter: the reply to a call that timed out; nothing to do.
-            if let Some(waiter) = waiter {
-                let _ = waiter.reply.send(frame);
+            if response.header.request_id == id {
+                return Ok(response);
             }
         }
     }
@@ -247,7 +211,7 @@ fn read_frame(reader: &mut impl Read) -> std::result::Result<Frame, String> {
     Frame::from_payload(header, payload).map_err(|e| e.to_string())
 }
 
-fn connect(config: &ClientConfig, client_id: ClientId) -> Result<Link> {
+fn connect(config: &ClientConfig, client_id: ClientId) -> Result<(Channel, ExportInfo)> {
     let unreachable = |reason: String| ClientError::Unreachable { server: config.server.clone(), reason };
     let addr = config
         .server
@@ -262,12 +226,17 @@ fn connect(config: &ClientConfig, client_id: ClientId) -> Result<Link> {
     stream.write_all(&bytes).map_err(|e| unreachable(e.to_string()))?;
     stream.set_read_timeout(Some(CONNECT_TIMEOUT * 2)).map_err(|e| unreachable(e.to_string()))?;
     let frame = read_frame(&mut stream).map_err(|e| unreachable(format!("handshake: {e}")))?;
-    stream.set_read_timeout(None).map_err(|e| unreachable(e.to_string()))?;
+    // A server that is alive but does not answer within the budget counts as lost: the
+    // request is sent again on a new channel.
+    stream.set_read_timeout(config.retry_budget).map_err(|e| unreachable(e.to_string()))?;
     if frame.header.kind != FrameKind::Welcome {
         return Err(ClientError::Protocol(format!("expected welcome, got {:?}", frame.header.kind)));
     }
     match frame.decode::<Welcome>().map_err(|e| ClientError::Protocol(e.to_string()))? {
-        Welcome::Accepted(info) => Ok(Link { stream, info }),
+        Welcome::Accepted(info) => {
+            let writer = stream.try_clone().map_err(|e| unreachable(e.to_string()))?;
+            Ok((Channel { reader: BufReader::with_capacity(64 * 1024, stream), writer }, info))
+        }
         Welcome::Refused { reason } => Err(ClientError::Refused { server: config.server.clone(), reason }),
     }
 }
