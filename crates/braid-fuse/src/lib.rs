@@ -15,7 +15,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use braid_client::inodes::InodeTable;
@@ -47,7 +47,7 @@ pub struct MountOptions {
 pub struct BraidFs {
     client: Client,
     inodes: Mutex<InodeTable>,
-    dirs: Mutex<HashMap<u64, DirStream>>,
+    dirs: Mutex<HashMap<u64, Arc<Mutex<DirStream>>>>,
     next_fh: AtomicU64,
     ttl: Duration,
     read_only: bool,
@@ -57,6 +57,8 @@ pub struct BraidFs {
 /// `releasedir`, so the kernel's small readdir calls do not each cost a round trip.
 struct DirStream {
     handle: Handle,
+    /// The cookie the cached entries follow.
+    start: u64,
     entries: Vec<DirEntry>,
     eof: bool,
 }
@@ -151,28 +153,34 @@ impl BraidFs {
     }
 
     /// Serves one readdir call from the stream's cached entries, fetching more as needed.
+    /// Only this stream is locked while the server is asked, so other directories proceed.
     fn fill_dir(&self, fh: u64, offset: u64, mut add: impl FnMut(&DirEntry) -> bool) -> Result<(), Errno> {
-        let mut dirs = self.dirs.lock().expect("dir lock");
-        let stream = dirs.get_mut(&fh).ok_or(Errno::EBADF)?;
-        if offset == 0 && !stream.entries.is_empty() {
-            // rewinddir: start again so that new entries show.
-            stream.entries.clear();
-            stream.eof = false;
-        }
-        let mut at = match offset {
-            0 => 0,
-            cookie => stream.entries.iter().position(|e| e.cookie == cookie).map_or(stream.entries.len(), |i| i + 1),
+        let stream = self.dirs.lock().expect("dir lock").get(&fh).cloned().ok_or(Errno::EBADF)?;
+        let mut stream = stream.lock().expect("dir stream lock");
+        let cached = match offset {
+            0 => None,
+            cookie => stream.entries.iter().position(|e| e.cookie == cookie),
+        };
+        let mut at = match cached {
+            Some(i) => i + 1,
+            None => {
+                // rewinddir, or a seekdir to a position not cached: read afresh from there, so
+                // that new entries show and the position is the server's own.
+                stream.entries.clear();
+                stream.eof = false;
+                stream.start = offset;
+                0
+            }
         };
         loop {
             if at == stream.entries.len() {
                 if stream.eof {
                     return Ok(());
                 }
-                let cookie = stream.entries.last().map_or(offset, |e| e.cookie);
+                let cookie = stream.entries.last().map_or(stream.start, |e| e.cookie);
                 let (more, eof) = self.check(self.client.readdir(&stream.handle, cookie))?;
-                stream.eof = eof;
+                stream.eof = eof || more.is_empty();
                 if more.is_empty() {
-                    stream.eof = true;
                     return Ok(());
                 }
                 stream.entries.extend(more);
@@ -351,7 +359,7 @@ impl Filesystem for BraidFs {
         match self.handle(ino) {
             Ok(handle) => {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-                self.dirs.lock().expect("dir lock").insert(fh, DirStream { handle, entries: Vec::new(), eof: false });
+                self.dirs.lock().expect("dir lock").insert(fh, Arc::new(Mutex::new(DirStream { handle, start: 0, entries: Vec::new(), eof: false })));
                 reply.opened(FileHandle(fh), FopenFlags::empty());
             }
             Err(e) => reply.error(e),

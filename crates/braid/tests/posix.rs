@@ -497,12 +497,9 @@ fn readdir_of_3000_entries_returns_each_once() {
     }
 }
 
-// Bug (braid-fuse `fill_dir`): an offset that is not among the entries the directory stream
-// has cached so far is treated as "continue after the last cached entry" instead of being
-// fetched from the server, so a seekdir forward past the cached window lands on the wrong
-// entry (here: entry 2341 instead of entry 3000).
+// Regression: an offset that is not among the entries the directory stream has cached must be
+// fetched from the server at that offset, not treated as "continue after the cache".
 #[test]
-#[ignore = "bug: braid-fuse fill_dir ignores a readdir offset outside the cached window"]
 fn seekdir_within_one_stream_resumes_at_the_offset() {
     // Goal: seekdir on an open directory stream goes to the given offset, wherever the
     // stream's earlier reads were.
