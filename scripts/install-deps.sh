@@ -11,7 +11,7 @@ die() { echo "install-deps: ERROR: $*" >&2; exit 1; }
 say() { echo "install-deps: $*"; }
 [ "$(id -u)" = 0 ] || die "must run as root (apt-get, and the suites need root anyway)"
 
-APT_PKGS=(fuse3 libfuse3-dev pkg-config bindfs fio postmark attr python3 util-linux passwd procps build-essential)
+APT_PKGS=(fuse3 libfuse3-dev pkg-config bindfs fio postmark attr python3 util-linux passwd procps build-essential curl ca-certificates)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -32,7 +32,12 @@ fi
 # cargo-installed suites: ~/.cargo/bin is the cache between CI runs, so only build when absent.
 CARGO_BIN=${CARGO_HOME:-$HOME/.cargo}/bin
 export PATH="$CARGO_BIN:$PATH"
-command -v cargo >/dev/null || die "cargo not found (install rustup/cargo first)"
+if ! command -v cargo >/dev/null; then
+  # Debian 12's own cargo is too old for braid's dependencies: use rustup's stable toolchain.
+  say "installing the Rust toolchain with rustup"
+  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal >/dev/null \
+    || die "rustup install failed (no network?); install a Rust toolchain >= 1.85 and re-run"
+fi
 for crate in pjdfstest fsx; do
   if [ -x "$CARGO_BIN/$crate" ]; then continue; fi
   say "cargo install --locked $crate (a few minutes)"

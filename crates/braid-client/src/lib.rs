@@ -121,8 +121,8 @@ impl Client {
         }
     }
 
-    pub fn readdir(&self, handle: &Handle, cookie: u64) -> Result<(Vec<DirEntry>, bool)> {
-        match self.call(Request::ReadDir { handle: handle.clone(), cookie })? {
+    pub fn readdir(&self, handle: &Handle, cookie: u64, plus: bool) -> Result<(Vec<DirEntry>, bool)> {
+        match self.call(Request::ReadDir { handle: handle.clone(), cookie, plus })? {
             Reply::ReadDir { entries, eof } => Ok((entries, eof)),
             other => unexpected(other),
         }

@@ -23,7 +23,7 @@ use braid_client::{Client, ClientError};
 use braid_proto::{Attr, AttrChanges, Command, CommandOk, Credentials, DirEntry, Entry, ExportInfo, Handle, TimeSet, Timestamp, Whence};
 use fuser::{
     AccessFlags, Config, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
     ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session, SessionACL, TimeOrNow,
     WriteFlags,
 };
@@ -59,6 +59,8 @@ struct DirStream {
     handle: Handle,
     /// The cookie the cached entries follow.
     start: u64,
+    /// Whether the cached entries carry handles and attributes.
+    plus: bool,
     entries: Vec<DirEntry>,
     eof: bool,
 }
@@ -154,11 +156,13 @@ impl BraidFs {
 
     /// Serves one readdir call from the stream's cached entries, fetching more as needed.
     /// Only this stream is locked while the server is asked, so other directories proceed.
-    fn fill_dir(&self, fh: u64, offset: u64, mut add: impl FnMut(&DirEntry) -> bool) -> Result<(), Errno> {
+    /// `plus`: the entries must carry handles and attributes (readdirplus).
+    fn fill_dir(&self, fh: u64, offset: u64, plus: bool, mut add: impl FnMut(&DirEntry) -> bool) -> Result<(), Errno> {
         let stream = self.dirs.lock().expect("dir lock").get(&fh).cloned().ok_or(Errno::EBADF)?;
         let mut stream = stream.lock().expect("dir stream lock");
         let cached = match offset {
             0 => None,
+            _ if plus && !stream.plus => None,
             cookie => stream.entries.iter().position(|e| e.cookie == cookie),
         };
         let mut at = match cached {
@@ -169,6 +173,7 @@ impl BraidFs {
                 stream.entries.clear();
                 stream.eof = false;
                 stream.start = offset;
+                stream.plus = plus;
                 0
             }
         };
@@ -178,7 +183,7 @@ impl BraidFs {
                     return Ok(());
                 }
                 let cookie = stream.entries.last().map_or(stream.start, |e| e.cookie);
-                let (more, eof) = self.check(self.client.readdir(&stream.handle, cookie))?;
+                let (more, eof) = self.check(self.client.readdir(&stream.handle, cookie, stream.plus))?;
                 stream.eof = eof || more.is_empty();
                 if more.is_empty() {
                     return Ok(());
@@ -197,7 +202,11 @@ impl Filesystem for BraidFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let _ = config.set_max_write(IO_BYTES_MAX);
         let _ = config.set_max_readahead(IO_BYTES_MAX);
-        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS | InitFlags::FUSE_BIG_WRITES | InitFlags::FUSE_ASYNC_READ);
+        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS
+                | InitFlags::FUSE_BIG_WRITES
+                | InitFlags::FUSE_ASYNC_READ
+                | InitFlags::FUSE_DO_READDIRPLUS
+                | InitFlags::FUSE_READDIRPLUS_AUTO);
         Ok(())
     }
 
@@ -359,7 +368,7 @@ impl Filesystem for BraidFs {
         match self.handle(ino) {
             Ok(handle) => {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-                self.dirs.lock().expect("dir lock").insert(fh, Arc::new(Mutex::new(DirStream { handle, start: 0, entries: Vec::new(), eof: false })));
+                self.dirs.lock().expect("dir lock").insert(fh, Arc::new(Mutex::new(DirStream { handle, start: 0, plus: false, entries: Vec::new(), eof: false })));
                 reply.opened(FileHandle(fh), FopenFlags::empty());
             }
             Err(e) => reply.error(e),
@@ -368,7 +377,34 @@ impl Filesystem for BraidFs {
 
     fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let inodes_root = |ino: u64| self.inodes.lock().expect("inode lock").node_id(ino);
-        let result = self.fill_dir(fh.0, offset, |e| reply.add(INodeNo(inodes_root(e.ino)), e.cookie, file_type(e.kind), OsStr::from_bytes(&e.name)));
+        let result = self.fill_dir(fh.0, offset, false, |e| reply.add(INodeNo(inodes_root(e.ino)), e.cookie, file_type(e.kind), OsStr::from_bytes(&e.name)));
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let result = self.fill_dir(fh.0, offset, true, |e| {
+            let name = OsStr::from_bytes(&e.name);
+            match &e.entry {
+                Some(entry) => {
+                    let node = self.inodes.lock().expect("inode lock").node_id(entry.attr.ino);
+                    let full = reply.add(INodeNo(node), e.cookie, name, &self.ttl, &file_attr(node, &entry.attr), Generation(0));
+                    // The kernel takes a lookup reference on every entry it was given.
+                    if !full {
+                        self.inodes.lock().expect("inode lock").remember(entry.attr.ino, &entry.handle);
+                    }
+                    full
+                }
+                // `.` and `..`: the kernel links neither, so placeholder attributes do.
+                None => {
+                    let node = self.inodes.lock().expect("inode lock").node_id(e.ino);
+                    let attr = Attr { ino: e.ino, mode: e.kind, ..Attr::default() };
+                    reply.add(INodeNo(node), e.cookie, name, &Duration::ZERO, &file_attr(node, &attr), Generation(0))
+                }
+            }
+        });
         match result {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),

@@ -114,7 +114,7 @@ mod tests {
         vec![
             Request::Lookup { parent: handle(1), name: b"a.txt".to_vec() },
             Request::Read { handle: handle(2), offset: 1 << 33, len: 4096 },
-            Request::ReadDir { handle: handle(3), cookie: 77 },
+            Request::ReadDir { handle: handle(3), cookie: 77, plus: true },
             Request::Commit,
             Request::Txn(Txn {
                 seq: TxnSeq(9),

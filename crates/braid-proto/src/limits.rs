@@ -36,6 +36,10 @@ pub const TXN_COMMANDS_MAX: usize = 1024;
 /// connection at this bound (backpressure), the client waits for a permit.
 pub const REQUESTS_IN_FLIGHT_MAX: usize = 256;
 
+/// Most connections a server holds at once; more are closed as they arrive. Each costs a
+/// task, a 64 KiB write buffer and at most one frame in memory.
+pub const CONNECTIONS_MAX: usize = 4096;
+
 /// Most directory entries returned by one readdir request.
 pub const READDIR_ENTRIES_MAX: usize = 1024;
 

@@ -115,6 +115,8 @@ pub struct DirEntry {
     pub kind: u32,
     /// Opaque cookie: pass it back to continue after this entry.
     pub cookie: u64,
+    /// Handle and attributes, when asked for (`ReadDir { plus: true }`), except for `.` and `..`.
+    pub entry: Option<Entry>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -142,7 +144,8 @@ pub enum Request {
     GetAttr { handle: Handle },
     ReadLink { handle: Handle },
     Read { handle: Handle, offset: u64, len: u32 },
-    ReadDir { handle: Handle, cookie: u64 },
+    /// `plus`: also return each entry's handle and attributes, saving a lookup per entry.
+    ReadDir { handle: Handle, cookie: u64, plus: bool },
     StatFs,
     GetXattr { handle: Handle, name: Vec<u8> },
     ListXattr { handle: Handle },

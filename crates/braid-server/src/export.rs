@@ -113,7 +113,7 @@ impl Export {
     }
 
     /// Entries after `cookie` (0: from the start), up to a batch; `true` at the end.
-    pub fn readdir(&self, handle: &Handle, cookie: u64) -> OpResult<(Vec<DirEntry>, bool)> {
+    pub fn readdir(&self, handle: &Handle, cookie: u64, plus: bool) -> OpResult<(Vec<DirEntry>, bool)> {
         let dir = self.dir_fd(handle)?;
         // A private descriptor: the position is per open file, and the cached one is shared.
         let own = rustix::fs::openat(dir.as_fd(), c".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
@@ -126,12 +126,18 @@ impl Export {
             if batch.is_empty() {
                 return Ok((entries, true));
             }
-            entries.extend(batch.into_iter().map(|e| DirEntry {
-                name: e.name,
-                ino: e.ino,
-                kind: dtype_to_mode(e.d_type),
-                cookie: e.next_cookie,
-            }));
+            for e in batch {
+                let dot = e.name == b"." || e.name == b"..";
+                let entry = match (plus && !dot, CString::new(e.name.clone())) {
+                    (true, Ok(name)) => match self.entry_at(dir.as_fd(), &name) {
+                        Ok(entry) => Some(entry),
+                        // Removed since getdents saw it: leave it out, as a later readdir would.
+                        Err(_) => continue,
+                    },
+                    _ => None,
+                };
+                entries.push(DirEntry { name: e.name, ino: e.ino, kind: dtype_to_mode(e.d_type), cookie: e.next_cookie, entry });
+            }
         }
         Ok((entries, false))
     }

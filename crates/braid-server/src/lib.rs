@@ -97,9 +97,18 @@ impl Server {
 
     /// Accepts connections until the listener fails.
     pub async fn serve(&self, listener: TcpListener) -> io::Result<()> {
+        let slots = Arc::new(tokio::sync::Semaphore::new(braid_proto::limits::CONNECTIONS_MAX));
         loop {
             let (stream, peer) = listener.accept().await?;
-            tokio::spawn(session::serve_connection(self.state.clone(), stream, peer));
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, limit = braid_proto::limits::CONNECTIONS_MAX, "too many connections; closing the new one");
+                continue;
+            };
+            let state = self.state.clone();
+            tokio::spawn(async move {
+                session::serve_connection(state, stream, peer).await;
+                drop(slot);
+            });
         }
     }
 }

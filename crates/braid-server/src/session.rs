@@ -38,7 +38,7 @@ pub enum SessionError {
 pub async fn serve_connection(state: Arc<ServerState>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let (mut reader, writer) = stream.into_split();
-    let mut writer = BufWriter::with_capacity(256 * 1024, writer);
+    let mut writer = BufWriter::with_capacity(64 * 1024, writer);
     let hello = match handshake(&state, &mut reader, &mut writer).await {
         Ok(hello) => hello,
         Err(e) => {
@@ -189,7 +189,9 @@ fn handle_blocking(state: &ServerState, client: braid_proto::ClientId, request: 
                 Err(e) => (Err(WireError::Errno(e)), Vec::new()),
             }
         }
-        Request::ReadDir { handle, cookie } => plain(export.readdir(&handle, cookie).map(|(entries, eof)| Reply::ReadDir { entries, eof })),
+        Request::ReadDir { handle, cookie, plus } => {
+            plain(export.readdir(&handle, cookie, plus).map(|(entries, eof)| Reply::ReadDir { entries, eof }))
+        }
         Request::StatFs => plain(export.statfs().map(Reply::StatFs)),
         Request::GetXattr { handle, name } => plain(export.getxattr(&handle, &name).map(Reply::Xattr)),
         Request::ListXattr { handle } => plain(export.listxattr(&handle).map(Reply::XattrList)),

@@ -15,6 +15,9 @@ struct Cli {
     /// Log filter, as RUST_LOG (e.g. "info", "braid_server=debug").
     #[arg(long, global = true, default_value = "info", env = "BRAID_LOG")]
     log: String,
+    /// Write logs to this file instead of standard error (a daemonized mount has no terminal).
+    #[arg(long, global = true, value_name = "FILE")]
+    log_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Commands,
 }
@@ -68,9 +71,6 @@ struct MountArgs {
     /// Kernel request threads.
     #[arg(long, default_value_t = 8)]
     threads: usize,
-    /// Write logs to this file (a daemonized mount has no terminal).
-    #[arg(long, value_name = "FILE")]
-    log_file: Option<PathBuf>,
     /// Internal: set by the parent of a daemonized mount; print "ready" when mounted.
     #[arg(long, hide = true)]
     notify_ready: bool,
@@ -78,17 +78,13 @@ struct MountArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let log_file = match &cli.command {
-        Commands::Mount(args) => args.log_file.clone(),
-        _ => None,
-    };
-    if let Err(e) = init_logging(&cli.log, log_file.as_deref()) {
+    if let Err(e) = init_logging(&cli.log, cli.log_file.as_deref()) {
         eprintln!("braid: {e:#}");
         return ExitCode::from(2);
     }
     let result = match cli.command {
         Commands::Serve(args) => serve(args),
-        Commands::Mount(args) if args.foreground || args.notify_ready => mount(args),
+        Commands::Mount(args) if args.foreground || args.notify_ready => mount(args, cli.log_file.is_some()),
         Commands::Mount(args) => daemonize_mount(&args),
         Commands::Umount { mountpoint } => umount(&mountpoint),
     };
@@ -145,7 +141,7 @@ fn default_state_dir(data: &Path) -> PathBuf {
     data.with_file_name(format!("{name}.braid-state"))
 }
 
-fn mount(args: MountArgs) -> Result<()> {
+fn mount(args: MountArgs, logs_to_file: bool) -> Result<()> {
     if !args.mountpoint.is_dir() {
         bail!("mount point {}: not a directory", args.mountpoint.display());
     }
@@ -169,6 +165,7 @@ fn mount(args: MountArgs) -> Result<()> {
         // The parent waits for this line, then exits; our stdout is its pipe.
         println!("ready");
         std::io::stdout().flush()?;
+        detach_from_terminal(logs_to_file)?;
     }
     session.run().context("FUSE session failed")?;
     tracing::info!(mountpoint = %args.mountpoint.display(), "unmounted");
@@ -196,6 +193,18 @@ fn daemonize_mount(_args: &MountArgs) -> Result<()> {
 }
 
 use std::os::unix::process::CommandExt;
+
+/// After "ready" the parent has exited: stdout is a closed pipe and stderr a terminal that may
+/// go away. Point both at /dev/null (stderr only if logs do not go to a file already).
+fn detach_from_terminal(logs_to_file: bool) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let null = std::fs::OpenOptions::new().write(true).open("/dev/null").context("cannot open /dev/null")?;
+    nix::unistd::dup2(null.as_raw_fd(), 1).context("cannot redirect stdout")?;
+    if !logs_to_file {
+        nix::unistd::dup2(null.as_raw_fd(), 2).context("cannot redirect stderr")?;
+    }
+    Ok(())
+}
 
 fn umount(mountpoint: &Path) -> Result<()> {
     let status = Process::new("fusermount3")

@@ -162,8 +162,8 @@ fn absurd_but_well_formed_requests_get_errors_not_crashes() {
         Request::Read { handle: target.clone(), offset: 1 << 63, len: 1 << 20 },
         Request::Lseek { handle: target.clone(), offset: u64::MAX, whence: Whence::Data },
         Request::Lseek { handle: target.clone(), offset: 1 << 63, whence: Whence::Hole },
-        Request::ReadDir { handle: root.clone(), cookie: u64::MAX },
-        Request::ReadDir { handle: target.clone(), cookie: 0 },
+        Request::ReadDir { handle: root.clone(), cookie: u64::MAX, plus: true },
+        Request::ReadDir { handle: target.clone(), cookie: 0, plus: false },
         Request::GetXattr { handle: target.clone(), name: vec![b'u'; 70_000] },
         Request::GetXattr { handle: target.clone(), name: Vec::new() },
         Request::ReadLink { handle: target.clone() },
@@ -387,4 +387,42 @@ impl Drop for Worker {
             let _ = thread.join();
         }
     }
+}
+
+#[test]
+fn pipelined_requests_are_answered_out_of_order_by_request_id() {
+    // Goal: a connection may carry many requests at once and each response names its request.
+    // Method: on one raw session, make some data dirty, then send a Commit (waits for a disk
+    // flush) followed at once by GetAttr requests; the quick answers must not wait for the slow
+    // one, and every request id must be answered exactly once.
+    use braid_proto::{Command, Reply, Response};
+    let fixture = Fixture::serving_with(|_| {});
+    let mut session = common::RawSession::open(fixture.addr());
+    let root = session.root();
+    let file = match session.apply(Command::Create { parent: root.clone(), name: b"dirty".to_vec(), mode: 0o100644, rdev: 0, exclusive: true, pin: false }, &[]) {
+        Ok(braid_proto::CommandOk::Entry(entry)) => entry.handle,
+        other => panic!("create failed: {other:?}"),
+    };
+    let chunk = vec![7u8; 1 << 20];
+    for i in 0..8u64 {
+        session.apply(Command::Write { handle: file.clone(), offset: i << 20, len: chunk.len() as u32 }, &chunk).expect("write");
+    }
+    let mut burst = encode_frame(FrameKind::Request, 1000, &Request::Commit, &[]).expect("encode");
+    for id in 1001..1004 {
+        burst.extend(encode_frame(FrameKind::Request, id, &Request::GetAttr { handle: root.clone() }, &[]).expect("encode"));
+    }
+    session.stream.write_all(&burst).expect("send burst");
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        let frame = common::read_frame(&mut session.stream).expect("response");
+        let response: Response = frame.decode().expect("decodes");
+        match (frame.header.request_id, response.result) {
+            (1000, Ok(Reply::Committed(_))) | (1001..=1003, Ok(Reply::Attr(_))) => order.push(frame.header.request_id),
+            (id, other) => panic!("request {id}: unexpected {other:?}"),
+        }
+    }
+    let mut sorted = order.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, vec![1000, 1001, 1002, 1003], "each request answered once");
+    assert_ne!(order[0], 1000, "the quick requests waited behind the commit: {order:?}");
 }

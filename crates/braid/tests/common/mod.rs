@@ -415,7 +415,7 @@ pub fn wire_errno(code: i32) -> WireError {
     WireError::Errno(Errno(code))
 }
 
-fn read_frame(stream: &mut TcpStream) -> io::Result<Frame> {
+pub fn read_frame(stream: &mut TcpStream) -> io::Result<Frame> {
     let mut head = [0u8; HEADER_BYTES];
     stream.read_exact(&mut head)?;
     let header = FrameHeader::decode(&head).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;

@@ -1,0 +1,68 @@
+//! The command line: help is complete, bad arguments and unreachable servers give a clear error
+//! and a failing exit status, and the default (daemonizing) mount comes up and unmounts cleanly.
+mod common;
+
+use std::process::Command;
+
+use common::{braid_exe, is_mount_point, wait_until, Fixture, START_DEADLINE};
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(braid_exe()).args(args).output().expect("run braid");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn every_subcommand_has_help() {
+    // Goal: `--help` documents each subcommand and its options. Method: look for each flag.
+    let (ok, top) = run(&["--help"]);
+    assert!(ok, "{top}");
+    for word in ["serve", "mount", "umount"] {
+        assert!(top.contains(word), "top-level help lacks {word}: {top}");
+    }
+    let expected: &[(&str, &[&str])] = &[
+        ("serve", &["--data", "--listen", "--state", "--read-only"]),
+        ("mount", &["--foreground", "--timeout", "--attr-ttl", "--log-file"]),
+        ("umount", &["MOUNTPOINT"]),
+    ];
+    for (sub, flags) in expected {
+        let (ok, help) = run(&[sub, "--help"]);
+        assert!(ok, "{sub} --help failed: {help}");
+        for flag in *flags {
+            assert!(help.contains(flag), "`braid {sub} --help` lacks {flag}: {help}");
+        }
+    }
+}
+
+#[test]
+fn bad_arguments_fail_with_a_clear_message() {
+    // Goal: each mistake names what is wrong. Method: run bad command lines, check status and text.
+    let cases: &[(&[&str], &str)] = &[
+        (&["serve", "--data", "/nonexistent/braid-test", "--listen", "127.0.0.1:0"], "not a directory"),
+        (&["serve", "--data", "/tmp", "--listen", "not-an-address"], "invalid"),
+        (&["mount", "127.0.0.1:1", "/tmp", "--foreground"], "cannot reach 127.0.0.1:1"),
+        (&["mount", "127.0.0.1:1", "/nonexistent/braid-mnt"], "not a directory"),
+        (&["frobnicate"], "unrecognized subcommand"),
+    ];
+    for (args, needle) in cases {
+        let (ok, text) = run(args);
+        assert!(!ok, "braid {args:?} succeeded: {text}");
+        assert!(text.contains(needle), "braid {args:?}: expected {needle:?} in {text:?}");
+    }
+}
+
+#[test]
+fn default_mount_daemonizes_and_umount_unmounts() {
+    // Goal: `braid mount` without --foreground returns once the mount is usable and keeps
+    // serving it; `braid umount` ends it. Method: mount, use it, unmount, check the mount is gone.
+    let fixture = Fixture::serving_with(|export| std::fs::write(export.join("hello"), b"hi").expect("seed file"));
+    let addr = fixture.addr().to_string();
+    let mnt = fixture.mnt.to_str().expect("utf-8 path");
+    let (ok, text) = run(&["mount", &addr, mnt, "--timeout", "30"]);
+    assert!(ok, "daemonized mount failed: {text}");
+    assert!(is_mount_point(&fixture.mnt), "mount returned before the mount was up");
+    assert_eq!(std::fs::read(fixture.mnt.join("hello")).expect("read through the mount"), b"hi");
+    let (ok, text) = run(&["umount", mnt]);
+    assert!(ok, "umount failed: {text}");
+    wait_until("unmounted", START_DEADLINE, || !is_mount_point(&fixture.mnt));
+}
