@@ -20,8 +20,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use braid_proto::{
-    encode_frame, ClientId, ExportInfo, Frame, FrameHeader, FrameKind, Handle, Hello, Lsn, Reply, Request, Response, Welcome,
-    HEADER_BYTES, PROTOCOL_VERSIONS,
+    encode_frame, ClientId, ExportInfo, Frame, FrameHeader, FrameKind, Handle, Hello, Lsn, Reply, Request, Response, Welcome, HEADER_BYTES,
+    PROTOCOL_VERSIONS,
 };
 
 use crate::{wire_error, ClientConfig, ClientError, Result};

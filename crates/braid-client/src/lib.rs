@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use braid_proto::{
-    Attr, ClientId, Command, CommandOk, Credentials, DirEntry, Entry, Errno, ExportInfo, Handle, Lsn, Reply, Request, StatFs, Txn,
-    TxnSeq, Whence, WireError,
+    Attr, ClientId, Command, CommandOk, Credentials, DirEntry, Entry, Errno, ExportInfo, Handle, Lsn, Reply, Request, StatFs, Txn, TxnSeq,
+    Whence, WireError,
 };
 
 pub use connection::Connection;

@@ -22,8 +22,8 @@ use braid_client::inodes::InodeTable;
 use braid_client::{Client, ClientError};
 use braid_proto::{Attr, AttrChanges, Command, CommandOk, Credentials, DirEntry, Entry, ExportInfo, Handle, TimeSet, Timestamp, Whence};
 use fuser::{
-    AccessFlags, Config, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    AccessFlags, Config, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
     ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session, SessionACL, TimeOrNow,
     WriteFlags,
 };
@@ -69,11 +69,8 @@ struct DirStream {
 /// handshake: the mount is then usable. Run the session to serve it.
 pub fn mount(fs: BraidFs, mountpoint: &Path, options: &MountOptions) -> io::Result<Session<BraidFs>> {
     let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::FSName(options.fs_name.clone()),
-        MountOption::Subtype("braid".into()),
-        MountOption::DefaultPermissions,
-    ];
+    config.mount_options =
+        vec![MountOption::FSName(options.fs_name.clone()), MountOption::Subtype("braid".into()), MountOption::DefaultPermissions];
     if fs.read_only {
         config.mount_options.push(MountOption::RO);
     }
@@ -202,11 +199,13 @@ impl Filesystem for BraidFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let _ = config.set_max_write(IO_BYTES_MAX);
         let _ = config.set_max_readahead(IO_BYTES_MAX);
-        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS
+        let _ = config.add_capabilities(
+            InitFlags::FUSE_PARALLEL_DIROPS
                 | InitFlags::FUSE_BIG_WRITES
                 | InitFlags::FUSE_ASYNC_READ
                 | InitFlags::FUSE_DO_READDIRPLUS
-                | InitFlags::FUSE_READDIRPLUS_AUTO);
+                | InitFlags::FUSE_READDIRPLUS_AUTO,
+        );
         Ok(())
     }
 
@@ -296,7 +295,16 @@ impl Filesystem for BraidFs {
         self.reply_entry(reply, entry);
     }
 
-    fn rename(&self, req: &Request, parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr, flags: RenameFlags, reply: ReplyEmpty) {
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
         let result = self.child(parent, name).and_then(|(parent, name)| {
             let (new_parent, new_name) = self.child(newparent, newname)?;
             self.apply_done(req, Command::Rename { parent, name, new_parent, new_name, flags: flags.bits() })
@@ -319,7 +327,17 @@ impl Filesystem for BraidFs {
         }
     }
 
-    fn read(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
         match self.handle(ino).and_then(|h| self.check(self.client.read(&h, offset, size.min(IO_BYTES_MAX)))) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(e),
@@ -354,7 +372,16 @@ impl Filesystem for BraidFs {
         reply.ok();
     }
 
-    fn release(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
         let result = self.handle(ino).and_then(|h| self.check(self.client.release(&h)));
         self.reply_empty(reply, result);
     }
@@ -368,7 +395,10 @@ impl Filesystem for BraidFs {
         match self.handle(ino) {
             Ok(handle) => {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-                self.dirs.lock().expect("dir lock").insert(fh, Arc::new(Mutex::new(DirStream { handle, start: 0, plus: false, entries: Vec::new(), eof: false })));
+                self.dirs
+                    .lock()
+                    .expect("dir lock")
+                    .insert(fh, Arc::new(Mutex::new(DirStream { handle, start: 0, plus: false, entries: Vec::new(), eof: false })));
                 reply.opened(FileHandle(fh), FopenFlags::empty());
             }
             Err(e) => reply.error(e),
@@ -377,7 +407,9 @@ impl Filesystem for BraidFs {
 
     fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let inodes_root = |ino: u64| self.inodes.lock().expect("inode lock").node_id(ino);
-        let result = self.fill_dir(fh.0, offset, false, |e| reply.add(INodeNo(inodes_root(e.ino)), e.cookie, file_type(e.kind), OsStr::from_bytes(&e.name)));
+        let result = self.fill_dir(fh.0, offset, false, |e| {
+            reply.add(INodeNo(inodes_root(e.ino)), e.cookie, file_type(e.kind), OsStr::from_bytes(&e.name))
+        });
         match result {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
@@ -423,7 +455,9 @@ impl Filesystem for BraidFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         match self.check(self.client.statfs()) {
-            Ok(s) => reply.statfs(s.blocks, s.blocks_free, s.blocks_available, s.files, s.files_free, s.block_size, s.name_max, s.fragment_size),
+            Ok(s) => {
+                reply.statfs(s.blocks, s.blocks_free, s.blocks_available, s.files, s.files_free, s.block_size, s.name_max, s.fragment_size)
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -447,7 +481,8 @@ impl Filesystem for BraidFs {
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let result = self.handle(ino).and_then(|handle| self.apply_done(req, Command::RemoveXattr { handle, name: name.as_bytes().to_vec() }));
+        let result =
+            self.handle(ino).and_then(|handle| self.apply_done(req, Command::RemoveXattr { handle, name: name.as_bytes().to_vec() }));
         self.reply_empty(reply, result);
     }
 
@@ -598,7 +633,12 @@ mod tests {
 
     #[test]
     fn timestamps_round_trip_before_and_after_the_epoch() {
-        for t in [Timestamp { secs: 0, nanos: 0 }, Timestamp { secs: 1_900_000_000, nanos: 5 }, Timestamp { secs: -1, nanos: 999_999_999 }, Timestamp { secs: -100, nanos: 0 }] {
+        for t in [
+            Timestamp { secs: 0, nanos: 0 },
+            Timestamp { secs: 1_900_000_000, nanos: 5 },
+            Timestamp { secs: -1, nanos: 999_999_999 },
+            Timestamp { secs: -100, nanos: 0 },
+        ] {
             assert_eq!(timestamp(system_time(t)), t);
         }
     }

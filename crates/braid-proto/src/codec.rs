@@ -48,12 +48,7 @@ impl Frame {
 
 /// Encodes a frame: header, postcard message, raw data. Fails only on a caller bug or on a
 /// message or data over its limit.
-pub fn encode_frame<T: Serialize>(
-    kind: FrameKind,
-    request_id: u64,
-    message: &T,
-    data: &[u8],
-) -> Result<Vec<u8>, CodecError> {
+pub fn encode_frame<T: Serialize>(kind: FrameKind, request_id: u64, message: &T, data: &[u8]) -> Result<Vec<u8>, CodecError> {
     if data.len() > DATA_BYTES_MAX {
         return Err(CodecError::DataTooLong(data.len()));
     }
@@ -123,17 +118,8 @@ mod tests {
                 commands: vec![
                     Command::Create { parent: handle(1), name: b"m".to_vec(), mode: 0o100644, rdev: 0, exclusive: true, pin: false },
                     Command::Write { handle: handle(4), offset: 0, len: 3 },
-                    Command::Rename {
-                        parent: handle(1),
-                        name: b"m".to_vec(),
-                        new_parent: handle(5),
-                        new_name: b"n".to_vec(),
-                        flags: 0,
-                    },
-                    Command::SetAttr {
-                        handle: handle(4),
-                        changes: AttrChanges { mtime: Some(TimeSet::Now), ..Default::default() },
-                    },
+                    Command::Rename { parent: handle(1), name: b"m".to_vec(), new_parent: handle(5), new_name: b"n".to_vec(), flags: 0 },
+                    Command::SetAttr { handle: handle(4), changes: AttrChanges { mtime: Some(TimeSet::Now), ..Default::default() } },
                 ],
             }),
         ]
@@ -182,10 +168,7 @@ mod tests {
         message.push(0);
         assert!(matches!(decode_message::<Request>(&message), Err(CodecError::Message(_))));
         let big = vec![0u8; DATA_BYTES_MAX + 1];
-        assert_eq!(
-            encode_frame(FrameKind::Request, 1, &Request::Commit, &big),
-            Err(CodecError::DataTooLong(DATA_BYTES_MAX + 1))
-        );
+        assert_eq!(encode_frame(FrameKind::Request, 1, &Request::Commit, &big), Err(CodecError::DataTooLong(DATA_BYTES_MAX + 1)));
     }
 
     proptest! {

@@ -48,7 +48,9 @@ pub struct Hello {
 pub enum Welcome {
     Accepted(ExportInfo),
     /// The server refuses the client; the reason is for humans.
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
 }
 
 /// What the server tells a client about the export at mount time.
@@ -140,20 +142,48 @@ pub enum Whence {
 /// Read-only requests and control requests. Mutations are in [`Request::Txn`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
-    Lookup { parent: Handle, name: Vec<u8> },
-    GetAttr { handle: Handle },
-    ReadLink { handle: Handle },
-    Read { handle: Handle, offset: u64, len: u32 },
+    Lookup {
+        parent: Handle,
+        name: Vec<u8>,
+    },
+    GetAttr {
+        handle: Handle,
+    },
+    ReadLink {
+        handle: Handle,
+    },
+    Read {
+        handle: Handle,
+        offset: u64,
+        len: u32,
+    },
     /// `plus`: also return each entry's handle and attributes, saving a lookup per entry.
-    ReadDir { handle: Handle, cookie: u64, plus: bool },
+    ReadDir {
+        handle: Handle,
+        cookie: u64,
+        plus: bool,
+    },
     StatFs,
-    GetXattr { handle: Handle, name: Vec<u8> },
-    ListXattr { handle: Handle },
-    Lseek { handle: Handle, offset: u64, whence: Whence },
+    GetXattr {
+        handle: Handle,
+        name: Vec<u8>,
+    },
+    ListXattr {
+        handle: Handle,
+    },
+    Lseek {
+        handle: Handle,
+        offset: u64,
+        whence: Whence,
+    },
     /// Keeps the object alive on the server while the client has it open, so an open file that
     /// is unlinked stays readable. Released by `Release`.
-    Open { handle: Handle },
-    Release { handle: Handle },
+    Open {
+        handle: Handle,
+    },
+    Release {
+        handle: Handle,
+    },
     Txn(Txn),
     /// Returns once every transaction applied before it is durable on the server.
     Commit,
@@ -173,20 +203,77 @@ pub struct Txn {
 pub enum Command {
     /// Regular file (`rdev` 0, `S_IFREG`), fifo, socket or device node, by the type in `mode`.
     /// `pin` also does what `Request::Open` does, saving a round trip for create-and-open.
-    Create { parent: Handle, name: Vec<u8>, mode: u32, rdev: u64, exclusive: bool, pin: bool },
-    Mkdir { parent: Handle, name: Vec<u8>, mode: u32 },
-    Symlink { parent: Handle, name: Vec<u8>, target: Vec<u8> },
-    Link { handle: Handle, new_parent: Handle, new_name: Vec<u8> },
-    Unlink { parent: Handle, name: Vec<u8> },
-    Rmdir { parent: Handle, name: Vec<u8> },
-    Rename { parent: Handle, name: Vec<u8>, new_parent: Handle, new_name: Vec<u8>, flags: u32 },
-    SetAttr { handle: Handle, changes: AttrChanges },
+    Create {
+        parent: Handle,
+        name: Vec<u8>,
+        mode: u32,
+        rdev: u64,
+        exclusive: bool,
+        pin: bool,
+    },
+    Mkdir {
+        parent: Handle,
+        name: Vec<u8>,
+        mode: u32,
+    },
+    Symlink {
+        parent: Handle,
+        name: Vec<u8>,
+        target: Vec<u8>,
+    },
+    Link {
+        handle: Handle,
+        new_parent: Handle,
+        new_name: Vec<u8>,
+    },
+    Unlink {
+        parent: Handle,
+        name: Vec<u8>,
+    },
+    Rmdir {
+        parent: Handle,
+        name: Vec<u8>,
+    },
+    Rename {
+        parent: Handle,
+        name: Vec<u8>,
+        new_parent: Handle,
+        new_name: Vec<u8>,
+        flags: u32,
+    },
+    SetAttr {
+        handle: Handle,
+        changes: AttrChanges,
+    },
     /// `len` bytes of the frame's data section, following those of earlier writes.
-    Write { handle: Handle, offset: u64, len: u32 },
-    Fallocate { handle: Handle, offset: u64, len: u64, mode: i32 },
-    CopyFileRange { source: Handle, source_offset: u64, target: Handle, target_offset: u64, len: u64 },
-    SetXattr { handle: Handle, name: Vec<u8>, value: Vec<u8>, flags: i32 },
-    RemoveXattr { handle: Handle, name: Vec<u8> },
+    Write {
+        handle: Handle,
+        offset: u64,
+        len: u32,
+    },
+    Fallocate {
+        handle: Handle,
+        offset: u64,
+        len: u64,
+        mode: i32,
+    },
+    CopyFileRange {
+        source: Handle,
+        source_offset: u64,
+        target: Handle,
+        target_offset: u64,
+        len: u64,
+    },
+    SetXattr {
+        handle: Handle,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        flags: i32,
+    },
+    RemoveXattr {
+        handle: Handle,
+        name: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -227,7 +314,10 @@ pub enum Reply {
     ReadLink(Vec<u8>),
     /// The bytes are the frame's data section.
     Read,
-    ReadDir { entries: Vec<DirEntry>, eof: bool },
+    ReadDir {
+        entries: Vec<DirEntry>,
+        eof: bool,
+    },
     StatFs(StatFs),
     Xattr(Vec<u8>),
     XattrList(Vec<u8>),

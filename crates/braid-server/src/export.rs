@@ -216,9 +216,8 @@ impl Export {
                 }
                 Ok(CommandOk::Entry(entry))
             }
-            Command::Mkdir { parent, name, mode } => self.make_entry(parent, name, creds, tolerant, |dir, name| {
-                rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(*mode & 0o7777))
-            }),
+            Command::Mkdir { parent, name, mode } => self
+                .make_entry(parent, name, creds, tolerant, |dir, name| rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(*mode & 0o7777))),
             Command::Symlink { parent, name, target } => {
                 let target = CString::new(target.clone()).map_err(|_| EINVAL)?;
                 self.make_entry(parent, name, creds, tolerant, |dir, name| rustix::fs::symlinkat(target.as_c_str(), dir, name))
@@ -260,7 +259,16 @@ impl Export {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn create(&self, parent: &Handle, name: &[u8], mode: u32, rdev: u64, exclusive: bool, creds: &Credentials, tolerant: bool) -> OpResult<Entry> {
+    fn create(
+        &self,
+        parent: &Handle,
+        name: &[u8],
+        mode: u32,
+        rdev: u64,
+        exclusive: bool,
+        creds: &Credentials,
+        tolerant: bool,
+    ) -> OpResult<Entry> {
         let dir = self.dir_fd(parent)?;
         let name = component(name)?;
         let perm = Mode::from_raw_mode(mode & 0o7777);
@@ -332,7 +340,16 @@ impl Export {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn rename(&self, parent: &Handle, name: &[u8], new_parent: &Handle, new_name: &[u8], flags: u32, creds: &Credentials, tolerant: bool) -> OpResult<CommandOk> {
+    fn rename(
+        &self,
+        parent: &Handle,
+        name: &[u8],
+        new_parent: &Handle,
+        new_name: &[u8],
+        flags: u32,
+        creds: &Credentials,
+        tolerant: bool,
+    ) -> OpResult<CommandOk> {
         let from_dir = self.dir_fd(parent)?;
         let to_dir = self.dir_fd(new_parent)?;
         let from = component(name)?;
@@ -394,7 +411,15 @@ impl Export {
         })
     }
 
-    fn copy_range(&self, source: &Handle, mut source_offset: u64, target: &Handle, mut target_offset: u64, len: u64, creds: &Credentials) -> OpResult<CommandOk> {
+    fn copy_range(
+        &self,
+        source: &Handle,
+        mut source_offset: u64,
+        target: &Handle,
+        mut target_offset: u64,
+        len: u64,
+        creds: &Credentials,
+    ) -> OpResult<CommandOk> {
         let from = self.fd(source)?;
         let to = self.fd(target)?;
         as_caller(creds, || {
@@ -565,14 +590,14 @@ fn stat_fd(fd: BorrowedFd<'_>) -> OpResult<Attr> {
 }
 
 fn attr_from_stat(s: &rustix::fs::Stat) -> Attr {
-    let ts = |secs: i64, nanos: i64| Timestamp { secs, nanos: nanos as u32 };
+    let ts = |secs: i64, nanos: u64| Timestamp { secs, nanos: nanos as u32 };
     Attr {
         ino: s.st_ino,
         size: s.st_size as u64,
         blocks: s.st_blocks as u64,
-        atime: ts(s.st_atime as i64, s.st_atime_nsec as i64),
-        mtime: ts(s.st_mtime as i64, s.st_mtime_nsec as i64),
-        ctime: ts(s.st_ctime as i64, s.st_ctime_nsec as i64),
+        atime: ts(s.st_atime, s.st_atime_nsec),
+        mtime: ts(s.st_mtime, s.st_mtime_nsec),
+        ctime: ts(s.st_ctime, s.st_ctime_nsec),
         mode: s.st_mode,
         nlink: s.st_nlink as u32,
         uid: s.st_uid,

@@ -81,10 +81,7 @@ impl Server {
         let committer = Committer::new(applied, wal.segment());
         let targets = flush_targets(&export, &state_dir, wal_dir).map_err(state_err)?;
         let thread_committer = committer.clone();
-        std::thread::Builder::new()
-            .name("braid-commit".into())
-            .spawn(move || thread_committer.run(targets))
-            .map_err(state_err)?;
+        std::thread::Builder::new().name("braid-commit".into()).spawn(move || thread_committer.run(targets)).map_err(state_err)?;
         let state = ServerState {
             export,
             applier: Mutex::new(Applier::new(wal, recovered.cache, recovered.next_lsn)),
@@ -131,7 +128,9 @@ fn load_or_create_key(path: &Path) -> io::Result<[u8; 32]> {
             key.copy_from_slice(&bytes);
             Ok(key)
         }
-        Ok(bytes) => Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} holds {} bytes, expected 32", path.display(), bytes.len()))),
+        Ok(bytes) => {
+            Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} holds {} bytes, expected 32", path.display(), bytes.len())))
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let key: [u8; 32] = rand::random();
             let tmp = path.with_extension("tmp");

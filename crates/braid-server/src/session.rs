@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use braid_proto::limits::{HANDSHAKE_TIMEOUT_MS, REQUESTS_IN_FLIGHT_MAX};
 use braid_proto::{
-    encode_frame, ExportInfo, Frame, FrameHeader, FrameKind, Hello, Reply, Request, Response, WireError, Welcome,
-    HEADER_BYTES, PROTOCOL_VERSIONS,
+    encode_frame, ExportInfo, Frame, FrameHeader, FrameKind, Hello, Reply, Request, Response, Welcome, WireError, HEADER_BYTES,
+    PROTOCOL_VERSIONS,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -66,12 +66,9 @@ async fn handshake(state: &ServerState, reader: &mut OwnedReadHalf, writer: &mut
     }
     let hello: Hello = frame.decode()?;
     let welcome = match (PROTOCOL_VERSIONS.iter().find(|v| hello.versions.contains(v)), state.export.root_entry()) {
-        (Some(&version), Ok(root)) => Welcome::Accepted(ExportInfo {
-            version,
-            root,
-            read_only: state.read_only,
-            server_instance: state.instance,
-        }),
+        (Some(&version), Ok(root)) => {
+            Welcome::Accepted(ExportInfo { version, root, read_only: state.read_only, server_instance: state.instance })
+        }
         (None, _) => Welcome::Refused {
             reason: format!("no common protocol version: client speaks {:?}, server speaks {:?}", hello.versions, PROTOCOL_VERSIONS),
         },
@@ -96,7 +93,12 @@ pub async fn read_frame(reader: &mut OwnedReadHalf) -> Result<Frame, SessionErro
     Ok(Frame::from_payload(header, payload)?)
 }
 
-async fn read_requests(state: &Arc<ServerState>, reader: &mut OwnedReadHalf, tx: mpsc::Sender<Vec<u8>>, client: braid_proto::ClientId) -> Result<(), SessionError> {
+async fn read_requests(
+    state: &Arc<ServerState>,
+    reader: &mut OwnedReadHalf,
+    tx: mpsc::Sender<Vec<u8>>,
+    client: braid_proto::ClientId,
+) -> Result<(), SessionError> {
     let permits = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
     loop {
         let frame = match read_frame(reader).await {

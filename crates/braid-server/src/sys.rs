@@ -65,9 +65,8 @@ pub fn open_by_handle(mount: BorrowedFd<'_>, handle: &KernelHandle, flags: i32) 
     let mut raw = RawFileHandle { handle_bytes: handle.bytes.len() as u32, handle_type: handle.handle_type, f_handle: [0; 128] };
     raw.f_handle[..handle.bytes.len()].copy_from_slice(&handle.bytes);
     // SAFETY: `raw` is a valid file_handle whose length fits its buffer.
-    let ret = unsafe {
-        libc::syscall(libc::SYS_open_by_handle_at, mount.as_raw_fd(), &mut raw as *mut RawFileHandle, flags | libc::O_CLOEXEC)
-    };
+    let ret =
+        unsafe { libc::syscall(libc::SYS_open_by_handle_at, mount.as_raw_fd(), &mut raw as *mut RawFileHandle, flags | libc::O_CLOEXEC) };
     let fd = check(ret)?;
     // SAFETY: the kernel returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })

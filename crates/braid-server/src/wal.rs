@@ -39,9 +39,19 @@ pub enum WalRecord<'a> {
         #[serde(borrow)]
         data: &'a [u8],
     },
-    Applied { lsn: u64, client: u64, seq: u64, #[serde(borrow)] reply: &'a [u8] },
+    Applied {
+        lsn: u64,
+        client: u64,
+        seq: u64,
+        #[serde(borrow)]
+        reply: &'a [u8],
+    },
     /// The encoded reply cache and next lsn at the start of a segment.
-    Snapshot { next_lsn: u64, #[serde(borrow)] cache: &'a [u8] },
+    Snapshot {
+        next_lsn: u64,
+        #[serde(borrow)]
+        cache: &'a [u8],
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

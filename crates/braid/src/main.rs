@@ -150,8 +150,8 @@ fn mount(args: MountArgs, logs_to_file: bool) -> Result<()> {
         client_name: format!("{}:{}", hostname(), std::process::id()),
         retry_budget: (args.timeout > 0).then(|| Duration::from_secs(args.timeout)),
     };
-    let (client, info) = braid_client::Client::connect(config)
-        .with_context(|| format!("cannot mount {} on {}", args.server, args.mountpoint.display()))?;
+    let (client, info) =
+        braid_client::Client::connect(config).with_context(|| format!("cannot mount {} on {}", args.server, args.mountpoint.display()))?;
     let options = braid_fuse::MountOptions {
         attr_ttl: Duration::from_secs_f64(args.attr_ttl),
         threads: args.threads,
@@ -207,11 +207,8 @@ fn detach_from_terminal(logs_to_file: bool) -> Result<()> {
 }
 
 fn umount(mountpoint: &Path) -> Result<()> {
-    let status = Process::new("fusermount3")
-        .arg("-u")
-        .arg(mountpoint)
-        .status()
-        .context("cannot run fusermount3 (install the fuse3 package)")?;
+    let status =
+        Process::new("fusermount3").arg("-u").arg(mountpoint).status().context("cannot run fusermount3 (install the fuse3 package)")?;
     if !status.success() {
         bail!("fusermount3 -u {} failed ({status})", mountpoint.display());
     }

@@ -399,7 +399,9 @@ fn pipelined_requests_are_answered_out_of_order_by_request_id() {
     let fixture = Fixture::serving_with(|_| {});
     let mut session = common::RawSession::open(fixture.addr());
     let root = session.root();
-    let file = match session.apply(Command::Create { parent: root.clone(), name: b"dirty".to_vec(), mode: 0o100644, rdev: 0, exclusive: true, pin: false }, &[]) {
+    let file = match session
+        .apply(Command::Create { parent: root.clone(), name: b"dirty".to_vec(), mode: 0o100644, rdev: 0, exclusive: true, pin: false }, &[])
+    {
         Ok(braid_proto::CommandOk::Entry(entry)) => entry.handle,
         other => panic!("create failed: {other:?}"),
     };
