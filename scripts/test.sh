@@ -2,6 +2,7 @@
 # scripts/test.sh: the whole CI run, stage by stage, failing fast with the stage name:
 #   deps      scripts/install-deps.sh (apt packages, pjdfstest, fsx)
 #   build     cargo build --release --workspace
+#   lint      cargo fmt --check, cargo clippy -D warnings
 #   test      cargo test --release --workspace            (unit + integration tests)
 #   pjdfstest tests/conformance/pjdfstest.sh on a fresh braid mount (tests/e2e/with-mount.sh)
 #   fsx       tests/conformance/fsx.sh on a fresh braid mount
@@ -16,7 +17,7 @@ export TEST_OUT=${TEST_OUT:-/tmp/braid-test-$(date +%Y%m%d-%H%M%S)}
 export PJDFS_OUT=$TEST_OUT/pjdfstest FSX_OUT=$TEST_OUT/fsx
 # keep the worst case inside the budget: pjdfstest takes seconds, fsx a few minutes per variant
 export PJDFS_TIMEOUT=${PJDFS_TIMEOUT:-600} FSX_TIMEOUT=${FSX_TIMEOUT:-420}
-STAGES=${STAGES:-deps build test pjdfstest fsx crash}
+STAGES=${STAGES:-deps build lint test pjdfstest fsx crash}
 summary=()
 
 finish() {
@@ -39,6 +40,7 @@ mkdir -p "$TEST_OUT"
 
 stage deps scripts/install-deps.sh
 stage build cargo build --release --workspace
+stage lint bash -c 'cargo fmt --all --check && cargo clippy --release --workspace --all-targets --quiet -- -D warnings'
 stage test cargo test --release --workspace
 stage pjdfstest tests/e2e/with-mount.sh tests/conformance/pjdfstest.sh
 stage fsx tests/e2e/with-mount.sh tests/conformance/fsx.sh
