@@ -13,14 +13,14 @@
 //! id + seq), so a resend never applies a change twice. If the server restarted, the pins of
 //! open files are restored.
 use std::collections::HashMap;
-use std::io::{BufReader, Read, Write};
+use std::io::{BufReader, IoSlice, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use braid_proto::{
-    encode_frame, ClientId, ExportInfo, Frame, FrameHeader, FrameKind, Handle, Hello, Lsn, Reply, Request, Response, Welcome, HEADER_BYTES,
+    encode_frame, encode_parts, ClientId, EncodedFrame, ExportInfo, Frame, FrameHeader, FrameKind, Handle, Hello, Lsn, Reply, Request, Response, Welcome, HEADER_BYTES,
     PROTOCOL_VERSIONS,
 };
 
@@ -110,7 +110,7 @@ impl Connection {
     pub fn call(self: &Arc<Self>, request: &Request, data: &[u8]) -> Result<(Reply, Vec<u8>)> {
         let _gate = self.gate.enter();
         let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
-        let frame = encode_frame(FrameKind::Request, id, request, data).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let frame = encode_parts(FrameKind::Request, id, request, data).map_err(|e| ClientError::Protocol(e.to_string()))?;
         let deadline = self.config.retry_budget.map(|budget| Instant::now() + budget);
         let mut channel = self.idle.lock().expect("idle lock").pop();
         let response = loop {
@@ -118,7 +118,7 @@ impl Connection {
                 Some(channel) => channel,
                 None => self.open_channel(deadline)?,
             };
-            match current.exchange(&frame, id) {
+            match current.exchange(&frame, data, id) {
                 Ok(response) => {
                     self.idle.lock().expect("idle lock").push(current);
                     break response;
@@ -188,8 +188,8 @@ impl Connection {
 
 impl Channel {
     /// Writes one request and reads frames until its response.
-    fn exchange(&mut self, frame: &[u8], id: u64) -> std::result::Result<Frame, String> {
-        self.writer.write_all(frame).map_err(|e| e.to_string())?;
+    fn exchange(&mut self, frame: &EncodedFrame, data: &[u8], id: u64) -> std::result::Result<Frame, String> {
+        write_frame(&mut self.writer, frame, data).map_err(|e| e.to_string())?;
         loop {
             let response = read_frame(&mut self.reader)?;
             if response.header.kind != FrameKind::Response {
@@ -200,6 +200,21 @@ impl Channel {
             }
         }
     }
+}
+
+/// Writes header, data and message with as few system calls as possible and without copying
+/// the data: one vectored write in the common case.
+fn write_frame(writer: &mut TcpStream, frame: &EncodedFrame, data: &[u8]) -> std::io::Result<()> {
+    let mut parts = [IoSlice::new(&frame.header), IoSlice::new(data), IoSlice::new(&frame.message)];
+    let mut parts = &mut parts[..];
+    while !parts.is_empty() {
+        let written = writer.write_vectored(parts)?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut parts, written);
+    }
+    Ok(())
 }
 
 fn read_frame(reader: &mut impl Read) -> std::result::Result<Frame, String> {

@@ -1,4 +1,7 @@
-//! Encoding and decoding of whole frames. Messages are postcard; bulk data is appended raw.
+//! Encoding and decoding of whole frames. After the header comes the raw bulk data, then the
+//! postcard message: data first, so that a receiver keeps the payload buffer as the data (the
+//! message is split off its end) and a sender can write header, data and message with one
+//! vectored write, and 1 MiB of file data is never copied to build or take apart a frame.
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::frame::{FrameHeader, FrameKind, HeaderError, HEADER_BYTES};
@@ -29,7 +32,7 @@ pub struct Frame {
 }
 
 impl Frame {
-    /// Splits a payload read after `header` and verifies its checksum.
+    /// Splits a payload (data || message) read after `header` and verifies its checksum.
     pub fn from_payload(header: FrameHeader, mut payload: Vec<u8>) -> Result<Self, CodecError> {
         if payload.len() != header.payload_bytes() {
             return Err(CodecError::PayloadLength { expected: header.payload_bytes(), got: payload.len() });
@@ -37,8 +40,8 @@ impl Frame {
         if crc32c::crc32c(&payload) != header.payload_crc {
             return Err(CodecError::BadPayloadChecksum { request_id: header.request_id });
         }
-        let data = payload.split_off(header.message_len as usize);
-        Ok(Self { header, message: payload, data })
+        let message = payload.split_off(header.data_len as usize);
+        Ok(Self { header, message, data: payload })
     }
 
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, CodecError> {
@@ -46,27 +49,40 @@ impl Frame {
     }
 }
 
-/// Encodes a frame: header, postcard message, raw data. Fails only on a caller bug or on a
-/// message or data over its limit.
-pub fn encode_frame<T: Serialize>(kind: FrameKind, request_id: u64, message: &T, data: &[u8]) -> Result<Vec<u8>, CodecError> {
+/// A frame ready to send: write `header`, then the caller's data, then `message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedFrame {
+    pub header: [u8; HEADER_BYTES],
+    pub message: Vec<u8>,
+}
+
+/// Encodes the header and message of a frame carrying `data`, without copying `data`. Fails only
+/// on a message or data over its limit.
+pub fn encode_parts<T: Serialize>(kind: FrameKind, request_id: u64, message: &T, data: &[u8]) -> Result<EncodedFrame, CodecError> {
     if data.len() > DATA_BYTES_MAX {
         return Err(CodecError::DataTooLong(data.len()));
     }
-    let mut out = vec![0u8; HEADER_BYTES];
-    postcard::to_io(message, &mut out).map_err(|e| CodecError::Message(e.to_string()))?;
-    let message_len = out.len() - HEADER_BYTES;
-    if message_len > MESSAGE_BYTES_MAX {
-        return Err(CodecError::MessageTooLong(message_len));
+    let message = postcard::to_stdvec(message).map_err(|e| CodecError::Message(e.to_string()))?;
+    if message.len() > MESSAGE_BYTES_MAX {
+        return Err(CodecError::MessageTooLong(message.len()));
     }
-    out.extend_from_slice(data);
     let header = FrameHeader {
         kind,
         request_id,
-        message_len: message_len as u32,
+        message_len: message.len() as u32,
         data_len: data.len() as u32,
-        payload_crc: crc32c::crc32c(&out[HEADER_BYTES..]),
+        payload_crc: crc32c::crc32c_append(crc32c::crc32c(data), &message),
     };
-    out[..HEADER_BYTES].copy_from_slice(&header.encode());
+    Ok(EncodedFrame { header: header.encode(), message })
+}
+
+/// Encodes a whole frame into one buffer: header, data, message.
+pub fn encode_frame<T: Serialize>(kind: FrameKind, request_id: u64, message: &T, data: &[u8]) -> Result<Vec<u8>, CodecError> {
+    let parts = encode_parts(kind, request_id, message, data)?;
+    let mut out = Vec::with_capacity(HEADER_BYTES + data.len() + parts.message.len());
+    out.extend_from_slice(&parts.header);
+    out.extend_from_slice(data);
+    out.extend_from_slice(&parts.message);
     Ok(out)
 }
 
@@ -144,6 +160,9 @@ mod tests {
         // Goal: the postcard layout of a message is stable. Commit = variant 12, no fields.
         let bytes = encode_frame(FrameKind::Request, 1, &Request::Commit, &[]).unwrap();
         assert_eq!(&bytes[HEADER_BYTES..], &[12]);
+        // Data comes before the message.
+        let bytes = encode_frame(FrameKind::Request, 1, &Request::Commit, b"xy").unwrap();
+        assert_eq!(&bytes[HEADER_BYTES..], b"xy\x0c");
         let lookup = Request::Lookup { parent: Handle(vec![7]), name: b"x".to_vec() };
         let bytes = encode_frame(FrameKind::Request, 1, &lookup, &[]).unwrap();
         assert_eq!(&bytes[HEADER_BYTES..], &[0, 1, 7, 1, b'x']);

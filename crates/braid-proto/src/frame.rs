@@ -6,9 +6,9 @@
 //!  5      flags (0; reserved for later features)
 //!  6..8   reserved, must be 0
 //!  8..16  request id, little endian: pairs a response with its request
-//! 16..20  message length (postcard bytes that follow the header)
-//! 20..24  data length (raw bulk bytes that follow the message)
-//! 24..28  crc32c of message || data
+//! 16..20  message length (postcard bytes, after the data)
+//! 20..24  data length (raw bulk bytes, right after the header)
+//! 24..28  crc32c of data || message
 //! 28..32  crc32c of bytes 0..28, so junk is rejected before its lengths are trusted
 //! ```
 use crate::limits::{DATA_BYTES_MAX, MESSAGE_BYTES_MAX};

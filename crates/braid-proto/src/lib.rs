@@ -2,8 +2,8 @@
 //! limits on every length. This crate does no I/O and owns no state; the server and the client
 //! both depend on it and never on each other.
 //!
-//! A frame is a 32-byte [`frame::FrameHeader`] followed by a postcard-encoded message and then
-//! raw bulk bytes (file data), which are never re-encoded.
+//! A frame is a 32-byte [`frame::FrameHeader`] followed by raw bulk bytes (file data, never
+//! re-encoded) and then a postcard-encoded message.
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
@@ -12,6 +12,6 @@ pub mod frame;
 pub mod limits;
 pub mod messages;
 
-pub use codec::{decode_frame, decode_message, encode_frame, CodecError, Frame};
+pub use codec::{decode_frame, decode_message, encode_frame, encode_parts, CodecError, EncodedFrame, Frame};
 pub use frame::{FrameHeader, FrameKind, HEADER_BYTES};
 pub use messages::*;

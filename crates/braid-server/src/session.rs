@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use braid_proto::limits::{HANDSHAKE_TIMEOUT_MS, REQUESTS_IN_FLIGHT_MAX};
 use braid_proto::{
-    encode_frame, ExportInfo, Frame, FrameHeader, FrameKind, Hello, Reply, Request, Response, Welcome, WireError, HEADER_BYTES,
+    encode_frame, encode_parts, EncodedFrame, ExportInfo, Frame, FrameHeader, FrameKind, Hello, Reply, Request, Response, Welcome, WireError, HEADER_BYTES,
     PROTOCOL_VERSIONS,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
@@ -47,7 +47,7 @@ pub async fn serve_connection(state: Arc<ServerState>, stream: TcpStream, peer: 
         }
     };
     tracing::info!(%peer, client = hello.client_id.0, name = %hello.client_name, "client connected");
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(REQUESTS_IN_FLIGHT_MAX);
+    let (tx, rx) = mpsc::channel::<Outgoing>(REQUESTS_IN_FLIGHT_MAX);
     let writer_task = tokio::spawn(write_responses(writer, rx));
     if let Err(e) = read_requests(&state, &mut reader, tx, hello.client_id).await {
         tracing::warn!(%peer, client = hello.client_id.0, error = %e, "closing connection");
@@ -96,7 +96,7 @@ pub async fn read_frame(reader: &mut OwnedReadHalf) -> Result<Frame, SessionErro
 async fn read_requests(
     state: &Arc<ServerState>,
     reader: &mut OwnedReadHalf,
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: mpsc::Sender<Outgoing>,
     client: braid_proto::ClientId,
 ) -> Result<(), SessionError> {
     let permits = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
@@ -114,10 +114,8 @@ async fn read_requests(
             // Quick requests are served right here: handing them to another thread costs more
             // (two wake-ups) than the few microseconds of file-system work they need.
             let id = frame.header.request_id;
-            let (result, data) = handle_blocking(state, client, request, frame);
-            let response = Response { result, durable: state.committer.durable() };
-            let bytes = encode_frame(FrameKind::Response, id, &response, &data).expect("responses stay within limits");
-            if tx.send(bytes).await.is_err() {
+            let handled = handle_blocking(state, client, request, frame);
+            if tx.send(outgoing(state, id, handled)).await.is_err() {
                 return Ok(());
             }
             continue;
@@ -127,25 +125,40 @@ async fn read_requests(
         let (state, tx) = (state.clone(), tx.clone());
         tokio::spawn(async move {
             let id = frame.header.request_id;
-            let (result, data) = handle_request(&state, client, request, frame).await;
-            let response = Response { result, durable: state.committer.durable() };
-            let bytes = encode_frame(FrameKind::Response, id, &response, &data).expect("responses stay within limits");
-            let _ = tx.send(bytes).await;
+            let handled = handle_request(&state, client, request, frame).await;
+            let _ = tx.send(outgoing(&state, id, handled)).await;
             drop(permit);
         });
     }
 }
 
-async fn write_responses(mut writer: BufWriter<OwnedWriteHalf>, mut rx: mpsc::Receiver<Vec<u8>>) {
-    while let Some(bytes) = rx.recv().await {
-        if writer.write_all(&bytes).await.is_err() {
-            return;
-        }
-        // Coalesce responses that are already waiting into one write.
-        while let Ok(more) = rx.try_recv() {
-            if writer.write_all(&more).await.is_err() {
+/// A response ready to send: its header and message, and the bulk data that goes between.
+struct Outgoing {
+    frame: EncodedFrame,
+    data: Vec<u8>,
+}
+
+fn outgoing(state: &ServerState, request_id: u64, (result, data): Handled) -> Outgoing {
+    let response = Response { result, durable: state.committer.durable() };
+    let frame = encode_parts(FrameKind::Response, request_id, &response, &data).expect("responses stay within limits");
+    Outgoing { frame, data }
+}
+
+async fn write_responses(mut writer: BufWriter<OwnedWriteHalf>, mut rx: mpsc::Receiver<Outgoing>) {
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        // Coalesce responses that are already waiting into one flush. Large data bypasses the
+        // buffer (BufWriter writes it directly), so file data is not copied here.
+        while let Some(out) = next {
+            let written = async {
+                writer.write_all(&out.frame.header).await?;
+                writer.write_all(&out.data).await?;
+                writer.write_all(&out.frame.message).await
+            };
+            if written.await.is_err() {
                 return;
             }
+            next = rx.try_recv().ok();
         }
         if writer.flush().await.is_err() {
             return;
