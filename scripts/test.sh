@@ -6,7 +6,8 @@
 #   test      cargo test --release --workspace            (unit + integration tests)
 #   pjdfstest tests/conformance/pjdfstest.sh on a fresh braid mount (tests/e2e/with-mount.sh)
 #   fsx       tests/conformance/fsx.sh on a fresh braid mount
-#   crash     tests/crash/maildir-crash.sh, if present (it manages its own server/mount)
+#   crash     tests/crash/maildir-crash.sh (maildir delivery across server kills) and
+#             tests/crash/fsx-kill.sh (fsx across server kills); each manages its own server/mount
 # Prints PASS/FAIL/SKIP and seconds per stage, and a summary. Budget: ~30 min on 2 cores.
 # Env: STAGES (subset, e.g. "build pjdfstest"), TEST_OUT (dir for suite logs), plus what the
 # scripts read (BRAID, FSX_OPS, FSX_TIMEOUT, PJDFS_TIMEOUT, NAPTIME, ...).
@@ -44,9 +45,5 @@ stage lint bash -c 'cargo fmt --all --check && cargo clippy --release --workspac
 stage test cargo test --release --workspace
 stage pjdfstest tests/e2e/with-mount.sh tests/conformance/pjdfstest.sh
 stage fsx tests/e2e/with-mount.sh tests/conformance/fsx.sh
-if [ -x tests/crash/maildir-crash.sh ]; then
-  stage crash tests/crash/maildir-crash.sh
-elif [[ " $STAGES " == *" crash "* ]]; then
-  summary+=("SKIP  crash (tests/crash/maildir-crash.sh not present)")
-fi
+stage crash bash -c 'tests/crash/maildir-crash.sh && tests/crash/fsx-kill.sh'
 finish; echo "ALL PASSED"
