@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # quickstart.sh [EXPORT_DIR] [MOUNTPOINT]: install what braid needs, build it, export
 # EXPORT_DIR (default /srv/braid-export) with `braid serve` on 127.0.0.1:7700 in the
-# background, and mount it on MOUNTPOINT (default /mnt/braid). Run as root on Debian 12.
+# background over TLS with client certificates (made by `braid init` in /etc/braid), and mount
+# it on MOUNTPOINT (default /mnt/braid). Run as root on Debian 12.
 # Stop with: braid umount MOUNTPOINT; kill "$(cat /run/braid-serve.pid)"
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -14,6 +15,9 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 cargo build --release --quiet
 install -m 755 target/release/braid /usr/local/bin/braid
 
+# Credentials (a private CA, server and client certificates) in /etc/braid, made once: the
+# server accepts only clients holding a certificate of this authority, over TLS 1.3.
+[ -f /etc/braid/ca.pem ] || braid init
 mkdir -p "$export_dir" "$mountpoint"
 braid serve --data "$export_dir" --listen "$addr" >>/var/log/braid-serve.log 2>&1 &
 echo $! > /run/braid-serve.pid

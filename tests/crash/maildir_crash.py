@@ -107,12 +107,12 @@ def main():
     log = open(os.path.join(work, "server.log"), "ab")
 
     def start_server():
-        proc = subprocess.Popen([braid, "serve", "--data", export, "--state", state, "--listen", addr], stdout=log, stderr=log)
+        proc = subprocess.Popen([braid, "serve", "--data", export, "--state", state, "--listen", addr, "--insecure", "--no-root-squash"], stdout=log, stderr=log)
         wait_for("server port", lambda: port_open(port))
         return proc
 
     server = start_server()
-    client = subprocess.Popen([braid, "mount", addr, mnt, "--foreground", "--log-file", os.path.join(work, "client.log")])
+    client = subprocess.Popen([braid, "mount", addr, mnt, "--foreground", "--insecure", "--log-file", os.path.join(work, "client.log")])
     mounted = False
     try:
         wait_for("mount", lambda: is_mount(mnt))

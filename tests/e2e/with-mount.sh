@@ -55,7 +55,7 @@ trap 'rc=143; exit' TERM
 # A free port: let the kernel pick one, then release it (tiny race, acceptable for a test rig).
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 ADDR=127.0.0.1:$PORT
-"$BRAID" serve --data "$EXPORT" --listen "$ADDR" --state "$STATE" >"$T/server.log" 2>&1 &
+"$BRAID" serve --data "$EXPORT" --listen "$ADDR" --state "$STATE" --insecure --no-root-squash >"$T/server.log" 2>&1 &
 spid=$!
 # wait (deadline) until the port is in LISTEN state: /proc/net/tcp, state 0A, local port in hex
 hexport=$(printf ':%04X' "$PORT")
@@ -67,7 +67,7 @@ done
 alive "$spid" || { say "braid serve exited early"; exit; }
 
 # --foreground in the background: we keep the client's pid (to stop it) and its log
-"$BRAID" mount "$ADDR" "$MNT" --foreground >"$T/client.log" 2>&1 &
+"$BRAID" mount "$ADDR" "$MNT" --foreground --insecure >"$T/client.log" 2>&1 &
 cpid=$!
 for _ in $(seq 1 $((DEADLINE * 10))); do
   mountpoint -q "$MNT" && break

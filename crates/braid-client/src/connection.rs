@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use braid_proto::{
     encode_frame, encode_parts, ClientId, EncodedFrame, ExportInfo, Frame, FrameHeader, FrameKind, Handle, Hello, Lsn, Reply, Request, Response, Welcome, HEADER_BYTES,
-    PROTOCOL_VERSIONS,
+
 };
 
 use crate::{wire_error, ClientConfig, ClientError, Result};
@@ -45,9 +45,14 @@ pub struct Connection {
     pins: Mutex<HashMap<Handle, i64>>,
 }
 
+/// A byte stream to the server: plain TCP or TLS over TCP.
+trait Transport: Read + Write + Send {}
+impl<T: Read + Write + Send> Transport for T {}
+
 struct Channel {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
+    /// Reads are buffered; writes go to the stream underneath (`get_mut`), which is safe because
+    /// a channel strictly alternates one request and its response.
+    stream: BufReader<Box<dyn Transport>>,
 }
 
 /// A counting gate bounding concurrent calls to the number of channels.
@@ -189,9 +194,10 @@ impl Connection {
 impl Channel {
     /// Writes one request and reads frames until its response.
     fn exchange(&mut self, frame: &EncodedFrame, data: &[u8], id: u64) -> std::result::Result<Frame, String> {
-        write_frame(&mut self.writer, frame, data).map_err(|e| e.to_string())?;
+        write_frame(self.stream.get_mut(), frame, data).map_err(|e| e.to_string())?;
+        self.stream.get_mut().flush().map_err(|e| e.to_string())?;
         loop {
-            let response = read_frame(&mut self.reader)?;
+            let response = read_frame(&mut self.stream)?;
             if response.header.kind != FrameKind::Response {
                 return Err(format!("unexpected {:?} frame from the server", response.header.kind));
             }
@@ -204,7 +210,7 @@ impl Channel {
 
 /// Writes header, data and message with as few system calls as possible and without copying
 /// the data: one vectored write in the common case.
-fn write_frame(writer: &mut TcpStream, frame: &EncodedFrame, data: &[u8]) -> std::io::Result<()> {
+fn write_frame(writer: &mut dyn Write, frame: &EncodedFrame, data: &[u8]) -> std::io::Result<()> {
     let mut parts = [IoSlice::new(&frame.header), IoSlice::new(data), IoSlice::new(&frame.message)];
     let mut parts = &mut parts[..];
     while !parts.is_empty() {
@@ -234,23 +240,39 @@ fn connect(config: &ClientConfig, client_id: ClientId) -> Result<(Channel, Expor
         .map_err(|e| unreachable(e.to_string()))?
         .next()
         .ok_or_else(|| unreachable("the address resolves to nothing".into()))?;
-    let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|e| unreachable(e.to_string()))?;
-    let _ = stream.set_nodelay(true);
-    let hello = Hello { versions: PROTOCOL_VERSIONS.to_vec(), client_id, client_name: config.client_name.clone() };
+    let tcp = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|e| unreachable(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    tcp.set_read_timeout(Some(CONNECT_TIMEOUT * 2)).map_err(|e| unreachable(e.to_string()))?;
+    let socket = tcp.try_clone().map_err(|e| unreachable(e.to_string()))?;
+    let mut stream: Box<dyn Transport> = match &config.tls {
+        Some(tls) => {
+            let name = braid_tls::server_name(&config.server).map_err(|e| unreachable(e.to_string()))?;
+            let session = rustls::ClientConnection::new(tls.clone(), name).map_err(|e| unreachable(e.to_string()))?;
+            Box::new(rustls::StreamOwned::new(session, tcp))
+        }
+        None => Box::new(tcp),
+    };
+    let tls_hint = |e: String| match config.tls {
+        Some(_) => unreachable(format!("TLS handshake: {e} (check that the server runs with TLS credentials of the same authority)")),
+        None => unreachable(format!("handshake: {e}")),
+    };
+    let mut hello = Hello::new(client_id, config.client_name.clone());
+    hello.require = config.require.clone();
     let bytes = encode_frame(FrameKind::Hello, 0, &hello, &[]).map_err(|e| ClientError::Protocol(e.to_string()))?;
-    stream.write_all(&bytes).map_err(|e| unreachable(e.to_string()))?;
-    stream.set_read_timeout(Some(CONNECT_TIMEOUT * 2)).map_err(|e| unreachable(e.to_string()))?;
-    let frame = read_frame(&mut stream).map_err(|e| unreachable(format!("handshake: {e}")))?;
+    stream.write_all(&bytes).and_then(|()| stream.flush()).map_err(|e| tls_hint(e.to_string()))?;
+    let frame = read_frame(&mut stream).map_err(tls_hint)?;
     // A server that is alive but does not answer within the budget counts as lost: the
     // request is sent again on a new channel.
-    stream.set_read_timeout(config.retry_budget).map_err(|e| unreachable(e.to_string()))?;
+    socket.set_read_timeout(config.retry_budget).map_err(|e| unreachable(e.to_string()))?;
     if frame.header.kind != FrameKind::Welcome {
         return Err(ClientError::Protocol(format!("expected welcome, got {:?}", frame.header.kind)));
     }
     match frame.decode::<Welcome>().map_err(|e| ClientError::Protocol(e.to_string()))? {
         Welcome::Accepted(info) => {
-            let writer = stream.try_clone().map_err(|e| unreachable(e.to_string()))?;
-            Ok((Channel { reader: BufReader::with_capacity(64 * 1024, stream), writer }, info))
+            if let Some(missing) = config.require.iter().find(|r| !info.algorithms.names().contains(&r.as_str())) {
+                return Err(ClientError::Refused { server: config.server.clone(), reason: format!("the server does not use required algorithm {missing}") });
+            }
+            Ok((Channel { stream: BufReader::with_capacity(64 * 1024, stream) }, info))
         }
         Welcome::Refused { reason } => Err(ClientError::Refused { server: config.server.clone(), reason }),
     }

@@ -32,6 +32,10 @@ pub struct ClientConfig {
     /// How long a call may wait for an unreachable server before it fails with `TimedOut`;
     /// `None` waits for ever (as NFS `hard`).
     pub retry_budget: Option<Duration>,
+    /// TLS 1.3 with this configuration (client certificate included); `None`: plain TCP.
+    pub tls: Option<std::sync::Arc<braid_tls::ClientConfig>>,
+    /// Algorithms the server must use on every connection (see `Hello::require`).
+    pub require: Vec<String>,
 }
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]

@@ -40,6 +40,10 @@ pub const REQUESTS_IN_FLIGHT_MAX: usize = 256;
 /// task, a 64 KiB write buffer and at most one frame in memory.
 pub const CONNECTIONS_MAX: usize = 4096;
 
+/// Most bytes of request payloads a server holds at once, over all connections: a reader waits
+/// for room before it reads a payload, so memory stays bounded however many clients send.
+pub const IN_FLIGHT_BYTES_MAX: usize = 256 << 20;
+
 /// Most directory entries returned by one readdir request.
 pub const READDIR_ENTRIES_MAX: usize = 1024;
 
@@ -51,4 +55,5 @@ pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 
 const _: () = assert!(FRAME_BYTES_MAX >= crate::frame::HEADER_BYTES + DATA_BYTES_MAX);
 const _: () = assert!(FRAME_BYTES_MAX <= u32::MAX as usize);
+const _: () = assert!(IN_FLIGHT_BYTES_MAX >= FRAME_BYTES_MAX);
 const _: () = assert!(READDIR_ENTRIES_MAX * (NAME_BYTES_MAX + 64) <= MESSAGE_BYTES_MAX);

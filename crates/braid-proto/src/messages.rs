@@ -34,6 +34,9 @@ impl std::fmt::Debug for Handle {
     }
 }
 
+/// Frame checksum algorithms this build implements, preferred first.
+pub const CHECKSUMS: &[&str] = &["crc32c"];
+
 /// Client hello: first frame on a connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
@@ -42,6 +45,41 @@ pub struct Hello {
     pub client_id: ClientId,
     /// Free text for logs (host name, version).
     pub client_name: String,
+    /// Frame checksum algorithms the client accepts, preferred first.
+    pub checksums: Vec<String>,
+    /// Algorithms the client insists on (a checksum, `tls13`, `x509`): the server refuses the
+    /// connection, naming the first it lacks, rather than silently serving without it.
+    pub require: Vec<String>,
+}
+
+impl Hello {
+    /// A hello offering every protocol version and checksum of this build and requiring nothing.
+    pub fn new(client_id: ClientId, client_name: String) -> Self {
+        Self {
+            versions: PROTOCOL_VERSIONS.to_vec(),
+            client_id,
+            client_name,
+            checksums: CHECKSUMS.iter().map(|c| c.to_string()).collect(),
+            require: Vec::new(),
+        }
+    }
+}
+
+/// The algorithms in force on one connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Algorithms {
+    /// Frame checksum, e.g. `crc32c`.
+    pub checksum: String,
+    /// Channel encryption: `tls13` or `none`.
+    pub cipher: String,
+    /// How the client was authenticated: `x509` (a certificate of the server's authority) or `none`.
+    pub auth: String,
+}
+
+impl Algorithms {
+    pub fn names(&self) -> [&str; 3] {
+        [&self.checksum, &self.cipher, &self.auth]
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,8 +95,13 @@ pub enum Welcome {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExportInfo {
     pub version: u16,
+    pub algorithms: Algorithms,
     pub root: Entry,
     pub read_only: bool,
+    /// The export's size limit in bytes, if any; writes beyond it fail with ENOSPC.
+    pub max_bytes: Option<u64>,
+    /// Whether the server maps remote root to nobody.
+    pub root_squash: bool,
     /// Changes whenever the server process restarts; the client reopens its pins then.
     pub server_instance: u64,
 }

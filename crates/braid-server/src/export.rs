@@ -20,6 +20,7 @@ use braid_proto::{Attr, AttrChanges, Command, CommandOk, Credentials, DirEntry, 
 use rustix::fs::{AtFlags, Mode, OFlags};
 
 use crate::handles::{HandleSealer, ObjectKind};
+use crate::quota::{self, Quota};
 use crate::sys::{self, KernelHandle, XattrTarget};
 
 /// Descriptors kept open for handles, so that most requests cost no `open_by_handle_at`.
@@ -49,6 +50,7 @@ pub struct Export {
     root_handle: Handle,
     sealer: HandleSealer,
     fds: Mutex<HashMap<KernelHandle, CachedFd>>,
+    quota: Option<Quota>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,14 +62,23 @@ pub enum ExportError {
 }
 
 impl Export {
-    pub fn open(dir: &Path, key: [u8; 32]) -> Result<Self, ExportError> {
+    /// Opens the export; with `max_bytes`, counts what it holds to enforce that limit.
+    pub fn open(dir: &Path, key: [u8; 32], max_bytes: Option<u64>) -> Result<Self, ExportError> {
         let path = dir.display().to_string();
         let root = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
             .map_err(|e| ExportError::Open { path: path.clone(), source: e.into() })?;
         let kernel = sys::name_to_handle(root.as_fd(), c"").map_err(|source| ExportError::NoHandles { path, source })?;
         let sealer = HandleSealer::new(key);
         let root_handle = sealer.seal(ObjectKind::Directory, &kernel);
-        Ok(Self { root, root_handle, sealer, fds: Mutex::new(HashMap::new()) })
+        let quota = match max_bytes {
+            Some(max) => Some(Quota::scan(root.as_fd(), max).map_err(|source| ExportError::Open { path: dir.display().to_string(), source })?),
+            None => None,
+        };
+        Ok(Self { root, root_handle, sealer, fds: Mutex::new(HashMap::new()), quota })
+    }
+
+    pub fn max_bytes(&self) -> Option<u64> {
+        self.quota.as_ref().map(Quota::max_bytes)
     }
 
     pub fn root_fd(&self) -> BorrowedFd<'_> {
@@ -144,10 +155,19 @@ impl Export {
 
     pub fn statfs(&self) -> OpResult<StatFs> {
         let s = rustix::fs::fstatvfs(&self.root).map_err(from_rustix)?;
+        // With a size limit the export looks like a file system of that size.
+        let (blocks, blocks_free, blocks_available) = match &self.quota {
+            Some(quota) => {
+                let unit = s.f_frsize.max(1);
+                let left = quota.max_bytes().saturating_sub(quota.used_bytes()) / unit;
+                (quota.max_bytes() / unit, left.min(s.f_bfree), left.min(s.f_bavail))
+            }
+            None => (s.f_blocks, s.f_bfree, s.f_bavail),
+        };
         Ok(StatFs {
-            blocks: s.f_blocks,
-            blocks_free: s.f_bfree,
-            blocks_available: s.f_bavail,
+            blocks,
+            blocks_free,
+            blocks_available,
             files: s.f_files,
             files_free: s.f_ffree,
             block_size: s.f_bsize as u32,
@@ -208,6 +228,60 @@ impl Export {
     /// `tolerant` is set when the command's transaction may already have been partly applied
     /// before a crash: then "already exists" and "already gone" count as success.
     pub fn apply(&self, command: &Command, data: &[u8], creds: &Credentials, tolerant: bool) -> OpResult<CommandOk> {
+        let Some(quota) = &self.quota else { return self.apply_unlimited(command, data, creds, tolerant) };
+        match self.allocation_target(command)? {
+            Some((fd, growth)) => {
+                if !quota.allows(growth) {
+                    return Err(Errno(libc::ENOSPC));
+                }
+                let before = quota::allocated(&*fd);
+                let result = self.apply_unlimited(command, data, creds, tolerant);
+                quota.changed(before, quota::allocated(&*fd));
+                result
+            }
+            None => {
+                let victim = self.removal_victim(command);
+                let result = self.apply_unlimited(command, data, creds, tolerant);
+                if let (Ok(_), Some(bytes)) = (&result, victim) {
+                    quota.changed(bytes, 0);
+                }
+                result
+            }
+        }
+    }
+
+    /// For a command that may allocate space: the object it grows and by how many bytes at most.
+    fn allocation_target(&self, command: &Command) -> OpResult<Option<(Arc<OwnedFd>, u64)>> {
+        let (handle, end) = match command {
+            Command::Write { handle, offset, len } => (handle, offset.saturating_add(*len as u64)),
+            Command::Fallocate { handle, offset, len, .. } => (handle, offset.saturating_add(*len)),
+            Command::CopyFileRange { target, target_offset, len, .. } => (target, target_offset.saturating_add(*len)),
+            Command::SetAttr { handle, changes: AttrChanges { size: Some(size), .. } } => (handle, *size),
+            _ => return Ok(None),
+        };
+        let fd = self.fd(handle)?;
+        let size = rustix::fs::fstat(&*fd).map_err(from_rustix)?.st_size as u64;
+        let growth = match command {
+            // fallocate may fill holes inside the file too.
+            Command::Fallocate { len, .. } => *len,
+            _ => end.saturating_sub(size),
+        };
+        Ok(Some((fd, growth)))
+    }
+
+    /// For a command that removes a name: the bytes freed if it is the object's last name.
+    fn removal_victim(&self, command: &Command) -> Option<u64> {
+        let (parent, name) = match command {
+            Command::Unlink { parent, name } => (parent, name),
+            Command::Rename { new_parent, new_name, flags, .. } if *flags & libc::RENAME_EXCHANGE == 0 => (new_parent, new_name),
+            _ => return None,
+        };
+        let dir = self.dir_fd(parent).ok()?;
+        let stat = rustix::fs::statat(&*dir, component(name).ok()?.as_c_str(), AtFlags::SYMLINK_NOFOLLOW).ok()?;
+        (stat.st_nlink == 1 && stat.st_mode & libc::S_IFMT != libc::S_IFDIR).then_some(stat.st_blocks as u64 * 512)
+    }
+
+    fn apply_unlimited(&self, command: &Command, data: &[u8], creds: &Credentials, tolerant: bool) -> OpResult<CommandOk> {
         match command {
             Command::Create { parent, name, mode, rdev, exclusive, pin } => {
                 let entry = self.create(parent, name, *mode, *rdev, *exclusive && !tolerant, creds, tolerant)?;

@@ -10,6 +10,7 @@ pub mod commit;
 pub mod dedup;
 pub mod export;
 pub mod handles;
+pub mod quota;
 pub mod session;
 pub mod sys;
 pub mod wal;
@@ -34,6 +35,12 @@ pub struct ServerConfig {
     /// Where the transaction log and the handle key live; never inside `data_dir`.
     pub state_dir: PathBuf,
     pub read_only: bool,
+    /// Size limit of the export in bytes.
+    pub max_bytes: Option<u64>,
+    /// Map remote root (uid 0) to nobody for changes, as NFS does by default.
+    pub root_squash: bool,
+    /// TLS credentials (see `braid-tls`); `None` serves plain TCP without authentication.
+    pub tls: Option<Arc<braid_tls::ServerConfig>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +62,10 @@ pub struct ServerState {
     pub read_only: bool,
     /// Random per process start; tells clients the server restarted.
     pub instance: u64,
+    /// Bytes of request payloads held in memory, over all connections.
+    pub in_flight_bytes: Arc<tokio::sync::Semaphore>,
+    pub root_squash: bool,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 pub struct Server {
@@ -65,6 +76,7 @@ impl Server {
     /// Opens the export and the log (recovering it), and starts the commit thread.
     pub fn open(config: &ServerConfig) -> Result<Self, ServerError> {
         sys::clear_umask();
+        raise_descriptor_limit();
         let state_err = |source| ServerError::State { path: config.state_dir.clone(), source };
         fs::create_dir_all(&config.state_dir).map_err(state_err)?;
         let data = fs::canonicalize(&config.data_dir).map_err(|source| ServerError::State { path: config.data_dir.clone(), source })?;
@@ -73,7 +85,7 @@ impl Server {
             return Err(ServerError::StateInsideExport { state: state_dir, data });
         }
         let key = load_or_create_key(&state_dir.join("handle.key")).map_err(state_err)?;
-        let export = Export::open(&data, key)?;
+        let export = Export::open(&data, key, config.max_bytes)?;
         let wal_dir = state_dir.join("wal");
         let (wal, recovered) = wal::Wal::open(&wal_dir)?;
         tracing::info!(records = recovered.records, next_lsn = recovered.next_lsn.0, "transaction log recovered");
@@ -88,15 +100,26 @@ impl Server {
             committer,
             read_only: config.read_only,
             instance: rand::random(),
+            in_flight_bytes: Arc::new(tokio::sync::Semaphore::new(braid_proto::limits::IN_FLIGHT_BYTES_MAX)),
+            root_squash: config.root_squash,
+            tls: config.tls.clone().map(tokio_rustls::TlsAcceptor::from),
         };
         Ok(Self { state: Arc::new(state) })
     }
 
-    /// Accepts connections until the listener fails.
+    /// Accepts connections for ever. Accept errors (out of descriptors, a connection reset
+    /// before it was accepted) are logged and survived: they are load, not a reason to stop.
     pub async fn serve(&self, listener: TcpListener) -> io::Result<()> {
         let slots = Arc::new(tokio::sync::Semaphore::new(braid_proto::limits::CONNECTIONS_MAX));
         loop {
-            let (stream, peer) = listener.accept().await?;
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 tracing::warn!(%peer, limit = braid_proto::limits::CONNECTIONS_MAX, "too many connections; closing the new one");
                 continue;
@@ -106,6 +129,19 @@ impl Server {
                 session::serve_connection(state, stream, peer).await;
                 drop(slot);
             });
+        }
+    }
+}
+
+/// Raises the soft limit on open descriptors to the hard limit: the server holds one per
+/// connection and up to `export::FD_CACHE_ENTRIES_MAX` for handles.
+fn raise_descriptor_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(error = %e, "cannot raise the open-file limit");
         }
     }
 }

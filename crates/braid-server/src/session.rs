@@ -9,11 +9,10 @@ use std::time::Duration;
 
 use braid_proto::limits::{HANDSHAKE_TIMEOUT_MS, REQUESTS_IN_FLIGHT_MAX};
 use braid_proto::{
-    encode_frame, encode_parts, EncodedFrame, ExportInfo, Frame, FrameHeader, FrameKind, Hello, Reply, Request, Response, Welcome, WireError, HEADER_BYTES,
+    encode_frame, encode_parts, Algorithms, EncodedFrame, ExportInfo, CHECKSUMS, Frame, FrameHeader, FrameKind, Hello, Reply, Request, Response, Welcome, WireError, HEADER_BYTES,
     PROTOCOL_VERSIONS,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 
@@ -33,20 +32,48 @@ pub enum SessionError {
     HandshakeTimeout,
     #[error("refused: {0}")]
     Refused(String),
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
+}
+
+type Reader = Box<dyn AsyncRead + Send + Unpin>;
+type Writer = BufWriter<Box<dyn AsyncWrite + Send + Unpin>>;
+
+/// First byte of a TLS record carrying a handshake message (a ClientHello).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+const WRITE_BUFFER_BYTES: usize = 64 * 1024;
+
+/// How a connection is carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    /// TLS 1.3, the client authenticated by a certificate of the server's authority.
+    Tls,
+    /// Plain TCP on a server started with --insecure.
+    Plain,
+    /// Plain TCP on a server that requires TLS: the hello is answered with a refusal.
+    PlainRefused,
 }
 
 pub async fn serve_connection(state: Arc<ServerState>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let (mut reader, writer) = stream.into_split();
-    let mut writer = BufWriter::with_capacity(64 * 1024, writer);
-    let hello = match handshake(&state, &mut reader, &mut writer).await {
+    let opened = tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), open_transport(&state, stream))
+        .await
+        .unwrap_or(Err(SessionError::HandshakeTimeout));
+    let (mut reader, mut writer, transport) = match opened {
+        Ok(opened) => opened,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "closing connection during handshake");
+            return;
+        }
+    };
+    let hello = match handshake(&state, &mut reader, &mut writer, transport).await {
         Ok(hello) => hello,
         Err(e) => {
             tracing::warn!(%peer, error = %e, "closing connection during handshake");
             return;
         }
     };
-    tracing::info!(%peer, client = hello.client_id.0, name = %hello.client_name, "client connected");
+    tracing::info!(%peer, client = hello.client_id.0, name = %hello.client_name, ?transport, "client connected");
     let (tx, rx) = mpsc::channel::<Outgoing>(REQUESTS_IN_FLIGHT_MAX);
     let writer_task = tokio::spawn(write_responses(writer, rx));
     if let Err(e) = read_requests(&state, &mut reader, tx, hello.client_id).await {
@@ -57,7 +84,25 @@ pub async fn serve_connection(state: Arc<ServerState>, stream: TcpStream, peer: 
     writer_task.abort();
 }
 
-async fn handshake(state: &ServerState, reader: &mut OwnedReadHalf, writer: &mut BufWriter<OwnedWriteHalf>) -> Result<Hello, SessionError> {
+/// Sets up TLS when the server has credentials. A client that starts with a plain braid hello
+/// instead of a TLS ClientHello gets a refusal it can show, not a dropped connection.
+async fn open_transport(state: &ServerState, stream: TcpStream) -> Result<(Reader, Writer, Transport), SessionError> {
+    let Some(acceptor) = &state.tls else {
+        let (reader, writer) = stream.into_split();
+        return Ok((Box::new(reader), BufWriter::with_capacity(WRITE_BUFFER_BYTES, Box::new(writer)), Transport::Plain));
+    };
+    let mut first = [0u8; 1];
+    let peeked = stream.peek(&mut first).await?;
+    if peeked == 1 && first[0] == TLS_HANDSHAKE_RECORD {
+        let tls = acceptor.accept(stream).await.map_err(|e| SessionError::Tls(e.to_string()))?;
+        let (reader, writer) = tokio::io::split(tls);
+        return Ok((Box::new(reader), BufWriter::with_capacity(WRITE_BUFFER_BYTES, Box::new(writer)), Transport::Tls));
+    }
+    let (reader, writer) = stream.into_split();
+    Ok((Box::new(reader), BufWriter::with_capacity(WRITE_BUFFER_BYTES, Box::new(writer)), Transport::PlainRefused))
+}
+
+async fn handshake(state: &ServerState, reader: &mut Reader, writer: &mut Writer, transport: Transport) -> Result<Hello, SessionError> {
     let frame = tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), read_frame(reader))
         .await
         .map_err(|_| SessionError::HandshakeTimeout)??;
@@ -65,14 +110,9 @@ async fn handshake(state: &ServerState, reader: &mut OwnedReadHalf, writer: &mut
         return Err(SessionError::UnexpectedKind(frame.header.kind));
     }
     let hello: Hello = frame.decode()?;
-    let welcome = match (PROTOCOL_VERSIONS.iter().find(|v| hello.versions.contains(v)), state.export.root_entry()) {
-        (Some(&version), Ok(root)) => {
-            Welcome::Accepted(ExportInfo { version, root, read_only: state.read_only, server_instance: state.instance })
-        }
-        (None, _) => Welcome::Refused {
-            reason: format!("no common protocol version: client speaks {:?}, server speaks {:?}", hello.versions, PROTOCOL_VERSIONS),
-        },
-        (_, Err(e)) => Welcome::Refused { reason: format!("export root unavailable: errno {}", e.0) },
+    let welcome = match welcome(state, &hello, transport) {
+        Ok(info) => Welcome::Accepted(info),
+        Err(reason) => Welcome::Refused { reason },
     };
     let bytes = encode_frame(FrameKind::Welcome, frame.header.request_id, &welcome, &[])?;
     writer.write_all(&bytes).await?;
@@ -83,11 +123,64 @@ async fn handshake(state: &ServerState, reader: &mut OwnedReadHalf, writer: &mut
     }
 }
 
+fn welcome(state: &ServerState, hello: &Hello, transport: Transport) -> Result<ExportInfo, String> {
+    let (cipher, auth) = match transport {
+        Transport::Tls => ("tls13", "x509"),
+        Transport::Plain => ("none", "none"),
+        Transport::PlainRefused => {
+            return Err("this server accepts only TLS connections from clients with a certificate of its authority: \
+                        mount with the credentials made by `braid init` (see `braid mount --help`, --tls-dir)"
+                .into())
+        }
+    };
+    let (version, algorithms) = negotiate(hello, cipher, auth)?;
+    let root = state.export.root_entry().map_err(|e| format!("export root unavailable: errno {}", e.0))?;
+    Ok(ExportInfo {
+        version,
+        algorithms,
+        root,
+        read_only: state.read_only,
+        max_bytes: state.export.max_bytes(),
+        root_squash: state.root_squash,
+        server_instance: state.instance,
+    })
+}
+
+/// Picks the protocol version and checksum, and checks that every algorithm the client requires
+/// is in force; the refusal names what is missing.
+fn negotiate(hello: &Hello, cipher: &str, auth: &str) -> Result<(u16, Algorithms), String> {
+    let version = PROTOCOL_VERSIONS
+        .iter()
+        .find(|v| hello.versions.contains(v))
+        .ok_or_else(|| format!("no common protocol version: client speaks {:?}, server speaks {:?}", hello.versions, PROTOCOL_VERSIONS))?;
+    let checksum = hello
+        .checksums
+        .iter()
+        .find(|c| CHECKSUMS.contains(&c.as_str()))
+        .ok_or_else(|| format!("no common checksum algorithm: client offers {:?}, server has {:?}", hello.checksums, CHECKSUMS))?;
+    let algorithms = Algorithms { checksum: checksum.clone(), cipher: cipher.into(), auth: auth.into() };
+    if let Some(missing) = hello.require.iter().find(|r| !algorithms.names().contains(&r.as_str())) {
+        return Err(format!(
+            "the client requires {missing}, which this server does not offer on this connection \
+             (checksums {CHECKSUMS:?}, cipher {cipher}, authentication {auth})"
+        ));
+    }
+    Ok((*version, algorithms))
+}
+
 /// Reads one frame, checking the header before allocating the payload.
-pub async fn read_frame(reader: &mut OwnedReadHalf) -> Result<Frame, SessionError> {
+pub async fn read_frame(reader: &mut Reader) -> Result<Frame, SessionError> {
+    let header = read_header(reader).await?;
+    read_payload(reader, header).await
+}
+
+async fn read_header(reader: &mut Reader) -> Result<FrameHeader, SessionError> {
     let mut head = [0u8; HEADER_BYTES];
     reader.read_exact(&mut head).await?;
-    let header = FrameHeader::decode(&head)?;
+    Ok(FrameHeader::decode(&head)?)
+}
+
+async fn read_payload(reader: &mut Reader, header: FrameHeader) -> Result<Frame, SessionError> {
     let mut payload = vec![0u8; header.payload_bytes()];
     reader.read_exact(&mut payload).await?;
     Ok(Frame::from_payload(header, payload)?)
@@ -95,17 +188,20 @@ pub async fn read_frame(reader: &mut OwnedReadHalf) -> Result<Frame, SessionErro
 
 async fn read_requests(
     state: &Arc<ServerState>,
-    reader: &mut OwnedReadHalf,
+    reader: &mut Reader,
     tx: mpsc::Sender<Outgoing>,
     client: braid_proto::ClientId,
 ) -> Result<(), SessionError> {
     let permits = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
     loop {
-        let frame = match read_frame(reader).await {
-            Ok(frame) => frame,
+        let header = match read_header(reader).await {
+            Ok(header) => header,
             Err(SessionError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
         };
+        // Room for the payload in the server-wide budget before it is allocated.
+        let budget = state.in_flight_bytes.clone().acquire_many_owned(header.payload_bytes() as u32).await.expect("never closed");
+        let frame = read_payload(reader, header).await?;
         if frame.header.kind != FrameKind::Request {
             return Err(SessionError::UnexpectedKind(frame.header.kind));
         }
@@ -115,6 +211,7 @@ async fn read_requests(
             // (two wake-ups) than the few microseconds of file-system work they need.
             let id = frame.header.request_id;
             let handled = handle_blocking(state, client, request, frame);
+            drop(budget);
             if tx.send(outgoing(state, id, handled)).await.is_err() {
                 return Ok(());
             }
@@ -126,6 +223,7 @@ async fn read_requests(
         tokio::spawn(async move {
             let id = frame.header.request_id;
             let handled = handle_request(&state, client, request, frame).await;
+            drop(budget);
             let _ = tx.send(outgoing(&state, id, handled)).await;
             drop(permit);
         });
@@ -144,7 +242,7 @@ fn outgoing(state: &ServerState, request_id: u64, (result, data): Handled) -> Ou
     Outgoing { frame, data }
 }
 
-async fn write_responses(mut writer: BufWriter<OwnedWriteHalf>, mut rx: mpsc::Receiver<Outgoing>) {
+async fn write_responses(mut writer: Writer, mut rx: mpsc::Receiver<Outgoing>) {
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         // Coalesce responses that are already waiting into one flush. Large data bypasses the
@@ -164,6 +262,18 @@ async fn write_responses(mut writer: BufWriter<OwnedWriteHalf>, mut rx: mpsc::Re
             return;
         }
     }
+}
+
+/// Uid and gid of "nobody", what a squashed remote root acts as.
+const NOBODY: u32 = 65534;
+
+/// Maps a remote root caller to nobody: with root squash, root on a client has no more power
+/// over the export than any other unprivileged user.
+fn squash_root(mut txn: braid_proto::Txn) -> braid_proto::Txn {
+    if txn.creds.uid == 0 {
+        txn.creds = braid_proto::Credentials { uid: NOBODY, gid: NOBODY, groups: Vec::new() };
+    }
+    txn
 }
 
 /// Requests that never wait for the disk in the common case: metadata reads and small
@@ -217,9 +327,39 @@ fn handle_blocking(state: &ServerState, client: braid_proto::ClientId, request: 
             if state.read_only {
                 return (Err(WireError::ReadOnly), Vec::new());
             }
+            let txn = if state.root_squash { squash_root(txn) } else { txn };
             let result = crate::applier::apply_txn(&state.applier, &state.committer, export, client, &txn, &frame.message, &frame.data);
             (result, Vec::new())
         }
         Request::Commit => unreachable!("handled without blocking"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use braid_proto::ClientId;
+
+    fn hello() -> Hello {
+        Hello::new(ClientId(1), "t".into())
+    }
+
+    #[test]
+    fn negotiation_picks_common_algorithms_and_names_what_is_missing() {
+        // Goal: the refusal names the first missing algorithm; success reports what is in force.
+        let (version, algorithms) = negotiate(&hello(), "tls13", "x509").unwrap();
+        assert_eq!(version, 1);
+        assert_eq!(algorithms.names(), ["crc32c", "tls13", "x509"]);
+
+        let wants_blake3 = Hello { checksums: vec!["blake3".into()], ..hello() };
+        assert!(negotiate(&wants_blake3, "none", "none").unwrap_err().contains("no common checksum"));
+
+        let requires_tls = Hello { require: vec!["tls13".into()], ..hello() };
+        let refusal = negotiate(&requires_tls, "none", "none").unwrap_err();
+        assert!(refusal.contains("requires tls13"), "{refusal}");
+        assert!(negotiate(&requires_tls, "tls13", "x509").is_ok());
+
+        let future = Hello { versions: vec![7], ..hello() };
+        assert!(negotiate(&future, "none", "none").unwrap_err().contains("no common protocol version"));
     }
 }

@@ -28,11 +28,41 @@ enum Commands {
     Serve(ServeArgs),
     /// Mount a braid export with FUSE.
     Mount(MountArgs),
+    /// Create TLS credentials: a certificate authority, a server and a client certificate.
+    Init(InitArgs),
     /// Unmount a braid mount (as `fusermount3 -u`).
     Umount {
         /// The mount point.
         mountpoint: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct InitArgs {
+    /// Where to write the credentials.
+    #[arg(long, value_name = "DIR", env = "BRAID_TLS_DIR", default_value_os_t = default_tls_dir())]
+    dir: PathBuf,
+    /// Names and addresses clients use to reach the server (repeatable). Default: this host's
+    /// name, localhost, 127.0.0.1 and ::1.
+    #[arg(long = "server-name", value_name = "NAME")]
+    server_names: Vec<String>,
+    /// Issue one more client certificate, NAME.pem and NAME.key, from the existing authority.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["server_names", "force"])]
+    client: Option<String>,
+    /// Replace existing credentials (every client then needs the new ones).
+    #[arg(long)]
+    force: bool,
+}
+
+/// TLS options shared by `serve` and `mount`.
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// Directory with the credentials made by `braid init`.
+    #[arg(long, value_name = "DIR", env = "BRAID_TLS_DIR", default_value_os_t = default_tls_dir())]
+    tls_dir: PathBuf,
+    /// Plain TCP: no encryption and no authentication. Only for trusted networks and tests.
+    #[arg(long)]
+    insecure: bool,
 }
 
 #[derive(clap::Args)]
@@ -50,6 +80,15 @@ struct ServeArgs {
     /// Refuse every change: clients get EROFS.
     #[arg(long)]
     read_only: bool,
+    /// Size limit of the export, e.g. 500M or 20G: writes beyond it fail with ENOSPC, and df on
+    /// the mount shows this size.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    max_size: Option<u64>,
+    /// Trust root on clients: without this, changes made by remote root are made as nobody.
+    #[arg(long)]
+    no_root_squash: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(clap::Args)]
@@ -71,6 +110,12 @@ struct MountArgs {
     /// Kernel request threads.
     #[arg(long, default_value_t = 8)]
     threads: usize,
+    /// Refuse to mount unless the server uses this algorithm (repeatable): a checksum such as
+    /// crc32c, the cipher tls13, or the authentication x509.
+    #[arg(long, value_name = "ALGORITHM")]
+    require: Vec<String>,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Internal: set by the parent of a daemonized mount; print "ready" when mounted.
     #[arg(long, hide = true)]
     notify_ready: bool,
@@ -86,6 +131,7 @@ fn main() -> ExitCode {
         Commands::Serve(args) => serve(args),
         Commands::Mount(args) if args.foreground || args.notify_ready => mount(args, cli.log_file.is_some()),
         Commands::Mount(args) => daemonize_mount(&args),
+        Commands::Init(args) => init(&args),
         Commands::Umount { mountpoint } => umount(&mountpoint),
     };
     match result {
@@ -119,7 +165,21 @@ fn serve(args: ServeArgs) -> Result<()> {
         bail!("--data {}: not a directory", args.data.display());
     }
     let state = args.state.unwrap_or_else(|| default_state_dir(&args.data));
-    let config = braid_server::ServerConfig { data_dir: args.data.clone(), state_dir: state.clone(), read_only: args.read_only };
+    let tls = match args.tls.insecure {
+        true => {
+            tracing::warn!("--insecure: serving plain TCP; anyone who reaches the port can read and change the export");
+            None
+        }
+        false => Some(server_tls(&args.tls.tls_dir)?),
+    };
+    let config = braid_server::ServerConfig {
+        data_dir: args.data.clone(),
+        state_dir: state.clone(),
+        read_only: args.read_only,
+        max_bytes: args.max_size,
+        root_squash: !args.no_root_squash,
+        tls,
+    };
     let server = braid_server::Server::open(&config).with_context(|| format!("cannot start serving {}", args.data.display()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("braid-server").build()?;
     runtime.block_on(async {
@@ -133,6 +193,75 @@ fn serve(args: ServeArgs) -> Result<()> {
             }
         }
     })
+}
+
+fn init(args: &InitArgs) -> Result<()> {
+    let issued = match &args.client {
+        Some(name) => braid_tls::issue_client(&args.dir, name),
+        None => {
+            let mut names = args.server_names.clone();
+            if names.is_empty() {
+                names = vec![hostname(), "localhost".into(), "127.0.0.1".into(), "::1".into()];
+            }
+            braid_tls::init(&args.dir, &names, &format!("braid client {}", hostname()), args.force)
+        }
+    }
+    .with_context(|| format!("cannot create credentials in {}", args.dir.display()))?;
+    for file in &issued.files {
+        println!("wrote {}", file.display());
+    }
+    println!("clients need ca.pem, client.pem and client.key in their --tls-dir (default {})", default_tls_dir().display());
+    Ok(())
+}
+
+fn server_tls(dir: &Path) -> Result<std::sync::Arc<braid_tls::ServerConfig>> {
+    if !braid_tls::has_server_credentials(dir) {
+        bail!(
+            "no TLS credentials in {0}: create them with `braid init --dir {0}`, or pass --insecure to serve plain TCP \
+             without authentication",
+            dir.display()
+        );
+    }
+    braid_tls::server_config(dir).with_context(|| format!("cannot load the server credentials in {}", dir.display()))
+}
+
+fn client_tls(dir: &Path) -> Result<std::sync::Arc<braid_tls::ClientConfig>> {
+    if !braid_tls::has_client_credentials(dir) {
+        bail!(
+            "no TLS credentials in {0}: copy ca.pem, client.pem and client.key made by `braid init` on the server into {0} \
+             (or pass --tls-dir), or pass --insecure for plain TCP",
+            dir.display()
+        );
+    }
+    braid_tls::client_config(dir).with_context(|| format!("cannot load the client credentials in {}", dir.display()))
+}
+
+/// `/etc/braid` for root, `~/.config/braid` for anyone else.
+fn default_tls_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/etc/braid");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".config/braid")
+}
+
+/// Parses a size such as 1048576, 512K, 20M, 3G or 1T (powers of 1024).
+fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let text = text.trim();
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, ""),
+    };
+    let shift = match unit.to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        other => return Err(format!("unknown unit {other:?} in {text:?}: use K, M, G or T")),
+    };
+    let value: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size"))?;
+    value.checked_shl(shift).filter(|v| v >> shift == value).ok_or_else(|| format!("{text:?} is too large"))
 }
 
 fn default_state_dir(data: &Path) -> PathBuf {
@@ -149,6 +278,8 @@ fn mount(args: MountArgs, logs_to_file: bool) -> Result<()> {
         server: args.server.clone(),
         client_name: format!("{}:{}", hostname(), std::process::id()),
         retry_budget: (args.timeout > 0).then(|| Duration::from_secs(args.timeout)),
+        tls: if args.tls.insecure { None } else { Some(client_tls(&args.tls.tls_dir)?) },
+        require: args.require.clone(),
     };
     let (client, info) =
         braid_client::Client::connect(config).with_context(|| format!("cannot mount {} on {}", args.server, args.mountpoint.display()))?;
@@ -217,4 +348,21 @@ fn umount(mountpoint: &Path) -> Result<()> {
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("512K"), Ok(512 << 10));
+        assert_eq!(parse_size("20M"), Ok(20 << 20));
+        assert_eq!(parse_size("3GiB"), Ok(3 << 30));
+        assert_eq!(parse_size("1t"), Ok(1 << 40));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
 }

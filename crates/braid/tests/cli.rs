@@ -17,12 +17,13 @@ fn every_subcommand_has_help() {
     // Goal: `--help` documents each subcommand and its options. Method: look for each flag.
     let (ok, top) = run(&["--help"]);
     assert!(ok, "{top}");
-    for word in ["serve", "mount", "umount"] {
+    for word in ["serve", "mount", "init", "umount"] {
         assert!(top.contains(word), "top-level help lacks {word}: {top}");
     }
     let expected: &[(&str, &[&str])] = &[
-        ("serve", &["--data", "--listen", "--state", "--read-only"]),
-        ("mount", &["--foreground", "--timeout", "--attr-ttl", "--log-file"]),
+        ("serve", &["--data", "--listen", "--state", "--read-only", "--max-size", "--no-root-squash", "--tls-dir", "--insecure"]),
+        ("mount", &["--foreground", "--timeout", "--attr-ttl", "--log-file", "--require", "--tls-dir", "--insecure"]),
+        ("init", &["--dir", "--server-name", "--client", "--force"]),
         ("umount", &["MOUNTPOINT"]),
     ];
     for (sub, flags) in expected {
@@ -40,7 +41,10 @@ fn bad_arguments_fail_with_a_clear_message() {
     let cases: &[(&[&str], &str)] = &[
         (&["serve", "--data", "/nonexistent/braid-test", "--listen", "127.0.0.1:0"], "not a directory"),
         (&["serve", "--data", "/tmp", "--listen", "not-an-address"], "invalid"),
-        (&["mount", "127.0.0.1:1", "/tmp", "--foreground"], "cannot reach 127.0.0.1:1"),
+        (&["mount", "127.0.0.1:1", "/tmp", "--foreground", "--insecure"], "cannot reach 127.0.0.1:1"),
+        (&["mount", "127.0.0.1:1", "/tmp", "--foreground", "--tls-dir", "/nonexistent/braid-tls"], "no TLS credentials in /nonexistent/braid-tls"),
+        (&["serve", "--data", "/tmp", "--tls-dir", "/nonexistent/braid-tls"], "braid init"),
+        (&["serve", "--data", "/tmp", "--insecure", "--max-size", "12X"], "unknown unit"),
         (&["mount", "127.0.0.1:1", "/nonexistent/braid-mnt"], "not a directory"),
         (&["frobnicate"], "unrecognized subcommand"),
     ];
@@ -58,7 +62,7 @@ fn default_mount_daemonizes_and_umount_unmounts() {
     let fixture = Fixture::serving_with(|export| std::fs::write(export.join("hello"), b"hi").expect("seed file"));
     let addr = fixture.addr().to_string();
     let mnt = fixture.mnt.to_str().expect("utf-8 path");
-    let (ok, text) = run(&["mount", &addr, mnt, "--timeout", "30"]);
+    let (ok, text) = run(&["mount", &addr, mnt, "--timeout", "30", "--insecure"]);
     assert!(ok, "daemonized mount failed: {text}");
     assert!(is_mount_point(&fixture.mnt), "mount returned before the mount was up");
     assert_eq!(std::fs::read(fixture.mnt.join("hello")).expect("read through the mount"), b"hi");

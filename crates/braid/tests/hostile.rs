@@ -15,7 +15,7 @@ use std::time::Duration;
 use braid_proto::limits::{DATA_BYTES_MAX, MESSAGE_BYTES_MAX};
 use braid_proto::{
     encode_frame, AttrChanges, ClientId, Command, CommandOk, FrameHeader, FrameKind, Handle, Hello, Request, TimeSet, Timestamp, Welcome,
-    Whence, WireError, HEADER_BYTES, PROTOCOL_VERSIONS,
+    Whence, WireError, HEADER_BYTES,
 };
 use common::{assert_closed_by_peer, wait_until, Fixture, RawSession, Rng};
 
@@ -294,7 +294,7 @@ fn send_after_handshake(fx: &Fixture, what: &str, bytes: &[u8]) {
 }
 
 fn hello() -> Hello {
-    Hello { versions: PROTOCOL_VERSIONS.to_vec(), client_id: ClientId(99), client_name: "hostile".into() }
+    Hello::new(ClientId(99), "hostile".into())
 }
 
 fn request_frame(id: u64, request: &Request) -> Vec<u8> {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use braid_proto::{
     encode_frame, Attr, ClientId, Command, CommandOk, Credentials, Entry, Errno, ExportInfo, Frame, FrameHeader, FrameKind, Handle, Hello,
-    Reply, Request, Response, Txn, TxnSeq, Welcome, WireError, HEADER_BYTES, PROTOCOL_VERSIONS,
+    Reply, Request, Response, Txn, TxnSeq, Welcome, WireError, HEADER_BYTES,
 };
 
 /// How long a process may take to come up (listen, or complete the FUSE mount).
@@ -46,6 +46,20 @@ pub struct Fixture {
     mount: Option<Child>,
     logs: PathBuf,
     server_starts: u32,
+    /// Extra arguments of `braid serve`; by default plain TCP, root trusted.
+    pub server_args: Vec<String>,
+    /// Extra arguments of `braid mount`; by default plain TCP.
+    pub mount_args: Vec<String>,
+}
+
+/// Server arguments of most tests: plain TCP (the TLS suite tests TLS) and root trusted, as
+/// pjdfstest-style checks of root's powers need.
+pub fn plain_server_args() -> Vec<String> {
+    vec!["--insecure".into(), "--no-root-squash".into()]
+}
+
+pub fn plain_mount_args() -> Vec<String> {
+    vec!["--insecure".into()]
 }
 
 impl Fixture {
@@ -63,6 +77,11 @@ impl Fixture {
 
     /// A server on an export that `prepare` fills first, without a mount.
     pub fn serving_with(prepare: impl FnOnce(&Path)) -> Self {
+        Self::serving_with_args(prepare, plain_server_args(), plain_mount_args())
+    }
+
+    /// A server started with `server_args` (mounts will use `mount_args`), without a mount.
+    pub fn serving_with_args(prepare: impl FnOnce(&Path), server_args: Vec<String>, mount_args: Vec<String>) -> Self {
         let root = tempfile::Builder::new().prefix("braid-e2e-").tempdir().expect("create temp dir");
         // Other users (tests that act as uid 1000) must be able to reach the mount point.
         fs::set_permissions(root.path(), fs::Permissions::from_mode(0o755)).expect("chmod temp dir");
@@ -74,7 +93,8 @@ impl Fixture {
             fs::create_dir_all(dir).expect("create fixture dir");
         }
         prepare(&export);
-        let mut fixture = Self { root, export, state, mnt, port: free_port(), server: None, mount: None, logs, server_starts: 0 };
+        let mut fixture =
+            Self { root, export, state, mnt, port: free_port(), server: None, mount: None, logs, server_starts: 0, server_args, mount_args };
         fixture.start_server();
         fixture
     }
@@ -97,6 +117,7 @@ impl Fixture {
             .arg(self.addr().to_string())
             .arg("--state")
             .arg(&self.state)
+            .args(&self.server_args)
             .env("BRAID_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log"))
@@ -149,6 +170,7 @@ impl Fixture {
             .arg("--foreground")
             .arg("--timeout")
             .arg(MOUNT_TIMEOUT_SECONDS.to_string())
+            .args(&self.mount_args)
             .env("BRAID_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log"))
@@ -336,7 +358,7 @@ impl RawSession {
     pub fn open_as(addr: SocketAddr, client_id: ClientId) -> Self {
         let mut stream = TcpStream::connect(addr).expect("connect");
         stream.set_read_timeout(Some(Duration::from_secs(20))).expect("read timeout");
-        let hello = Hello { versions: PROTOCOL_VERSIONS.to_vec(), client_id, client_name: "raw test session".into() };
+        let hello = Hello::new(client_id, "raw test session".into());
         stream.write_all(&encode_frame(FrameKind::Hello, 0, &hello, &[]).expect("encode hello")).expect("send hello");
         let frame = read_frame(&mut stream).expect("read welcome");
         assert_eq!(frame.header.kind, FrameKind::Welcome);
