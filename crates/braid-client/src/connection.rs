@@ -20,8 +20,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use braid_proto::{
-    encode_frame, encode_parts, ClientId, EncodedFrame, ExportInfo, Frame, FrameHeader, FrameKind, Handle, Hello, Lsn, Reply, Request, Response, Welcome, HEADER_BYTES,
-
+    encode_frame, encode_parts, ClientId, Credentials, EncodedFrame, ExportInfo, Frame, FrameHeader, FrameKind, Handle, Hello, Lsn, Reply,
+    Request, Response, Welcome, HEADER_BYTES,
 };
 
 use crate::{wire_error, ClientConfig, ClientError, Result};
@@ -175,7 +175,9 @@ impl Connection {
     fn restore_pins(self: &Arc<Self>) {
         let requests: Vec<Request> = {
             let pins = self.pins.lock().expect("pins lock");
-            pins.iter().flat_map(|(handle, n)| (0..*n).map(move |_| Request::Open { handle: handle.clone() })).collect()
+            // The opens were checked when they were made: existence is all that is asked again.
+            let reopen = |handle: &Handle| Request::Open { handle: handle.clone(), creds: Credentials::default(), access: 0 };
+            pins.iter().flat_map(|(handle, n)| (0..*n).map(move |_| reopen(handle))).collect()
         };
         if requests.is_empty() {
             return;
@@ -270,9 +272,12 @@ fn connect(config: &ClientConfig, client_id: ClientId) -> Result<(Channel, Expor
     match frame.decode::<Welcome>().map_err(|e| ClientError::Protocol(e.to_string()))? {
         Welcome::Accepted(info) => {
             if let Some(missing) = config.require.iter().find(|r| !info.algorithms.names().contains(&r.as_str())) {
-                return Err(ClientError::Refused { server: config.server.clone(), reason: format!("the server does not use required algorithm {missing}") });
+                return Err(ClientError::Refused {
+                    server: config.server.clone(),
+                    reason: format!("the server does not use required algorithm {missing}"),
+                });
             }
-            Ok((Channel { stream: BufReader::with_capacity(64 * 1024, stream) }, info))
+            Ok((Channel { stream: BufReader::with_capacity(64 * 1024, stream) }, *info))
         }
         Welcome::Refused { reason } => Err(ClientError::Refused { server: config.server.clone(), reason }),
     }

@@ -160,11 +160,12 @@ impl Client {
         }
     }
 
-    /// Tells the server this mount has `handle` open (see `Request::Open`). Pins are restored
-    /// after a server restart.
-    pub fn open(&self, handle: &Handle) -> Result<()> {
+    /// Tells the server this mount has `handle` open (see `Request::Open`), for `access`
+    /// (`R_OK`/`W_OK` bits) by `creds`. Pins are restored after a server restart.
+    pub fn open(&self, handle: &Handle, creds: Credentials, access: u32) -> Result<()> {
+        self.call(Request::Open { handle: handle.clone(), creds, access })?;
         self.connection.pin(handle, 1);
-        self.call(Request::Open { handle: handle.clone() }).map(|_| ())
+        Ok(())
     }
 
     /// Records a pin the server took as part of a command (`Command::Create { pin: true }`).

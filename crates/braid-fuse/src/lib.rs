@@ -320,8 +320,13 @@ impl Filesystem for BraidFs {
         self.reply_entry(reply, entry);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.handle(ino).and_then(|h| self.check(self.client.open(&h))) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let access = match flags.0 & libc::O_ACCMODE {
+            libc::O_WRONLY => libc::W_OK,
+            libc::O_RDWR => libc::R_OK | libc::W_OK,
+            _ => libc::R_OK,
+        } as u32;
+        match self.handle(ino).and_then(|h| self.check(self.client.open(&h, credentials(req), access))) {
             Ok(()) => reply.opened(FileHandle(0), FopenFlags::empty()),
             Err(e) => reply.error(e),
         }

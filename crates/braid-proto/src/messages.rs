@@ -84,11 +84,10 @@ impl Algorithms {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Welcome {
-    Accepted(ExportInfo),
+    /// Boxed: a refusal should not cost the size of a full export description.
+    Accepted(Box<ExportInfo>),
     /// The server refuses the client; the reason is for humans.
-    Refused {
-        reason: String,
-    },
+    Refused { reason: String },
 }
 
 /// What the server tells a client about the export at mount time.
@@ -220,9 +219,12 @@ pub enum Request {
         whence: Whence,
     },
     /// Keeps the object alive on the server while the client has it open, so an open file that
-    /// is unlinked stays readable. Released by `Release`.
+    /// is unlinked stays readable. Released by `Release`. The server checks that `creds` may
+    /// open it for `access` (`R_OK`/`W_OK` bits; 0: existence only), after root squash.
     Open {
         handle: Handle,
+        creds: Credentials,
+        access: u32,
     },
     Release {
         handle: Handle,

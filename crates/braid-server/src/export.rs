@@ -71,7 +71,9 @@ impl Export {
         let sealer = HandleSealer::new(key);
         let root_handle = sealer.seal(ObjectKind::Directory, &kernel);
         let quota = match max_bytes {
-            Some(max) => Some(Quota::scan(root.as_fd(), max).map_err(|source| ExportError::Open { path: dir.display().to_string(), source })?),
+            Some(max) => {
+                Some(Quota::scan(root.as_fd(), max).map_err(|source| ExportError::Open { path: dir.display().to_string(), source })?)
+            }
             None => None,
         };
         Ok(Self { root, root_handle, sealer, fds: Mutex::new(HashMap::new()), quota })
@@ -200,6 +202,19 @@ impl Export {
             Whence::Hole => rustix::fs::SeekFrom::Hole(offset),
         };
         rustix::fs::seek(&*fd, from).map_err(from_rustix)
+    }
+
+    /// Checks that `creds` may open the object for `access` (`R_OK`/`W_OK`), as the exported
+    /// file system decides, then pins it. Root (unsquashed) may open anything, as locally.
+    pub fn open_checked(&self, handle: &Handle, creds: &Credentials, access: u32) -> OpResult<()> {
+        if creds.uid != 0 && access != 0 {
+            let fd = self.fd(handle)?;
+            let access = rustix::fs::Access::from_bits_truncate(access as _);
+            // faccessat refuses AT_EMPTY_PATH; the /proc link reaches the same inode.
+            let path = proc_path(&fd)?;
+            as_caller(creds, || rustix::fs::accessat(rustix::fs::CWD, path.as_c_str(), access, AtFlags::EACCESS).map_err(from_rustix))?;
+        }
+        self.pin(handle)
     }
 
     /// Keeps the object's descriptor open until `unpin`, so an open file that gets unlinked

@@ -22,10 +22,11 @@ impl Quota {
     pub fn scan(root: BorrowedFd<'_>, max_bytes: u64) -> std::io::Result<Self> {
         let mut used = 0u64;
         let mut seen = HashSet::new();
-        let mut pending: Vec<OwnedFd> = vec![rustix::fs::openat(root, c".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?];
+        let mut pending: Vec<OwnedFd> =
+            vec![rustix::fs::openat(root, c".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?];
         while let Some(dir_fd) = pending.pop() {
-            let mut dir = rustix::fs::Dir::read_from(&dir_fd)?;
-            while let Some(entry) = dir.next() {
+            let dir = rustix::fs::Dir::read_from(&dir_fd)?;
+            for entry in dir {
                 let entry = entry?;
                 let name = entry.file_name();
                 if name == c"." || name == c".." {
@@ -33,7 +34,12 @@ impl Quota {
                 }
                 let Ok(stat) = rustix::fs::statat(&dir_fd, name, AtFlags::SYMLINK_NOFOLLOW) else { continue };
                 if stat.st_mode & libc::S_IFMT == libc::S_IFDIR {
-                    if let Ok(child) = rustix::fs::openat(&dir_fd, name, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW, Mode::empty()) {
+                    if let Ok(child) = rustix::fs::openat(
+                        &dir_fd,
+                        name,
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                        Mode::empty(),
+                    ) {
                         pending.push(child);
                     }
                 } else if stat.st_nlink <= 1 || seen.insert(stat.st_ino) {

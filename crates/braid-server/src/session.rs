@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use braid_proto::limits::{HANDSHAKE_TIMEOUT_MS, REQUESTS_IN_FLIGHT_MAX};
 use braid_proto::{
-    encode_frame, encode_parts, Algorithms, EncodedFrame, ExportInfo, CHECKSUMS, Frame, FrameHeader, FrameKind, Hello, Reply, Request, Response, Welcome, WireError, HEADER_BYTES,
-    PROTOCOL_VERSIONS,
+    encode_frame, encode_parts, Algorithms, EncodedFrame, ExportInfo, Frame, FrameHeader, FrameKind, Hello, Reply, Request, Response,
+    Welcome, WireError, CHECKSUMS, HEADER_BYTES, PROTOCOL_VERSIONS,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
@@ -111,7 +111,7 @@ async fn handshake(state: &ServerState, reader: &mut Reader, writer: &mut Writer
     }
     let hello: Hello = frame.decode()?;
     let welcome = match welcome(state, &hello, transport) {
-        Ok(info) => Welcome::Accepted(info),
+        Ok(info) => Welcome::Accepted(Box::new(info)),
         Err(reason) => Welcome::Refused { reason },
     };
     let bytes = encode_frame(FrameKind::Welcome, frame.header.request_id, &welcome, &[])?;
@@ -270,10 +270,15 @@ const NOBODY: u32 = 65534;
 /// Maps a remote root caller to nobody: with root squash, root on a client has no more power
 /// over the export than any other unprivileged user.
 fn squash_root(mut txn: braid_proto::Txn) -> braid_proto::Txn {
-    if txn.creds.uid == 0 {
-        txn.creds = braid_proto::Credentials { uid: NOBODY, gid: NOBODY, groups: Vec::new() };
-    }
+    txn.creds = squash_root_creds(txn.creds);
     txn
+}
+
+fn squash_root_creds(creds: braid_proto::Credentials) -> braid_proto::Credentials {
+    match creds.uid {
+        0 => braid_proto::Credentials { uid: NOBODY, gid: NOBODY, groups: Vec::new() },
+        _ => creds,
+    }
 }
 
 /// Requests that never wait for the disk in the common case: metadata reads and small
@@ -321,7 +326,10 @@ fn handle_blocking(state: &ServerState, client: braid_proto::ClientId, request: 
         Request::GetXattr { handle, name } => plain(export.getxattr(&handle, &name).map(Reply::Xattr)),
         Request::ListXattr { handle } => plain(export.listxattr(&handle).map(Reply::XattrList)),
         Request::Lseek { handle, offset, whence } => plain(export.lseek(&handle, offset, whence).map(Reply::Lseek)),
-        Request::Open { handle } => plain(export.pin(&handle).map(|()| Reply::Done)),
+        Request::Open { handle, creds, access } => {
+            let creds = if state.root_squash { squash_root_creds(creds) } else { creds };
+            plain(export.open_checked(&handle, &creds, access).map(|()| Reply::Done))
+        }
         Request::Release { handle } => plain(export.unpin(&handle).map(|()| Reply::Done)),
         Request::Txn(txn) => {
             if state.read_only {

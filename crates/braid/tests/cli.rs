@@ -42,7 +42,10 @@ fn bad_arguments_fail_with_a_clear_message() {
         (&["serve", "--data", "/nonexistent/braid-test", "--listen", "127.0.0.1:0"], "not a directory"),
         (&["serve", "--data", "/tmp", "--listen", "not-an-address"], "invalid"),
         (&["mount", "127.0.0.1:1", "/tmp", "--foreground", "--insecure"], "cannot reach 127.0.0.1:1"),
-        (&["mount", "127.0.0.1:1", "/tmp", "--foreground", "--tls-dir", "/nonexistent/braid-tls"], "no TLS credentials in /nonexistent/braid-tls"),
+        (
+            &["mount", "127.0.0.1:1", "/tmp", "--foreground", "--tls-dir", "/nonexistent/braid-tls"],
+            "no TLS credentials in /nonexistent/braid-tls",
+        ),
         (&["serve", "--data", "/tmp", "--tls-dir", "/nonexistent/braid-tls"], "braid init"),
         (&["serve", "--data", "/tmp", "--insecure", "--max-size", "12X"], "unknown unit"),
         (&["mount", "127.0.0.1:1", "/nonexistent/braid-mnt"], "not a directory"),

@@ -50,6 +50,8 @@ pub struct Fixture {
     pub server_args: Vec<String>,
     /// Extra arguments of `braid mount`; by default plain TCP.
     pub mount_args: Vec<String>,
+    /// Where the mount connects, if not straight to the server (a proxy).
+    pub mount_via: Option<SocketAddr>,
 }
 
 /// Server arguments of most tests: plain TCP (the TLS suite tests TLS) and root trusted, as
@@ -93,8 +95,20 @@ impl Fixture {
             fs::create_dir_all(dir).expect("create fixture dir");
         }
         prepare(&export);
-        let mut fixture =
-            Self { root, export, state, mnt, port: free_port(), server: None, mount: None, logs, server_starts: 0, server_args, mount_args };
+        let mut fixture = Self {
+            root,
+            export,
+            state,
+            mnt,
+            port: free_port(),
+            server: None,
+            mount: None,
+            logs,
+            server_starts: 0,
+            server_args,
+            mount_args,
+            mount_via: None,
+        };
         fixture.start_server();
         fixture
     }
@@ -165,7 +179,7 @@ impl Fixture {
         let log = self.log_file("mount.log");
         let child = Process::new(braid_exe())
             .arg("mount")
-            .arg(self.addr().to_string())
+            .arg(self.mount_via.unwrap_or(self.addr()).to_string())
             .arg(&self.mnt)
             .arg("--foreground")
             .arg("--timeout")
@@ -363,7 +377,7 @@ impl RawSession {
         let frame = read_frame(&mut stream).expect("read welcome");
         assert_eq!(frame.header.kind, FrameKind::Welcome);
         match frame.decode::<Welcome>().expect("welcome decodes") {
-            Welcome::Accepted(info) => Self { stream, info, next_request_id: 1, next_seq: 1 },
+            Welcome::Accepted(info) => Self { stream, info: *info, next_request_id: 1, next_seq: 1 },
             Welcome::Refused { reason } => panic!("server refused the raw session: {reason}"),
         }
     }
