@@ -249,27 +249,64 @@ fn absurd_but_well_formed_requests_get_errors_not_crashes() {
 fn many_idle_connections_do_not_starve_the_mount() {
     // Goal: connections that never speak, or speak once and then idle, do not block service
     // to a mount in use.
-    // Method: keep a mount busy; open 200 connections that send nothing and 50 that complete
+    // Method: keep a mount busy; open 3000 connections that send nothing and 50 that complete
     // the handshake and then idle; hold them all while the mount is used; then close them.
+    raise_descriptor_limit(8192);
     let mut fx = Fixture::mounted();
     let worker = Worker::start(fx.m("busy"));
     worker.wait_for_progress();
 
     let silent: Vec<TcpStream> =
-        (0..200).map(|i| TcpStream::connect(fx.addr()).unwrap_or_else(|e| panic!("connection {i}: {e}"))).collect();
-    fx.assert_mount_works("200-silent");
+        (0..3000).map(|i| TcpStream::connect(fx.addr()).unwrap_or_else(|e| panic!("connection {i}: {e}"))).collect();
+    fx.assert_mount_works("3000-silent");
     let sessions: Vec<RawSession> = (0..50).map(|_| RawSession::open(fx.addr())).collect();
     fx.assert_mount_works("50-idle-sessions");
     worker.wait_for_progress();
     let mut fresh = RawSession::open(fx.addr());
     let root = fresh.root();
-    assert!(fresh.getattr(&root).is_ok(), "a new session is served while 250 others idle");
+    assert!(fresh.getattr(&root).is_ok(), "a new session is served while 3050 others idle");
 
     drop(silent);
     drop(sessions);
     fx.assert_mount_works("after-close");
     worker.wait_for_progress();
     worker.stop_and_check();
+}
+
+#[test]
+fn a_million_small_frames_are_all_answered() {
+    // Goal: a flood of small pipelined requests on one connection is served in full, with
+    // backpressure instead of unbounded memory, while a mount keeps working.
+    // Method: one thread writes 1,000,000 GetAttr frames without waiting; this thread reads
+    // the responses and checks each request id is answered once.
+    const FRAMES: u64 = 1_000_000;
+    let mut fx = Fixture::mounted();
+    let mut session = RawSession::open(fx.addr());
+    let root = session.root();
+    let mut writer = session.stream.try_clone().expect("clone stream");
+    let sender = std::thread::spawn(move || {
+        let frame = |id| encode_frame(FrameKind::Request, id, &Request::GetAttr { handle: root.clone() }, &[]).expect("encode");
+        let mut batch = Vec::new();
+        for id in 1..=FRAMES {
+            batch.extend(frame(id));
+            if batch.len() > 256 * 1024 || id == FRAMES {
+                writer.write_all(&batch).expect("send frames");
+                batch.clear();
+            }
+        }
+    });
+    let mut answered = vec![false; FRAMES as usize + 1];
+    for n in 0..FRAMES {
+        let frame = common::read_frame(&mut session.stream).unwrap_or_else(|e| panic!("response {n}: {e}"));
+        let id = frame.header.request_id as usize;
+        assert!(!std::mem::replace(&mut answered[id], true), "request {id} answered twice");
+        if n == FRAMES / 2 {
+            fx.assert_mount_works("mid-flood");
+        }
+    }
+    sender.join().expect("sender");
+    assert!(answered[1..].iter().all(|a| *a), "every request answered");
+    fx.assert_mount_works("after-flood");
 }
 
 // ---- helpers ----------------------------------------------------------------------------
@@ -427,4 +464,15 @@ fn pipelined_requests_are_answered_out_of_order_by_request_id() {
     sorted.sort_unstable();
     assert_eq!(sorted, vec![1000, 1001, 1002, 1003], "each request answered once");
     assert_ne!(order[0], 1000, "the quick requests waited behind the commit: {order:?}");
+}
+
+/// Raises this test process's descriptor limit so that it can hold many connections.
+fn raise_descriptor_limit(wanted: u64) {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid out-parameter.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = wanted.min(limit.rlim_max);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
 }

@@ -211,3 +211,21 @@ fn pump(mut from: TcpStream, mut to: TcpStream, flip: Option<Arc<AtomicBool>>) {
     let _ = to.shutdown(std::net::Shutdown::Both);
     let _ = from.shutdown(std::net::Shutdown::Both);
 }
+
+#[test]
+fn garbage_after_a_tls_hello_closes_only_that_connection() {
+    // Goal: a connection that starts like TLS and then sends junk fails its handshake alone.
+    let creds = tempfile::tempdir().expect("temp dir");
+    init_credentials(creds.path());
+    let dir = creds.path().to_str().expect("utf-8").to_string();
+    let mut fixture =
+        Fixture::serving_with_args(|_| {}, vec!["--tls-dir".into(), dir.clone(), "--no-root-squash".into()], vec!["--tls-dir".into(), dir]);
+    fixture.mount();
+    for junk in [&b"\x16\x03\x01\x02\x00garbage garbage garbage"[..], &[0x16; 4096][..], &b"\x16\x03\x03\x00\x05\x01\x00\x00\x01\x00"[..]] {
+        let mut stream = TcpStream::connect(fixture.addr()).expect("connect");
+        let _ = stream.write_all(junk);
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        common::assert_closed_by_peer(&mut stream, "TLS junk", std::time::Duration::from_secs(15));
+        fixture.assert_mount_works("after TLS junk");
+    }
+}
