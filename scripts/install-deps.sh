@@ -38,7 +38,7 @@ if ! command -v cargo >/dev/null; then
   curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal >/dev/null \
     || die "rustup install failed (no network?); install a Rust toolchain >= 1.85 and re-run"
 fi
-for crate in pjdfstest fsx; do
+for crate in pjdfstest fsx cargo-fuzz; do
   if [ -x "$CARGO_BIN/$crate" ]; then continue; fi
   say "cargo install --locked $crate (a few minutes)"
   log=$(mktemp)

@@ -8,6 +8,7 @@
 #   fsx       tests/conformance/fsx.sh on a fresh braid mount
 #   crash     tests/crash/maildir-crash.sh (maildir delivery across server kills) and
 #             tests/crash/fsx-kill.sh (fsx across server kills); each manages its own server/mount
+#   fuzz      scripts/fuzz.sh: the frame and message decoders under libFuzzer, FUZZ_SECONDS each
 # Prints PASS/FAIL/SKIP and seconds per stage, and a summary. Budget: ~30 min on 2 cores.
 # Env: STAGES (subset, e.g. "build pjdfstest"), TEST_OUT (dir for suite logs), plus what the
 # scripts read (BRAID, FSX_OPS, FSX_TIMEOUT, PJDFS_TIMEOUT, NAPTIME, ...).
@@ -18,7 +19,7 @@ export TEST_OUT=${TEST_OUT:-/tmp/braid-test-$(date +%Y%m%d-%H%M%S)}
 export PJDFS_OUT=$TEST_OUT/pjdfstest FSX_OUT=$TEST_OUT/fsx
 # keep the worst case inside the budget: pjdfstest takes seconds, fsx a few minutes per variant
 export PJDFS_TIMEOUT=${PJDFS_TIMEOUT:-600} FSX_TIMEOUT=${FSX_TIMEOUT:-420}
-STAGES=${STAGES:-deps build lint test pjdfstest fsx crash}
+STAGES=${STAGES:-deps build lint test pjdfstest fsx crash fuzz}
 summary=()
 
 finish() {
@@ -46,4 +47,5 @@ stage test cargo test --release --workspace
 stage pjdfstest tests/e2e/with-mount.sh tests/conformance/pjdfstest.sh
 stage fsx tests/e2e/with-mount.sh tests/conformance/fsx.sh
 stage crash bash -c 'tests/crash/maildir-crash.sh && tests/crash/fsx-kill.sh'
+stage fuzz scripts/fuzz.sh "${FUZZ_SECONDS:-20}"
 finish; echo "ALL PASSED"
