@@ -234,6 +234,35 @@ fn read_frame(reader: &mut impl Read) -> std::result::Result<Frame, String> {
     Frame::from_payload(header, payload).map_err(|e| e.to_string())
 }
 
+/// A socket whose reads are buffered: rustls reads TLS records a few kilobytes at a time, and a
+/// 1 MiB response would otherwise cost hundreds of read system calls.
+struct BufferedSocket {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl BufferedSocket {
+    fn new(socket: TcpStream) -> std::io::Result<Self> {
+        Ok(Self { writer: socket.try_clone()?, reader: BufReader::with_capacity(256 * 1024, socket) })
+    }
+}
+
+impl Read for BufferedSocket {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.reader.read(buf)
+    }
+}
+
+impl Write for BufferedSocket {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.writer.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.writer.flush()
+    }
+}
+
 fn connect(config: &ClientConfig, client_id: ClientId) -> Result<(Channel, ExportInfo)> {
     let unreachable = |reason: String| ClientError::Unreachable { server: config.server.clone(), reason };
     let addr = config
@@ -250,7 +279,7 @@ fn connect(config: &ClientConfig, client_id: ClientId) -> Result<(Channel, Expor
         Some(tls) => {
             let name = braid_tls::server_name(&config.server).map_err(|e| unreachable(e.to_string()))?;
             let session = rustls::ClientConnection::new(tls.clone(), name).map_err(|e| unreachable(e.to_string()))?;
-            Box::new(rustls::StreamOwned::new(session, tcp))
+            Box::new(rustls::StreamOwned::new(session, BufferedSocket::new(tcp).map_err(|e| unreachable(e.to_string()))?))
         }
         None => Box::new(tcp),
     };
