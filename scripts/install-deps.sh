@@ -4,14 +4,19 @@
 #   apt:   fuse3 libfuse3-dev pkg-config (build of the FUSE client), bindfs fio postmark (bench peers and
 #          workloads), attr (xattr tools), python3 (bench helpers, fsx probe), util-linux (mountpoint,
 #          fallocate, findmnt), passwd (useradd for the pjdfstest user), build-essential (cc for cargo install).
-#   cargo: pjdfstest and fsx (conformance suites), installed into ~/.cargo/bin, which CI may cache.
+#   cargo: pjdfstest, fsx (conformance suites) and cargo-fuzz, installed into ~/.cargo/bin, which CI
+#          may cache.
+# --runtime: only what building and running braid needs (FUSE, a C compiler, Rust), no test tools.
 set -euo pipefail
+runtime_only=false
+[ "${1:-}" = --runtime ] && runtime_only=true
 
 die() { echo "install-deps: ERROR: $*" >&2; exit 1; }
 say() { echo "install-deps: $*"; }
 [ "$(id -u)" = 0 ] || die "must run as root (apt-get, and the suites need root anyway)"
 
-APT_PKGS=(fuse3 libfuse3-dev pkg-config bindfs fio postmark attr python3 util-linux passwd procps build-essential curl ca-certificates)
+APT_PKGS=(fuse3 pkg-config util-linux build-essential curl ca-certificates)
+$runtime_only || APT_PKGS+=(libfuse3-dev bindfs fio postmark attr python3 passwd procps)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -39,7 +44,7 @@ if ! command -v cargo >/dev/null; then
     || die "rustup install failed (no network?); install a Rust toolchain >= 1.85 and re-run"
 fi
 for crate in pjdfstest fsx cargo-fuzz; do
-  if [ -x "$CARGO_BIN/$crate" ]; then continue; fi
+  if $runtime_only || [ -x "$CARGO_BIN/$crate" ]; then continue; fi
   say "cargo install --locked $crate (a few minutes)"
   log=$(mktemp)
   if ! cargo install --locked --quiet "$crate" >"$log" 2>&1; then
@@ -50,4 +55,4 @@ done
 
 # FUSE needs /dev/fuse; without it nothing mounts (e.g. an unprivileged container).
 [ -c /dev/fuse ] || die "/dev/fuse missing (load the fuse module or run the container with --device /dev/fuse)"
-say "ok (apt: ${#APT_PKGS[@]} packages present; pjdfstest, fsx in $CARGO_BIN)"
+if $runtime_only; then say "ok (apt: ${#APT_PKGS[@]} packages present; cargo in $CARGO_BIN)"; else say "ok (apt: ${#APT_PKGS[@]} packages present; pjdfstest, fsx, cargo-fuzz in $CARGO_BIN)"; fi

@@ -10,7 +10,7 @@ export_dir=${1:-/srv/braid-export}
 mountpoint=${2:-/mnt/braid}
 addr=127.0.0.1:7700
 
-scripts/install-deps.sh
+scripts/install-deps.sh --runtime
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 cargo build --release --quiet
 install -m 755 target/release/braid /usr/local/bin/braid
@@ -19,7 +19,9 @@ install -m 755 target/release/braid /usr/local/bin/braid
 # server accepts only clients holding a certificate of this authority, over TLS 1.3.
 [ -f /etc/braid/ca.pem ] || braid init
 mkdir -p "$export_dir" "$mountpoint"
-braid serve --data "$export_dir" --listen "$addr" >>/var/log/braid-serve.log 2>&1 &
+# --no-root-squash: server and mount are on this one machine, and you are root on both; a
+# server for other machines should keep the default (remote root acts as nobody).
+braid serve --data "$export_dir" --listen "$addr" --no-root-squash >>/var/log/braid-serve.log 2>&1 &
 echo $! > /run/braid-serve.pid
 for _ in $(seq 1 50); do
   (exec 3<>"/dev/tcp/${addr%:*}/${addr#*:}") 2>/dev/null && break

@@ -377,8 +377,10 @@ impl Export {
             rustix::fs::openat(dir.as_fd(), name.as_c_str(), flags, perm)
                 .or_else(|e| match e {
                     // An existing file the caller may only read: still a successful open(O_CREAT).
+                    // If there is no such file, the directory refused the creation: keep EACCES.
                     rustix::io::Errno::ACCESS if !exclusive => {
                         rustix::fs::openat(dir.as_fd(), name.as_c_str(), OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW, perm)
+                            .map_err(|again| if again == rustix::io::Errno::NOENT { e } else { again })
                     }
                     e => Err(e),
                 })

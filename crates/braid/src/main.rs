@@ -129,7 +129,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Commands::Serve(args) => serve(args),
-        Commands::Mount(args) if args.foreground || args.notify_ready => mount(args, cli.log_file.is_some()),
+        Commands::Mount(args) if args.foreground || args.notify_ready => mount(args, cli.log_file.as_deref()),
         Commands::Mount(args) => daemonize_mount(&args),
         Commands::Init(args) => init(&args),
         Commands::Umount { mountpoint } => umount(&mountpoint),
@@ -270,7 +270,7 @@ fn default_state_dir(data: &Path) -> PathBuf {
     data.with_file_name(format!("{name}.braid-state"))
 }
 
-fn mount(args: MountArgs, logs_to_file: bool) -> Result<()> {
+fn mount(args: MountArgs, log_file: Option<&Path>) -> Result<()> {
     if !args.mountpoint.is_dir() {
         bail!("mount point {}: not a directory", args.mountpoint.display());
     }
@@ -296,7 +296,7 @@ fn mount(args: MountArgs, logs_to_file: bool) -> Result<()> {
         // The parent waits for this line, then exits; our stdout is its pipe.
         println!("ready");
         std::io::stdout().flush()?;
-        detach_from_terminal(logs_to_file)?;
+        detach_from_terminal(log_file)?;
     }
     session.run().context("FUSE session failed")?;
     tracing::info!(mountpoint = %args.mountpoint.display(), "unmounted");
@@ -325,15 +325,18 @@ fn daemonize_mount(_args: &MountArgs) -> Result<()> {
 
 use std::os::unix::process::CommandExt;
 
-/// After "ready" the parent has exited: stdout is a closed pipe and stderr a terminal that may
-/// go away. Point both at /dev/null (stderr only if logs do not go to a file already).
-fn detach_from_terminal(logs_to_file: bool) -> Result<()> {
+/// After "ready" the parent has exited: stdout is a closed pipe and stderr a terminal (or a
+/// pipe) that may go away or keep a reader waiting for ever. Point stdout at /dev/null and
+/// stderr at the log file (so that a panic message is kept), or at /dev/null without one.
+fn detach_from_terminal(log_file: Option<&Path>) -> Result<()> {
     use std::os::fd::AsRawFd;
     let null = std::fs::OpenOptions::new().write(true).open("/dev/null").context("cannot open /dev/null")?;
     nix::unistd::dup2(null.as_raw_fd(), 1).context("cannot redirect stdout")?;
-    if !logs_to_file {
-        nix::unistd::dup2(null.as_raw_fd(), 2).context("cannot redirect stderr")?;
-    }
+    let stderr = match log_file {
+        Some(path) => std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?,
+        None => null,
+    };
+    nix::unistd::dup2(stderr.as_raw_fd(), 2).context("cannot redirect stderr")?;
     Ok(())
 }
 

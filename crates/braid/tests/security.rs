@@ -135,6 +135,8 @@ fn remote_root_is_squashed_by_default() {
         common::plain_mount_args(),
     );
     fixture.mount();
+    let denied = fs::write(fixture.m("not-mine"), b"x").expect_err("nobody cannot create in root's directory");
+    assert_eq!(denied.raw_os_error(), Some(libc::EACCES), "{denied}");
     fs::write(fixture.m("shared/mine"), b"x").expect("create in a world-writable directory");
     assert_eq!(fs::metadata(fixture.e("shared/mine")).expect("stat").uid(), 65534, "created as nobody");
     let error = fs::write(fixture.m("roots"), b"changed").expect_err("root's file is not writable by nobody");
