@@ -42,6 +42,8 @@ pub struct MountOptions {
     pub threads: usize,
     /// Shown as the source in `mount` / `/proc/mounts`.
     pub fs_name: String,
+    /// Kernel readahead for sequential reads, in KiB.
+    pub readahead_kb: u32,
 }
 
 pub struct BraidFs {
@@ -79,7 +81,30 @@ pub fn mount(fs: BraidFs, mountpoint: &Path, options: &MountOptions) -> io::Resu
     config.acl = if nix_is_root() { SessionACL::All } else { SessionACL::Owner };
     config.n_threads = Some(options.threads.max(2));
     config.clone_fd = true;
-    Session::new(fs, mountpoint, &config)
+    let session = Session::new(fs, mountpoint, &config)?;
+    if let Err(e) = set_readahead(mountpoint, options.readahead_kb) {
+        tracing::warn!(error = %e, "cannot set the mount's readahead; sequential reads will be slower");
+    }
+    Ok(session)
+}
+
+/// Sets the kernel readahead of the mount. FUSE mounts start with 128 KiB (the kernel default,
+/// which the FUSE handshake can only lower); a sequential read then waits for one small
+/// request at a time. Only root may change it. The device number comes from mountinfo: a
+/// `stat` of the mount point would be a FUSE request, and nothing serves them yet.
+fn set_readahead(mountpoint: &Path, readahead_kb: u32) -> io::Result<()> {
+    let mountpoint = std::fs::canonicalize(mountpoint)?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    // Fields: id, parent id, major:minor, root, mount point, ... (the last mount wins).
+    let device = mountinfo
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            (fields.get(4).map(Path::new) == Some(mountpoint.as_path())).then(|| fields[2].to_string())
+        })
+        .last()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "mount not in /proc/self/mountinfo"))?;
+    std::fs::write(format!("/sys/class/bdi/{device}/read_ahead_kb"), readahead_kb.to_string())
 }
 
 fn nix_is_root() -> bool {

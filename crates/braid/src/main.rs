@@ -110,6 +110,9 @@ struct MountArgs {
     /// Kernel request threads.
     #[arg(long, default_value_t = 8)]
     threads: usize,
+    /// Kernel readahead in KiB for sequential reads (FUSE's own default is 128).
+    #[arg(long, value_name = "KIB", default_value_t = 1024)]
+    readahead_kb: u32,
     /// Refuse to mount unless the server uses this algorithm (repeatable): a checksum such as
     /// crc32c, the cipher tls13, or the authentication x509.
     #[arg(long, value_name = "ALGORITHM")]
@@ -287,6 +290,7 @@ fn mount(args: MountArgs, log_file: Option<&Path>) -> Result<()> {
         attr_ttl: Duration::from_secs_f64(args.attr_ttl),
         threads: args.threads,
         fs_name: format!("braid:{}", args.server),
+        readahead_kb: args.readahead_kb,
     };
     let fs = braid_fuse::BraidFs::new(client, &info, &options);
     let session = braid_fuse::mount(fs, &args.mountpoint, &options)
