@@ -98,11 +98,11 @@ fn set_readahead(mountpoint: &Path, readahead_kb: u32) -> io::Result<()> {
     // Fields: id, parent id, major:minor, root, mount point, ... (the last mount wins).
     let device = mountinfo
         .lines()
-        .filter_map(|line| {
+        .rev()
+        .find_map(|line| {
             let fields: Vec<&str> = line.split(' ').collect();
             (fields.get(4).map(Path::new) == Some(mountpoint.as_path())).then(|| fields[2].to_string())
         })
-        .last()
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "mount not in /proc/self/mountinfo"))?;
     std::fs::write(format!("/sys/class/bdi/{device}/read_ahead_kb"), readahead_kb.to_string())
 }
