@@ -134,6 +134,11 @@ impl Connection {
                     }
                     // Every idle channel went to the same server: drop them too.
                     self.idle.lock().expect("idle lock").clear();
+                    // A server that accepts connections but drops this request every time must
+                    // not keep the caller for ever either.
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err(self.timed_out());
+                    }
                 }
             }
         };
@@ -141,6 +146,11 @@ impl Connection {
         self.durable.fetch_max(decoded.durable.0, Ordering::AcqRel);
         let reply = decoded.result.map_err(wire_error)?;
         Ok((reply, response.data))
+    }
+
+    fn timed_out(&self) -> ClientError {
+        let budget = self.config.retry_budget.unwrap_or_default();
+        ClientError::TimedOut { server: self.config.server.clone(), budget_ms: budget.as_millis() }
     }
 
     /// Connects a new channel, retrying with backoff until `deadline`.
@@ -162,8 +172,7 @@ impl Connection {
                 Err(e) => tracing::debug!(error = %e, "reconnect failed"),
             }
             if deadline.is_some_and(|d| Instant::now() + backoff > d) {
-                let budget = self.config.retry_budget.unwrap_or_default();
-                return Err(ClientError::TimedOut { server: self.config.server.clone(), budget_ms: budget.as_millis() });
+                return Err(self.timed_out());
             }
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);

@@ -159,3 +159,64 @@ fn drop_page_cache(file: &fs::File) {
     let ret = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     assert_eq!(ret, 0, "posix_fadvise");
 }
+
+#[test]
+fn a_server_that_drops_every_request_gives_etimedout_not_a_hang() {
+    // Goal: a mount never hangs for ever: when the server accepts connections but never answers
+    // (here it closes each one at the first request), a call fails with ETIMEDOUT once the
+    // retry budget (`--timeout`) is spent. Method: a fake server completes the handshake and
+    // drops every request; stat on the mount must fail with ETIMEDOUT within the deadline.
+    use braid_proto::{encode_frame, FrameKind, Welcome};
+    use std::io::Write;
+    let real = Fixture::serving_with(|_| {});
+    let info = RawSession::open(real.addr()).info;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind fake server");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let info = info.clone();
+            std::thread::spawn(move || {
+                if common::read_frame(&mut stream).is_err() {
+                    return;
+                }
+                let welcome = encode_frame(FrameKind::Welcome, 0, &Welcome::Accepted(Box::new(info)), &[]).expect("encode");
+                let _ = stream.write_all(&welcome);
+                let _ = common::read_frame(&mut stream); // the first request: dropped with the connection
+            });
+        }
+    });
+    let mnt = tempfile::tempdir().expect("mount point");
+    let client = std::process::Command::new(common::braid_exe())
+        .args(["mount", &addr.to_string(), mnt.path().to_str().expect("utf-8"), "--foreground", "--insecure", "--timeout", "2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn braid mount");
+    let _mount = FakeMount { client, mnt: mnt.path().to_path_buf() };
+    // Not a stat of the mount point: that would itself wait for the silent server.
+    common::wait_until("fake mount", common::START_DEADLINE, || in_mountinfo(mnt.path()));
+    let started = std::time::Instant::now();
+    let error = fs::metadata(mnt.path().join("anything")).expect_err("no server answers");
+    let waited = started.elapsed();
+    assert_eq!(error.raw_os_error(), Some(libc::ETIMEDOUT), "{error}");
+    assert!(waited < std::time::Duration::from_secs(30), "failed only after {waited:?}");
+}
+
+/// A mount of the fake server, unmounted and its client killed even if the test fails.
+struct FakeMount {
+    client: std::process::Child,
+    mnt: std::path::PathBuf,
+}
+
+impl Drop for FakeMount {
+    fn drop(&mut self) {
+        let _ = self.client.kill();
+        let _ = self.client.wait();
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.mnt).status();
+    }
+}
+
+fn in_mountinfo(path: &std::path::Path) -> bool {
+    let info = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    info.lines().any(|line| line.split(' ').nth(4) == path.to_str())
+}
