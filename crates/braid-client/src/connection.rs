@@ -20,7 +20,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use braid_proto::{
-    encode_frame, encode_parts, ClientId, Credentials, EncodedFrame, ExportInfo, Frame, FrameHeader, FrameKind, Handle, Hello, Lsn, Reply,
+    encode_frame, encode_parts, ClientId, Credentials, EncodedFrame, ExportInfo, Frame, FrameHeader, FrameKind, Handle, Hello, Reply,
     Request, Response, Welcome, HEADER_BYTES,
 };
 
@@ -37,7 +37,6 @@ pub struct Connection {
     idle: Mutex<Vec<Channel>>,
     gate: Gate,
     next_request_id: AtomicU64,
-    durable: AtomicU64,
     server_instance: AtomicU64,
     /// Set when a channel failed, so the next successful connect is logged.
     lost: AtomicBool,
@@ -90,16 +89,11 @@ impl Connection {
             idle: Mutex::new(vec![channel]),
             gate: Gate { count: Mutex::new(0), freed: Condvar::new() },
             next_request_id: AtomicU64::new(1),
-            durable: AtomicU64::new(0),
             server_instance: AtomicU64::new(info.server_instance),
             lost: AtomicBool::new(false),
             pins: Mutex::new(HashMap::new()),
         });
         Ok((connection, info))
-    }
-
-    pub fn durable(&self) -> Lsn {
-        Lsn(self.durable.load(Ordering::Acquire))
     }
 
     pub(crate) fn pin(&self, handle: &Handle, delta: i64) {
@@ -143,7 +137,6 @@ impl Connection {
             }
         };
         let decoded: Response = response.decode().map_err(|e| ClientError::Protocol(e.to_string()))?;
-        self.durable.fetch_max(decoded.durable.0, Ordering::AcqRel);
         let reply = decoded.result.map_err(wire_error)?;
         Ok((reply, response.data))
     }

@@ -92,10 +92,6 @@ impl Client {
         Ok((Self { connection, txns }, info))
     }
 
-    pub fn durable(&self) -> Lsn {
-        self.connection.durable()
-    }
-
     pub fn lookup(&self, parent: &Handle, name: &[u8]) -> Result<Entry> {
         match self.call(Request::Lookup { parent: parent.clone(), name: name.to_vec() })? {
             Reply::Entry(entry) => Ok(entry),

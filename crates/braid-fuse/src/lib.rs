@@ -138,12 +138,15 @@ impl BraidFs {
 
     fn reply_entry(&self, reply: ReplyEntry, entry: Result<Entry, Errno>) {
         match entry {
-            Ok(entry) => {
-                let node = self.inodes.lock().expect("inode lock").remember(entry.attr.ino, &entry.handle);
-                reply.entry(&self.ttl, &file_attr(node, &entry.attr), Generation(0));
-            }
+            Ok(entry) => reply.entry(&self.ttl, &self.remember(&entry), Generation(0)),
             Err(e) => reply.error(e),
         }
+    }
+
+    /// Records the kernel's new reference to `entry` and returns the attributes it is told.
+    fn remember(&self, entry: &Entry) -> FileAttr {
+        let node = self.inodes.lock().expect("inode lock").remember(entry.attr.ino, &entry.handle);
+        file_attr(node, &entry.attr)
     }
 
     fn reply_empty(&self, reply: ReplyEmpty, result: Result<(), Errno>) {
@@ -390,11 +393,7 @@ impl Filesystem for BraidFs {
             let command = Command::Write { handle, offset, len: data.len() as u32 };
             self.apply(req, command, data.to_vec())
         });
-        match result {
-            Ok(CommandOk::Written(n)) => reply.written(n as u32),
-            Ok(_) => reply.error(Errno::EIO),
-            Err(e) => reply.error(e),
-        }
+        reply_written(reply, result);
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
@@ -529,10 +528,7 @@ impl Filesystem for BraidFs {
             Ok(entry)
         });
         match entry {
-            Ok(entry) => {
-                let node = self.inodes.lock().expect("inode lock").remember(entry.attr.ino, &entry.handle);
-                reply.created(&self.ttl, &file_attr(node, &entry.attr), Generation(0), FileHandle(0), FopenFlags::empty());
-            }
+            Ok(entry) => reply.created(&self.ttl, &self.remember(&entry), Generation(0), FileHandle(0), FopenFlags::empty()),
             Err(e) => reply.error(e),
         }
     }
@@ -574,11 +570,15 @@ impl Filesystem for BraidFs {
             let len = len.min(u32::MAX as u64 & !0xfff);
             self.apply(req, Command::CopyFileRange { source, source_offset: offset_in, target, target_offset: offset_out, len }, Vec::new())
         });
-        match result {
-            Ok(CommandOk::Written(n)) => reply.written(n as u32),
-            Ok(_) => reply.error(Errno::EIO),
-            Err(e) => reply.error(e),
-        }
+        reply_written(reply, result);
+    }
+}
+
+fn reply_written(reply: ReplyWrite, result: Result<CommandOk, Errno>) {
+    match result {
+        Ok(CommandOk::Written(n)) => reply.written(n as u32),
+        Ok(_) => reply.error(Errno::EIO),
+        Err(e) => reply.error(e),
     }
 }
 

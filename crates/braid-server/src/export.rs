@@ -8,10 +8,9 @@
 //! exported file system itself decides ownership and permissions; descriptors are opened
 //! beforehand with the server's own credentials.
 use std::collections::HashMap;
-use std::ffi::{CString, OsStr};
+use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -709,9 +708,4 @@ fn dtype_to_mode(d_type: u8) -> u32 {
         libc::DT_BLK => libc::S_IFBLK,
         _ => 0,
     }
-}
-
-/// For logs: a name as text.
-pub fn show_name(name: &[u8]) -> std::borrow::Cow<'_, str> {
-    OsStr::from_bytes(name).to_string_lossy()
 }

@@ -56,18 +56,8 @@ enum Transport {
 
 pub async fn serve_connection(state: Arc<ServerState>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let opened = tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), open_transport(&state, stream))
-        .await
-        .unwrap_or(Err(SessionError::HandshakeTimeout));
-    let (mut reader, mut writer, transport) = match opened {
-        Ok(opened) => opened,
-        Err(e) => {
-            tracing::warn!(%peer, error = %e, "closing connection during handshake");
-            return;
-        }
-    };
-    let hello = match handshake(&state, &mut reader, &mut writer, transport).await {
-        Ok(hello) => hello,
+    let (mut reader, writer, hello, transport) = match start(&state, stream).await {
+        Ok(started) => started,
         Err(e) => {
             tracing::warn!(%peer, error = %e, "closing connection during handshake");
             return;
@@ -84,22 +74,38 @@ pub async fn serve_connection(state: Arc<ServerState>, stream: TcpStream, peer: 
     writer_task.abort();
 }
 
+/// Transport set-up and handshake: everything before the first request.
+async fn start(state: &ServerState, stream: TcpStream) -> Result<(Reader, Writer, Hello, Transport), SessionError> {
+    let opened = tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), open_transport(state, stream));
+    let (mut reader, mut writer, transport) = opened.await.map_err(|_| SessionError::HandshakeTimeout)??;
+    let hello = handshake(state, &mut reader, &mut writer, transport).await?;
+    Ok((reader, writer, hello, transport))
+}
+
 /// Sets up TLS when the server has credentials. A client that starts with a plain braid hello
 /// instead of a TLS ClientHello gets a refusal it can show, not a dropped connection.
 async fn open_transport(state: &ServerState, stream: TcpStream) -> Result<(Reader, Writer, Transport), SessionError> {
     let Some(acceptor) = &state.tls else {
         let (reader, writer) = stream.into_split();
-        return Ok((Box::new(reader), BufWriter::with_capacity(WRITE_BUFFER_BYTES, Box::new(writer)), Transport::Plain));
+        return Ok(boxed(reader, writer, Transport::Plain));
     };
     let mut first = [0u8; 1];
     let peeked = stream.peek(&mut first).await?;
     if peeked == 1 && first[0] == TLS_HANDSHAKE_RECORD {
         let tls = acceptor.accept(stream).await.map_err(|e| SessionError::Tls(e.to_string()))?;
         let (reader, writer) = tokio::io::split(tls);
-        return Ok((Box::new(reader), BufWriter::with_capacity(WRITE_BUFFER_BYTES, Box::new(writer)), Transport::Tls));
+        return Ok(boxed(reader, writer, Transport::Tls));
     }
     let (reader, writer) = stream.into_split();
-    Ok((Box::new(reader), BufWriter::with_capacity(WRITE_BUFFER_BYTES, Box::new(writer)), Transport::PlainRefused))
+    Ok(boxed(reader, writer, Transport::PlainRefused))
+}
+
+fn boxed(
+    reader: impl AsyncRead + Send + Unpin + 'static,
+    writer: impl AsyncWrite + Send + Unpin + 'static,
+    transport: Transport,
+) -> (Reader, Writer, Transport) {
+    (Box::new(reader), BufWriter::with_capacity(WRITE_BUFFER_BYTES, Box::new(writer)), transport)
 }
 
 async fn handshake(state: &ServerState, reader: &mut Reader, writer: &mut Writer, transport: Transport) -> Result<Hello, SessionError> {
@@ -267,16 +273,11 @@ async fn write_responses(mut writer: Writer, mut rx: mpsc::Receiver<Outgoing>) {
 /// Uid and gid of "nobody", what a squashed remote root acts as.
 const NOBODY: u32 = 65534;
 
-/// Maps a remote root caller to nobody: with root squash, root on a client has no more power
-/// over the export than any other unprivileged user.
-fn squash_root(mut txn: braid_proto::Txn) -> braid_proto::Txn {
-    txn.creds = squash_root_creds(txn.creds);
-    txn
-}
-
-fn squash_root_creds(creds: braid_proto::Credentials) -> braid_proto::Credentials {
-    match creds.uid {
-        0 => braid_proto::Credentials { uid: NOBODY, gid: NOBODY, groups: Vec::new() },
+/// The credentials a request acts with: with root squash, a remote root caller becomes nobody
+/// and has no more power over the export than any other unprivileged user.
+fn effective_creds(state: &ServerState, creds: braid_proto::Credentials) -> braid_proto::Credentials {
+    match (state.root_squash, creds.uid) {
+        (true, 0) => braid_proto::Credentials { uid: NOBODY, gid: NOBODY, groups: Vec::new() },
         _ => creds,
     }
 }
@@ -327,15 +328,14 @@ fn handle_blocking(state: &ServerState, client: braid_proto::ClientId, request: 
         Request::ListXattr { handle } => plain(export.listxattr(&handle).map(Reply::XattrList)),
         Request::Lseek { handle, offset, whence } => plain(export.lseek(&handle, offset, whence).map(Reply::Lseek)),
         Request::Open { handle, creds, access } => {
-            let creds = if state.root_squash { squash_root_creds(creds) } else { creds };
-            plain(export.open_checked(&handle, &creds, access).map(|()| Reply::Done))
+            plain(export.open_checked(&handle, &effective_creds(state, creds), access).map(|()| Reply::Done))
         }
         Request::Release { handle } => plain(export.unpin(&handle).map(|()| Reply::Done)),
-        Request::Txn(txn) => {
+        Request::Txn(mut txn) => {
             if state.read_only {
                 return (Err(WireError::ReadOnly), Vec::new());
             }
-            let txn = if state.root_squash { squash_root(txn) } else { txn };
+            txn.creds = effective_creds(state, txn.creds);
             let result = crate::applier::apply_txn(&state.applier, &state.committer, export, client, &txn, &frame.message, &frame.data);
             (result, Vec::new())
         }
