@@ -24,7 +24,7 @@ use braid_proto::{
     Request, Response, Welcome, HEADER_BYTES,
 };
 
-use crate::{wire_error, ClientConfig, ClientError, Result};
+use crate::{wire_error, ClientConfig, ClientError, Lease, Result};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -42,16 +42,20 @@ pub struct Connection {
     lost: AtomicBool,
     /// Open count per handle, to restore the server's pins after it restarts.
     pins: Mutex<HashMap<Handle, i64>>,
+    /// How long the server's rights last, in milliseconds (from the latest welcome).
+    lease_ms: AtomicU64,
 }
 
 /// A byte stream to the server: plain TCP or TLS over TCP.
 trait Transport: Read + Write + Send {}
 impl<T: Read + Write + Send> Transport for T {}
 
-struct Channel {
+pub(crate) struct Channel {
     /// Reads are buffered; writes go to the stream underneath (`get_mut`), which is safe because
     /// a channel strictly alternates one request and its response.
     stream: BufReader<Box<dyn Transport>>,
+    /// The TCP socket underneath, to set timeouts and to shut the channel down from outside.
+    pub(crate) socket: TcpStream,
 }
 
 /// A counting gate bounding concurrent calls to the number of channels.
@@ -92,6 +96,7 @@ impl Connection {
             server_instance: AtomicU64::new(info.server_instance),
             lost: AtomicBool::new(false),
             pins: Mutex::new(HashMap::new()),
+            lease_ms: AtomicU64::new(info.lease_ms as u64),
         });
         Ok((connection, info))
     }
@@ -107,16 +112,24 @@ impl Connection {
 
     /// Sends `request` and waits for its response, across reconnects, within the retry budget.
     pub fn call(self: &Arc<Self>, request: &Request, data: &[u8]) -> Result<(Reply, Vec<u8>)> {
+        self.call_leased(request, data).map(|(reply, data, _)| (reply, data))
+    }
+
+    /// Like `call`, and also until when the client may cache what the reply says: the lease
+    /// runs from when the request was (last) sent, minus a quarter for clock drift and delays.
+    pub fn call_leased(self: &Arc<Self>, request: &Request, data: &[u8]) -> Result<(Reply, Vec<u8>, Lease)> {
         let _gate = self.gate.enter();
         let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
         let frame = encode_parts(FrameKind::Request, id, request, data).map_err(|e| ClientError::Protocol(e.to_string()))?;
         let deadline = self.config.retry_budget.map(|budget| Instant::now() + budget);
         let mut channel = self.idle.lock().expect("idle lock").pop();
+        let mut sent;
         let response = loop {
             let mut current = match channel.take() {
                 Some(channel) => channel,
                 None => self.open_channel(deadline)?,
             };
+            sent = Instant::now();
             match current.exchange(&frame, data, id) {
                 Ok(response) => {
                     self.idle.lock().expect("idle lock").push(current);
@@ -138,7 +151,19 @@ impl Connection {
         };
         let decoded: Response = response.decode().map_err(|e| ClientError::Protocol(e.to_string()))?;
         let reply = decoded.result.map_err(wire_error)?;
-        Ok((reply, response.data))
+        let lease = decoded.leased.then(|| sent + Duration::from_millis(self.lease_ms.load(Ordering::Relaxed) * 3 / 4));
+        Ok((reply, response.data, lease))
+    }
+
+    /// A new channel for callbacks: it waits for the server without a time limit, since an idle
+    /// callback channel is silent for as long as nobody else changes anything.
+    pub(crate) fn open_callback_channel(&self) -> Result<Channel> {
+        let (channel, _) = connect(&self.config, self.client_id)?;
+        channel
+            .socket
+            .set_read_timeout(None)
+            .map_err(|e| ClientError::Unreachable { server: self.config.server.clone(), reason: e.to_string() })?;
+        Ok(channel)
     }
 
     fn timed_out(&self) -> ClientError {
@@ -155,6 +180,7 @@ impl Connection {
                     if self.lost.swap(false, Ordering::AcqRel) {
                         tracing::info!(server = %self.config.server, "reconnected; resending requests without a reply");
                     }
+                    self.lease_ms.store(info.lease_ms as u64, Ordering::Relaxed);
                     let previous = self.server_instance.swap(info.server_instance, Ordering::AcqRel);
                     if previous != info.server_instance {
                         self.restore_pins();
@@ -196,6 +222,17 @@ impl Connection {
 }
 
 impl Channel {
+    /// Writes one frame.
+    pub(crate) fn send(&mut self, frame: &EncodedFrame) -> std::result::Result<(), String> {
+        write_frame(self.stream.get_mut(), frame, &[]).map_err(|e| e.to_string())?;
+        self.stream.get_mut().flush().map_err(|e| e.to_string())
+    }
+
+    /// Reads one frame.
+    pub(crate) fn receive(&mut self) -> std::result::Result<Frame, String> {
+        read_frame(&mut self.stream)
+    }
+
     /// Writes one request and reads frames until its response.
     fn exchange(&mut self, frame: &EncodedFrame, data: &[u8], id: u64) -> std::result::Result<Frame, String> {
         write_frame(self.stream.get_mut(), frame, data).map_err(|e| e.to_string())?;
@@ -308,7 +345,7 @@ fn connect(config: &ClientConfig, client_id: ClientId) -> Result<(Channel, Expor
                     reason: format!("the server does not use required algorithm {missing}"),
                 });
             }
-            Ok((Channel { stream: BufReader::with_capacity(64 * 1024, stream) }, *info))
+            Ok((Channel { stream: BufReader::with_capacity(64 * 1024, stream), socket }, *info))
         }
         Welcome::Refused { reason } => Err(ClientError::Refused { server: config.server.clone(), reason }),
     }

@@ -12,6 +12,8 @@ pub const ROOT_ID: u64 = 1;
 pub struct InodeTable {
     root_ino: u64,
     nodes: HashMap<u64, Node>,
+    /// The reverse map, for recalls, which name objects by handle.
+    by_handle: HashMap<Handle, u64>,
 }
 
 struct Node {
@@ -23,8 +25,19 @@ impl InodeTable {
     pub fn new(root_ino: u64, root: Handle) -> Self {
         let mut nodes = HashMap::new();
         // The root is never forgotten: one lookup that no FORGET will take back.
+        let by_handle = HashMap::from([(root.clone(), ROOT_ID)]);
         nodes.insert(ROOT_ID, Node { handle: root, lookups: 1 });
-        Self { root_ino, nodes }
+        Self { root_ino, nodes, by_handle }
+    }
+
+    /// The node the kernel knows `handle` by, if it knows it.
+    pub fn node_of(&self, handle: &Handle) -> Option<u64> {
+        self.by_handle.get(handle).copied()
+    }
+
+    /// Every node the kernel knows.
+    pub fn nodes(&self) -> Vec<u64> {
+        self.nodes.keys().copied().collect()
     }
 
     /// The node id the kernel sees for a server inode number.
@@ -46,8 +59,13 @@ impl InodeTable {
     /// a known id means the inode number was reused by a new object: the old one is gone.
     pub fn remember(&mut self, ino: u64, handle: &Handle) -> u64 {
         let id = self.node_id(ino);
-        let node = self.nodes.entry(id).or_insert_with(|| Node { handle: handle.clone(), lookups: 0 });
+        let node = self.nodes.entry(id).or_insert_with(|| {
+            self.by_handle.insert(handle.clone(), id);
+            Node { handle: handle.clone(), lookups: 0 }
+        });
         if node.handle != *handle {
+            self.by_handle.remove(&node.handle);
+            self.by_handle.insert(handle.clone(), id);
             node.handle = handle.clone();
         }
         node.lookups += 1;
@@ -61,6 +79,7 @@ impl InodeTable {
         if let Some(n) = self.nodes.get_mut(&node) {
             n.lookups = n.lookups.saturating_sub(count);
             if n.lookups == 0 {
+                self.by_handle.remove(&n.handle);
                 self.nodes.remove(&node);
             }
         }
@@ -86,10 +105,12 @@ mod tests {
         let h = Handle(vec![5]);
         assert_eq!(table.remember(50, &h), 50);
         table.remember(50, &h);
+        assert_eq!(table.node_of(&h), Some(50));
         table.forget(50, 1);
         assert_eq!(table.handle(50), Some(h.clone()));
         table.forget(50, 1);
         assert_eq!(table.handle(50), None);
+        assert_eq!(table.node_of(&h), None);
         table.forget(ROOT_ID, 100);
         assert!(table.handle(ROOT_ID).is_some(), "the root is never forgotten");
     }
@@ -100,5 +121,7 @@ mod tests {
         table.remember(9, &Handle(vec![1]));
         table.remember(9, &Handle(vec![2]));
         assert_eq!(table.handle(9), Some(Handle(vec![2])));
+        assert_eq!(table.node_of(&Handle(vec![1])), None);
+        assert_eq!(table.node_of(&Handle(vec![2])), Some(9));
     }
 }

@@ -8,20 +8,28 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+mod callbacks;
 mod connection;
 pub mod inodes;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use braid_proto::{
-    Attr, ClientId, Command, CommandOk, Credentials, DirEntry, Entry, Errno, ExportInfo, Handle, Lsn, Reply, Request, StatFs, Txn, TxnSeq,
-    Whence, WireError,
+    Attr, ClientId, Command, CommandOk, Credentials, DirEntry, Entry, Errno, ExportInfo, Handle, LockHeld, LockRequest, Lsn, Reply,
+    Request, StatFs, Txn, TxnSeq, Whence, WireError,
 };
 
+pub use callbacks::CallbackHandler;
 pub use connection::Connection;
+
+/// Until when the client may cache what a reply said; `None`: not at all.
+pub type Lease = Option<Instant>;
+
+/// Results of the commands of a transaction (see [`Client::txn`]).
+pub type TxnResults = Vec<std::result::Result<CommandOk, Errno>>;
 
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -60,6 +68,7 @@ pub type Result<T> = std::result::Result<T, ClientError>;
 pub struct Client {
     connection: Arc<Connection>,
     txns: Arc<TxnSequencer>,
+    callbacks: Arc<Mutex<Option<callbacks::CallbackThread>>>,
 }
 
 /// Hands out transaction sequence numbers and remembers which have no reply yet.
@@ -89,20 +98,37 @@ impl Client {
         let client_id = ClientId(rand::random());
         let (connection, info) = Connection::open(config, client_id)?;
         let txns = Arc::new(TxnSequencer { next: AtomicU64::new(1), outstanding: Mutex::new(BTreeSet::new()) });
-        Ok((Self { connection, txns }, info))
+        Ok((Self { connection, txns, callbacks: Arc::new(Mutex::new(None)) }, info))
     }
 
-    pub fn lookup(&self, parent: &Handle, name: &[u8]) -> Result<Entry> {
-        match self.call(Request::Lookup { parent: parent.clone(), name: name.to_vec() })? {
-            Reply::Entry(entry) => Ok(entry),
-            other => unexpected(other),
+    /// Opens the callback channel: from now on the server grants this client rights to cache,
+    /// and recalls them through `handler`.
+    pub fn subscribe(&self, handler: Arc<dyn CallbackHandler>) -> std::io::Result<()> {
+        let thread = callbacks::CallbackThread::start(self.connection.clone(), handler)?;
+        *self.callbacks.lock().expect("callbacks lock") = Some(thread);
+        Ok(())
+    }
+
+    /// Gives every right and lock back (unmount) and stops the callback channel.
+    pub fn unsubscribe(&self) -> Result<()> {
+        let thread = self.callbacks.lock().expect("callbacks lock").take();
+        if let Some(thread) = thread {
+            thread.stop();
+        }
+        self.call(Request::Unsubscribe).map(|_| ())
+    }
+
+    pub fn lookup(&self, parent: &Handle, name: &[u8]) -> Result<(Entry, Lease)> {
+        match self.call_leased(Request::Lookup { parent: parent.clone(), name: name.to_vec() })? {
+            (Reply::Entry(entry), lease) => Ok((entry, lease)),
+            (other, _) => unexpected(other),
         }
     }
 
-    pub fn getattr(&self, handle: &Handle) -> Result<Attr> {
-        match self.call(Request::GetAttr { handle: handle.clone() })? {
-            Reply::Attr(attr) => Ok(attr),
-            other => unexpected(other),
+    pub fn getattr(&self, handle: &Handle) -> Result<(Attr, Lease)> {
+        match self.call_leased(Request::GetAttr { handle: handle.clone() })? {
+            (Reply::Attr(attr), lease) => Ok((attr, lease)),
+            (other, _) => unexpected(other),
         }
     }
 
@@ -113,18 +139,19 @@ impl Client {
         }
     }
 
-    pub fn read(&self, handle: &Handle, offset: u64, len: u32) -> Result<Vec<u8>> {
-        let (reply, data) = self.connection.call(&Request::Read { handle: handle.clone(), offset, len }, &[])?;
+    pub fn read(&self, handle: &Handle, offset: u64, len: u32) -> Result<(Vec<u8>, Lease)> {
+        let (reply, data, lease) = self.connection.call_leased(&Request::Read { handle: handle.clone(), offset, len }, &[])?;
         match reply {
-            Reply::Read => Ok(data),
+            Reply::Read => Ok((data, lease)),
             other => unexpected(other),
         }
     }
 
-    pub fn readdir(&self, handle: &Handle, cookie: u64, plus: bool) -> Result<(Vec<DirEntry>, bool)> {
-        match self.call(Request::ReadDir { handle: handle.clone(), cookie, plus })? {
-            Reply::ReadDir { entries, eof } => Ok((entries, eof)),
-            other => unexpected(other),
+    /// Entries after `cookie`, whether the listing ends there, and the lease on all of it.
+    pub fn readdir(&self, handle: &Handle, cookie: u64, plus: bool) -> Result<(Vec<DirEntry>, bool, Lease)> {
+        match self.call_leased(Request::ReadDir { handle: handle.clone(), cookie, plus })? {
+            (Reply::ReadDir { entries, eof }, lease) => Ok((entries, eof, lease)),
+            (other, _) => unexpected(other),
         }
     }
 
@@ -158,10 +185,10 @@ impl Client {
 
     /// Tells the server this mount has `handle` open (see `Request::Open`), for `access`
     /// (`R_OK`/`W_OK` bits) by `creds`. Pins are restored after a server restart.
-    pub fn open(&self, handle: &Handle, creds: Credentials, access: u32) -> Result<()> {
-        self.call(Request::Open { handle: handle.clone(), creds, access })?;
+    pub fn open(&self, handle: &Handle, creds: Credentials, access: u32) -> Result<Lease> {
+        let (_, lease) = self.call_leased(Request::Open { handle: handle.clone(), creds, access })?;
         self.connection.pin(handle, 1);
-        Ok(())
+        Ok(lease)
     }
 
     /// Records a pin the server took as part of a command (`Command::Create { pin: true }`).
@@ -176,24 +203,41 @@ impl Client {
 
     /// Applies `commands` as one transaction. `data` holds the bytes of the `Write` commands,
     /// in order. Returns one result per command applied; the last may be an error.
-    pub fn txn(&self, creds: Credentials, commands: Vec<Command>, data: Vec<u8>) -> Result<Vec<std::result::Result<CommandOk, Errno>>> {
+    pub fn txn(&self, creds: Credentials, commands: Vec<Command>, data: Vec<u8>) -> Result<(TxnResults, Lease)> {
         let (seq, replied_below) = self.txns.begin();
         let request = Request::Txn(Txn { seq, replied_below, creds, commands });
-        let result = self.connection.call(&request, &data);
+        let result = self.connection.call_leased(&request, &data);
         self.txns.end(seq);
-        match result?.0 {
-            Reply::Txn(outcome) => Ok(outcome.results),
-            other => unexpected(other),
+        match result? {
+            (Reply::Txn(outcome), _, lease) => Ok((outcome.results, lease)),
+            (other, _, _) => unexpected(other),
         }
     }
 
     /// Applies one command as its own transaction.
-    pub fn apply(&self, creds: Credentials, command: Command, data: Vec<u8>) -> Result<CommandOk> {
-        let mut results = self.txn(creds, vec![command], data)?;
+    pub fn apply(&self, creds: Credentials, command: Command, data: Vec<u8>) -> Result<(CommandOk, Lease)> {
+        let (mut results, lease) = self.txn(creds, vec![command], data)?;
         match results.pop() {
-            Some(Ok(ok)) => Ok(ok),
+            Some(Ok(ok)) => Ok((ok, lease)),
             Some(Err(errno)) => Err(ClientError::Errno(errno)),
             None => Err(ClientError::Protocol("empty txn outcome".into())),
+        }
+    }
+
+    /// Takes, changes or releases a lock; returns the conflicting lock another owner holds
+    /// instead, if any.
+    pub fn lock(&self, request: LockRequest) -> Result<Option<LockHeld>> {
+        match self.call(Request::Lock(request))? {
+            Reply::LockTest(held) => Ok(held),
+            other => unexpected(other),
+        }
+    }
+
+    /// The first lock that conflicts with `request`, if any.
+    pub fn test_lock(&self, request: LockRequest) -> Result<Option<LockHeld>> {
+        match self.call(Request::TestLock(request))? {
+            Reply::LockTest(held) => Ok(held),
+            other => unexpected(other),
         }
     }
 
@@ -207,6 +251,10 @@ impl Client {
 
     fn call(&self, request: Request) -> Result<Reply> {
         self.connection.call(&request, &[]).map(|(reply, _)| reply)
+    }
+
+    fn call_leased(&self, request: Request) -> Result<(Reply, Lease)> {
+        self.connection.call_leased(&request, &[]).map(|(reply, _, lease)| (reply, lease))
     }
 }
 

@@ -6,29 +6,39 @@
 //! credentials, so ownership and permission rules are the exported file system's own.
 #![forbid(unsafe_code)]
 
+pub mod cache;
 mod errno;
 mod groups;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use braid_client::inodes::InodeTable;
-use braid_client::{Client, ClientError};
-use braid_proto::{Attr, AttrChanges, Command, CommandOk, Credentials, DirEntry, Entry, ExportInfo, Handle, TimeSet, Timestamp, Whence};
+use braid_client::{Client, ClientError, Lease};
+use braid_proto::{
+    Attr, AttrChanges, Command, CommandOk, Credentials, DirEntry, Entry, ExportInfo, Handle, LockKind, LockRequest, TimeSet, Timestamp,
+    Whence,
+};
 use fuser::{
     AccessFlags, Config, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session, SessionACL, TimeOrNow,
+    ReplyEmpty, ReplyEntry, ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session, SessionACL, TimeOrNow,
     WriteFlags,
 };
 
+use crate::cache::KernelCache;
+
 pub use errno::errno_for;
+
+/// How long a non-blocking lock request waits for a conflicting lock of this mount to be
+/// released by a close the kernel has not sent yet.
+const OWN_RELEASE_GRACE: Duration = Duration::from_millis(20);
 
 /// Largest FUSE read or write; matches the protocol's data limit, so one kernel request is one
 /// frame.
@@ -36,8 +46,6 @@ const IO_BYTES_MAX: u32 = braid_proto::limits::DATA_BYTES_MAX as u32;
 
 #[derive(Debug, Clone)]
 pub struct MountOptions {
-    /// How long the kernel may cache attributes and names without asking again.
-    pub attr_ttl: Duration,
     /// Kernel request loops; several so that a slow request (fsync) does not block others.
     pub threads: usize,
     /// Shown as the source in `mount` / `/proc/mounts`.
@@ -48,11 +56,16 @@ pub struct MountOptions {
 
 pub struct BraidFs {
     client: Client,
-    inodes: Mutex<InodeTable>,
+    cache: Arc<KernelCache>,
     dirs: Mutex<HashMap<u64, Arc<Mutex<DirStream>>>>,
     next_fh: AtomicU64,
-    ttl: Duration,
     read_only: bool,
+    /// (node, lock owner) pairs that may hold locks on the server, released when the owner
+    /// closes the file; a close without locks costs no request.
+    lockers: Mutex<HashSet<(u64, u64)>>,
+    /// The lock owners that took locks through each open file: OFD and flock locks end with
+    /// the open file, and the kernel does not name their owner when it releases it.
+    owners_by_file: Mutex<HashMap<u64, HashSet<u64>>>,
 }
 
 /// Entries of one open directory, fetched from the server in batches and kept until
@@ -63,7 +76,8 @@ struct DirStream {
     start: u64,
     /// Whether the cached entries carry handles and attributes.
     plus: bool,
-    entries: Vec<DirEntry>,
+    /// Each entry with the lease of the batch it came in.
+    entries: Vec<(DirEntry, Lease)>,
     eof: bool,
 }
 
@@ -81,7 +95,11 @@ pub fn mount(fs: BraidFs, mountpoint: &Path, options: &MountOptions) -> io::Resu
     config.acl = if nix_is_root() { SessionACL::All } else { SessionACL::Owner };
     config.n_threads = Some(options.threads.max(2));
     config.clone_fd = true;
+    let (cache, client) = (fs.cache.clone(), fs.client.clone());
     let session = Session::new(fs, mountpoint, &config)?;
+    // Rights are granted only once the callback channel is up, and recalls need the notifier.
+    cache.start(session.notifier())?;
+    client.subscribe(cache)?;
     if let Err(e) = set_readahead(mountpoint, options.readahead_kb) {
         tracing::warn!(error = %e, "cannot set the mount's readahead; sequential reads will be slower");
     }
@@ -113,13 +131,15 @@ fn nix_is_root() -> bool {
 
 impl BraidFs {
     pub fn new(client: Client, info: &ExportInfo, options: &MountOptions) -> Self {
+        let _ = options;
         Self {
             client,
-            inodes: Mutex::new(InodeTable::new(info.root.attr.ino, info.root.handle.clone())),
+            cache: KernelCache::new(InodeTable::new(info.root.attr.ino, info.root.handle.clone())),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
-            ttl: options.attr_ttl,
             read_only: info.read_only,
+            lockers: Mutex::new(HashSet::new()),
+            owners_by_file: Mutex::new(HashMap::new()),
         }
     }
 
@@ -128,25 +148,42 @@ impl BraidFs {
     }
 
     fn handle(&self, ino: INodeNo) -> Result<Handle, Errno> {
-        self.inodes.lock().expect("inode lock").handle(ino.0).ok_or(Errno::ESTALE)
+        self.cache.inodes.lock().expect("inode lock").handle(ino.0).ok_or(Errno::ESTALE)
     }
 
-    fn file_attr(&self, attr: &Attr) -> FileAttr {
-        let node = self.inodes.lock().expect("inode lock").node_id(attr.ino);
-        file_attr(node, attr)
+    fn node_id(&self, ino: u64) -> u64 {
+        self.cache.inodes.lock().expect("inode lock").node_id(ino)
     }
 
-    fn reply_entry(&self, reply: ReplyEntry, entry: Result<Entry, Errno>) {
+    /// Attributes for the kernel, and how long it may cache them.
+    fn attr_reply(&self, attr: &Attr, lease: Lease) -> (Duration, FileAttr) {
+        let node = self.node_id(attr.ino);
+        self.cache.leased(node, lease);
+        (KernelCache::ttl(lease), file_attr(node, attr))
+    }
+
+    fn reply_entry(&self, reply: ReplyEntry, entry: Result<(Entry, Lease), Errno>) {
         match entry {
-            Ok(entry) => reply.entry(&self.ttl, &self.remember(&entry), Generation(0)),
+            Ok((entry, lease)) => reply.entry(&KernelCache::ttl(lease), &self.remember(&entry, lease), Generation(0)),
             Err(e) => reply.error(e),
         }
     }
 
     /// Records the kernel's new reference to `entry` and returns the attributes it is told.
-    fn remember(&self, entry: &Entry) -> FileAttr {
-        let node = self.inodes.lock().expect("inode lock").remember(entry.attr.ino, &entry.handle);
+    fn remember(&self, entry: &Entry, lease: Lease) -> FileAttr {
+        let node = self.cache.inodes.lock().expect("inode lock").remember(entry.attr.ino, &entry.handle);
+        self.cache.leased(node, lease);
         file_attr(node, &entry.attr)
+    }
+
+    fn reply_attr(&self, reply: ReplyAttr, attr: Result<(Attr, Lease), Errno>) {
+        match attr {
+            Ok((attr, lease)) => {
+                let (ttl, attr) = self.attr_reply(&attr, lease);
+                reply.attr(&ttl, &attr)
+            }
+            Err(e) => reply.error(e),
+        }
     }
 
     fn reply_empty(&self, reply: ReplyEmpty, result: Result<(), Errno>) {
@@ -156,23 +193,68 @@ impl BraidFs {
         }
     }
 
-    /// Runs one mutation as its own transaction with the caller's credentials.
-    fn apply(&self, req: &Request, command: Command, data: Vec<u8>) -> Result<CommandOk, Errno> {
+    /// Runs one mutation as its own transaction with the caller's credentials. `nodes` are the
+    /// objects the kernel holds locked for it (see `cache` on deadlock avoidance).
+    fn apply(&self, req: &Request, nodes: &[INodeNo], command: Command, data: Vec<u8>) -> Result<(CommandOk, Lease), Errno> {
         if self.read_only {
             return Err(Errno::EROFS);
         }
+        let nodes: Vec<u64> = nodes.iter().map(|n| n.0).collect();
+        let _busy = self.cache.busy(&nodes);
         self.check(self.client.apply(credentials(req), command, data))
     }
 
-    fn apply_entry(&self, req: &Request, command: Command) -> Result<Entry, Errno> {
-        match self.apply(req, command, Vec::new())? {
-            CommandOk::Entry(entry) => Ok(entry),
+    fn apply_entry(&self, req: &Request, nodes: &[INodeNo], command: Command) -> Result<(Entry, Lease), Errno> {
+        match self.apply(req, nodes, command, Vec::new())? {
+            (CommandOk::Entry(entry), lease) => Ok((entry, lease)),
             _ => Err(Errno::EIO),
         }
     }
 
-    fn apply_done(&self, req: &Request, command: Command) -> Result<(), Errno> {
-        self.apply(req, command, Vec::new()).map(|_| ())
+    fn apply_done(&self, req: &Request, nodes: &[INodeNo], command: Command) -> Result<(), Errno> {
+        self.apply(req, nodes, command, Vec::new()).map(|_| ())
+    }
+
+    /// A lock request of `owner` on `ino` for the kernel's `typ` (`F_RDLCK`...) and range.
+    fn lock_request(&self, ino: INodeNo, owner: LockOwner, start: u64, end: u64, typ: i32, pid: u32) -> Result<LockRequest, Errno> {
+        let kind = match typ {
+            libc::F_RDLCK => LockKind::Read,
+            libc::F_WRLCK => LockKind::Write,
+            libc::F_UNLCK => LockKind::Unlock,
+            _ => return Err(Errno::EINVAL),
+        };
+        Ok(LockRequest { handle: self.handle(ino)?, owner: owner.0, kind, start, end, pid })
+    }
+
+    fn new_fh(&self) -> FileHandle {
+        FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Takes a lock; when `wait`, retries a conflict until the lock is free (the server does not
+    /// queue waiters) or the waiting process is gone. A conflict with a lock of this mount is
+    /// retried briefly even without `wait`: the kernel releases closed files asynchronously,
+    /// so the lock may be on its way out.
+    fn lock_until_granted(&self, request: LockRequest, wait: bool, pid: u32) -> Result<(), Errno> {
+        let mut backoff = Duration::from_millis(1);
+        let own_release_deadline = Instant::now() + OWN_RELEASE_GRACE;
+        loop {
+            let Some(held) = self.check(self.client.lock(request.clone()))? else { return Ok(()) };
+            let retry = if wait { Path::new(&format!("/proc/{pid}")).exists() } else { held.mine && Instant::now() < own_release_deadline };
+            if !retry {
+                return Err(if wait { Errno::EINTR } else { Errno::EAGAIN });
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// Releases every lock `owner` holds on `ino`, if it may hold any.
+    fn release_locks(&self, ino: INodeNo, owner: LockOwner) -> Result<(), Errno> {
+        if !self.lockers.lock().expect("lockers lock").remove(&(ino.0, owner.0)) {
+            return Ok(());
+        }
+        let request = self.lock_request(ino, owner, 0, u64::MAX, libc::F_UNLCK, 0)?;
+        self.check(self.client.lock(request)).map(|_| ())
     }
 
     fn child(&self, parent: INodeNo, name: &OsStr) -> Result<(Handle, Vec<u8>), Errno> {
@@ -182,13 +264,13 @@ impl BraidFs {
     /// Serves one readdir call from the stream's cached entries, fetching more as needed.
     /// Only this stream is locked while the server is asked, so other directories proceed.
     /// `plus`: the entries must carry handles and attributes (readdirplus).
-    fn fill_dir(&self, fh: u64, offset: u64, plus: bool, mut add: impl FnMut(&DirEntry) -> bool) -> Result<(), Errno> {
+    fn fill_dir(&self, fh: u64, offset: u64, plus: bool, mut add: impl FnMut(&DirEntry, Lease) -> bool) -> Result<(), Errno> {
         let stream = self.dirs.lock().expect("dir lock").get(&fh).cloned().ok_or(Errno::EBADF)?;
         let mut stream = stream.lock().expect("dir stream lock");
         let cached = match offset {
             0 => None,
             _ if plus && !stream.plus => None,
-            cookie => stream.entries.iter().position(|e| e.cookie == cookie),
+            cookie => stream.entries.iter().position(|(e, _)| e.cookie == cookie),
         };
         let mut at = match cached {
             Some(i) => i + 1,
@@ -207,15 +289,16 @@ impl BraidFs {
                 if stream.eof {
                     return Ok(());
                 }
-                let cookie = stream.entries.last().map_or(stream.start, |e| e.cookie);
-                let (more, eof) = self.check(self.client.readdir(&stream.handle, cookie, stream.plus))?;
+                let cookie = stream.entries.last().map_or(stream.start, |(e, _)| e.cookie);
+                let (more, eof, lease) = self.check(self.client.readdir(&stream.handle, cookie, stream.plus))?;
                 stream.eof = eof || more.is_empty();
                 if more.is_empty() {
                     return Ok(());
                 }
-                stream.entries.extend(more);
+                stream.entries.extend(more.into_iter().map(|e| (e, lease)));
             }
-            if add(&stream.entries[at]) {
+            let (entry, lease) = &stream.entries[at];
+            if add(entry, *lease) {
                 return Ok(());
             }
             at += 1;
@@ -232,9 +315,20 @@ impl Filesystem for BraidFs {
                 | InitFlags::FUSE_BIG_WRITES
                 | InitFlags::FUSE_ASYNC_READ
                 | InitFlags::FUSE_DO_READDIRPLUS
-                | InitFlags::FUSE_READDIRPLUS_AUTO,
+                | InitFlags::FUSE_READDIRPLUS_AUTO
+                // Locks are the server's, so that processes on other clients see them.
+                | InitFlags::FUSE_POSIX_LOCKS
+                | InitFlags::FUSE_FLOCK_LOCKS
+                // Pages of a file whose lease lapsed unseen are dropped when its mtime changes.
+                | InitFlags::FUSE_AUTO_INVAL_DATA,
         );
         Ok(())
+    }
+
+    fn destroy(&mut self) {
+        if let Err(e) = self.client.unsubscribe() {
+            tracing::warn!(error = %e, "cannot give the server this mount's rights back; they expire with their lease");
+        }
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -243,14 +337,15 @@ impl Filesystem for BraidFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.inodes.lock().expect("inode lock").forget(ino.0, nlookup);
+        let mut inodes = self.cache.inodes.lock().expect("inode lock");
+        inodes.forget(ino.0, nlookup);
+        if inodes.handle(ino.0).is_none() {
+            self.cache.forgotten(ino.0);
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.handle(ino).and_then(|h| self.check(self.client.getattr(&h))) {
-            Ok(attr) => reply.attr(&self.ttl, &self.file_attr(&attr)),
-            Err(e) => reply.error(e),
-        }
+        self.reply_attr(reply, self.handle(ino).and_then(|h| self.check(self.client.getattr(&h))));
     }
 
     fn setattr(
@@ -276,15 +371,12 @@ impl Filesystem for BraidFs {
             if changes == AttrChanges::default() {
                 return self.check(self.client.getattr(&handle));
             }
-            match self.apply(req, Command::SetAttr { handle, changes }, Vec::new())? {
-                CommandOk::Attr(attr) => Ok(attr),
+            match self.apply(req, &[ino], Command::SetAttr { handle, changes }, Vec::new())? {
+                (CommandOk::Attr(attr), lease) => Ok((attr, lease)),
                 _ => Err(Errno::EIO),
             }
         });
-        match result {
-            Ok(attr) => reply.attr(&self.ttl, &self.file_attr(&attr)),
-            Err(e) => reply.error(e),
-        }
+        self.reply_attr(reply, result);
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -295,30 +387,32 @@ impl Filesystem for BraidFs {
     }
 
     fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, rdev: u32, reply: ReplyEntry) {
+        let parent_ino = parent;
         let entry = self.child(parent, name).and_then(|(parent, name)| {
-            self.apply_entry(req, Command::Create { parent, name, mode, rdev: rdev as u64, exclusive: true, pin: false })
+            self.apply_entry(req, &[parent_ino], Command::Create { parent, name, mode, rdev: rdev as u64, exclusive: true, pin: false })
         });
         self.reply_entry(reply, entry);
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
-        let entry = self.child(parent, name).and_then(|(parent, name)| self.apply_entry(req, Command::Mkdir { parent, name, mode }));
+        let entry =
+            self.child(parent, name).and_then(|(p, name)| self.apply_entry(req, &[parent], Command::Mkdir { parent: p, name, mode }));
         self.reply_entry(reply, entry);
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let result = self.child(parent, name).and_then(|(parent, name)| self.apply_done(req, Command::Unlink { parent, name }));
+        let result = self.child(parent, name).and_then(|(p, name)| self.apply_done(req, &[parent], Command::Unlink { parent: p, name }));
         self.reply_empty(reply, result);
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let result = self.child(parent, name).and_then(|(parent, name)| self.apply_done(req, Command::Rmdir { parent, name }));
+        let result = self.child(parent, name).and_then(|(p, name)| self.apply_done(req, &[parent], Command::Rmdir { parent: p, name }));
         self.reply_empty(reply, result);
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        let entry = self.child(parent, link_name).and_then(|(parent, name)| {
-            self.apply_entry(req, Command::Symlink { parent, name, target: target.as_os_str().as_bytes().to_vec() })
+        let entry = self.child(parent, link_name).and_then(|(p, name)| {
+            self.apply_entry(req, &[parent], Command::Symlink { parent: p, name, target: target.as_os_str().as_bytes().to_vec() })
         });
         self.reply_entry(reply, entry);
     }
@@ -333,9 +427,9 @@ impl Filesystem for BraidFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let result = self.child(parent, name).and_then(|(parent, name)| {
+        let result = self.child(parent, name).and_then(|(p, name)| {
             let (new_parent, new_name) = self.child(newparent, newname)?;
-            self.apply_done(req, Command::Rename { parent, name, new_parent, new_name, flags: flags.bits() })
+            self.apply_done(req, &[parent, newparent], Command::Rename { parent: p, name, new_parent, new_name, flags: flags.bits() })
         });
         self.reply_empty(reply, result);
     }
@@ -343,7 +437,7 @@ impl Filesystem for BraidFs {
     fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         let entry = self.handle(ino).and_then(|handle| {
             let (new_parent, new_name) = self.child(newparent, newname)?;
-            self.apply_entry(req, Command::Link { handle, new_parent, new_name })
+            self.apply_entry(req, &[ino, newparent], Command::Link { handle, new_parent, new_name })
         });
         self.reply_entry(reply, entry);
     }
@@ -354,8 +448,12 @@ impl Filesystem for BraidFs {
             libc::O_RDWR => libc::R_OK | libc::W_OK,
             _ => libc::R_OK,
         } as u32;
+        let keep = self.cache.may_keep_pages(ino.0);
         match self.handle(ino).and_then(|h| self.check(self.client.open(&h, credentials(req), access))) {
-            Ok(()) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Ok(lease) => {
+                self.cache.leased(ino.0, lease);
+                reply.opened(self.new_fh(), open_flags(keep, flags.0))
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -372,7 +470,10 @@ impl Filesystem for BraidFs {
         reply: ReplyData,
     ) {
         match self.handle(ino).and_then(|h| self.check(self.client.read(&h, offset, size.min(IO_BYTES_MAX)))) {
-            Ok(data) => reply.data(&data),
+            Ok((data, lease)) => {
+                self.cache.leased(ino.0, lease);
+                reply.data(&data)
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -385,34 +486,43 @@ impl Filesystem for BraidFs {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let result = self.handle(ino).and_then(|handle| {
-            let command = Command::Write { handle, offset, len: data.len() as u32 };
-            self.apply(req, command, data.to_vec())
+            let len = data.len() as u32;
+            // O_APPEND: at the end of the file as the server sees it, so that appends from
+            // several clients never overwrite each other.
+            let command =
+                if flags.0 & libc::O_APPEND != 0 { Command::Append { handle, len } } else { Command::Write { handle, offset, len } };
+            self.apply(req, &[ino], command, data.to_vec())
         });
         reply_written(reply, result);
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        // Writes are already on the server when they return; close has nothing to send.
-        reply.ok();
+    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+        // Writes are already on the server when they return; a close only ends the POSIX
+        // locks of the process on the file.
+        self.reply_empty(reply, self.release_locks(ino, lock_owner));
     }
 
     fn release(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
-        _lock: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        // The last close of an open file ends its flock and OFD locks.
+        let mut owners = self.owners_by_file.lock().expect("owners lock").remove(&fh.0).unwrap_or_default();
+        owners.extend(lock_owner.map(|o| o.0));
+        let unlocked = owners.into_iter().try_for_each(|owner| self.release_locks(ino, LockOwner(owner)));
         let result = self.handle(ino).and_then(|h| self.check(self.client.release(&h)));
-        self.reply_empty(reply, result);
+        self.reply_empty(reply, unlocked.and(result));
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
@@ -435,9 +545,8 @@ impl Filesystem for BraidFs {
     }
 
     fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let inodes_root = |ino: u64| self.inodes.lock().expect("inode lock").node_id(ino);
-        let result = self.fill_dir(fh.0, offset, false, |e| {
-            reply.add(INodeNo(inodes_root(e.ino)), e.cookie, file_type(e.kind), OsStr::from_bytes(&e.name))
+        let result = self.fill_dir(fh.0, offset, false, |e, _| {
+            reply.add(INodeNo(self.node_id(e.ino)), e.cookie, file_type(e.kind), OsStr::from_bytes(&e.name))
         });
         match result {
             Ok(()) => reply.ok(),
@@ -446,21 +555,22 @@ impl Filesystem for BraidFs {
     }
 
     fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let result = self.fill_dir(fh.0, offset, true, |e| {
+        let result = self.fill_dir(fh.0, offset, true, |e, lease| {
             let name = OsStr::from_bytes(&e.name);
             match &e.entry {
                 Some(entry) => {
-                    let node = self.inodes.lock().expect("inode lock").node_id(entry.attr.ino);
-                    let full = reply.add(INodeNo(node), e.cookie, name, &self.ttl, &file_attr(node, &entry.attr), Generation(0));
+                    let node = self.node_id(entry.attr.ino);
+                    let ttl = KernelCache::ttl(lease);
+                    let full = reply.add(INodeNo(node), e.cookie, name, &ttl, &file_attr(node, &entry.attr), Generation(0));
                     // The kernel takes a lookup reference on every entry it was given.
                     if !full {
-                        self.inodes.lock().expect("inode lock").remember(entry.attr.ino, &entry.handle);
+                        self.remember(entry, lease);
                     }
                     full
                 }
                 // `.` and `..`: the kernel links neither, so placeholder attributes do.
                 None => {
-                    let node = self.inodes.lock().expect("inode lock").node_id(e.ino);
+                    let node = self.node_id(e.ino);
                     let attr = Attr { ino: e.ino, mode: e.kind, ..Attr::default() };
                     reply.add(INodeNo(node), e.cookie, name, &Duration::ZERO, &file_attr(node, &attr), Generation(0))
                 }
@@ -494,7 +604,7 @@ impl Filesystem for BraidFs {
     fn setxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
         let result = self.handle(ino).and_then(|handle| {
             let command = Command::SetXattr { handle, name: name.as_bytes().to_vec(), value: value.to_vec(), flags };
-            self.apply_done(req, command)
+            self.apply_done(req, &[ino], command)
         });
         self.reply_empty(reply, result);
     }
@@ -510,8 +620,9 @@ impl Filesystem for BraidFs {
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let result =
-            self.handle(ino).and_then(|handle| self.apply_done(req, Command::RemoveXattr { handle, name: name.as_bytes().to_vec() }));
+        let result = self
+            .handle(ino)
+            .and_then(|handle| self.apply_done(req, &[ino], Command::RemoveXattr { handle, name: name.as_bytes().to_vec() }));
         self.reply_empty(reply, result);
     }
 
@@ -522,19 +633,69 @@ impl Filesystem for BraidFs {
 
     fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, flags: i32, reply: ReplyCreate) {
         let exclusive = flags & libc::O_EXCL != 0;
-        let entry = self.child(parent, name).and_then(|(parent, name)| {
-            let entry = self.apply_entry(req, Command::Create { parent, name, mode, rdev: 0, exclusive, pin: true })?;
-            self.client.pinned(&entry.handle);
-            Ok(entry)
+        let entry = self.child(parent, name).and_then(|(p, name)| {
+            let created = self.apply_entry(req, &[parent], Command::Create { parent: p, name, mode, rdev: 0, exclusive, pin: true })?;
+            self.client.pinned(&created.0.handle);
+            Ok(created)
         });
         match entry {
-            Ok(entry) => reply.created(&self.ttl, &self.remember(&entry), Generation(0), FileHandle(0), FopenFlags::empty()),
+            Ok((entry, lease)) => {
+                let attr = self.remember(&entry, lease);
+                reply.created(&KernelCache::ttl(lease), &attr, Generation(0), self.new_fh(), open_flags(false, flags))
+            }
             Err(e) => reply.error(e),
         }
     }
 
+    fn getlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        let held = self.lock_request(ino, lock_owner, start, end, typ, pid).and_then(|r| self.check(self.client.test_lock(r)));
+        match held {
+            Ok(Some(held)) => {
+                let typ = if held.kind == LockKind::Write { libc::F_WRLCK } else { libc::F_RDLCK };
+                reply.locked(held.start, held.end, typ, held.pid)
+            }
+            Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let result = self.lock_request(ino, lock_owner, start, end, typ, pid).and_then(|request| {
+            if request.kind != LockKind::Unlock {
+                self.lockers.lock().expect("lockers lock").insert((ino.0, lock_owner.0));
+                self.owners_by_file.lock().expect("owners lock").entry(fh.0).or_default().insert(lock_owner.0);
+            }
+            self.lock_until_granted(request, sleep, pid)
+        });
+        self.reply_empty(reply, result);
+    }
+
     fn fallocate(&self, req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
-        let result = self.handle(ino).and_then(|handle| self.apply_done(req, Command::Fallocate { handle, offset, len: length, mode }));
+        let result =
+            self.handle(ino).and_then(|handle| self.apply_done(req, &[ino], Command::Fallocate { handle, offset, len: length, mode }));
         self.reply_empty(reply, result);
     }
 
@@ -568,15 +729,29 @@ impl Filesystem for BraidFs {
             let target = self.handle(ino_out)?;
             // A FUSE reply carries a 32-bit count; the kernel loops for the rest.
             let len = len.min(u32::MAX as u64 & !0xfff);
-            self.apply(req, Command::CopyFileRange { source, source_offset: offset_in, target, target_offset: offset_out, len }, Vec::new())
+            let command = Command::CopyFileRange { source, source_offset: offset_in, target, target_offset: offset_out, len };
+            self.apply(req, &[ino_out], command, Vec::new())
         });
         reply_written(reply, result);
     }
 }
 
-fn reply_written(reply: ReplyWrite, result: Result<CommandOk, Errno>) {
+/// How an open file uses the page cache: pages are kept from earlier opens only under an
+/// unbroken lease; O_APPEND writes bypass it, since the server decides where they land.
+fn open_flags(keep_pages: bool, open_flags: i32) -> FopenFlags {
+    let mut flags = FopenFlags::empty();
+    if keep_pages {
+        flags |= FopenFlags::FOPEN_KEEP_CACHE;
+    }
+    if open_flags & libc::O_APPEND != 0 {
+        flags |= FopenFlags::FOPEN_DIRECT_IO;
+    }
+    flags
+}
+
+fn reply_written(reply: ReplyWrite, result: Result<(CommandOk, Lease), Errno>) {
     match result {
-        Ok(CommandOk::Written(n)) => reply.written(n as u32),
+        Ok((CommandOk::Written(n), _)) => reply.written(n as u32),
         Ok(_) => reply.error(Errno::EIO),
         Err(e) => reply.error(e),
     }

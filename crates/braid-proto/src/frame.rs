@@ -27,6 +27,9 @@ pub enum FrameKind {
     Request = 3,
     /// Server -> client response to the request with the same id.
     Response = 4,
+    /// Server -> client, unsolicited, on a connection the client subscribed (`Request::Subscribe`):
+    /// a [`crate::Callback`]. The id names the callback in the client's acknowledgement.
+    Callback = 5,
 }
 
 impl FrameKind {
@@ -36,6 +39,7 @@ impl FrameKind {
             2 => Some(Self::Welcome),
             3 => Some(Self::Request),
             4 => Some(Self::Response),
+            5 => Some(Self::Callback),
             _ => None,
         }
     }

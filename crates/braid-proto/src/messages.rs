@@ -103,6 +103,9 @@ pub struct ExportInfo {
     pub root_squash: bool,
     /// Changes whenever the server process restarts; the client reopens its pins then.
     pub server_instance: u64,
+    /// How long a right (lease) granted by a response lasts, from the moment the request was
+    /// sent, unless the server recalls it earlier (see [`Callback::Recall`]).
+    pub lease_ms: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -232,6 +235,74 @@ pub enum Request {
     Txn(Txn),
     /// Returns once every transaction applied before it is durable on the server.
     Commit,
+    /// Makes this connection the client's callback channel: from the reply on, the server sends
+    /// [`Callback`] frames on it, and grants rights to this client. One per client; a new one
+    /// replaces the old.
+    Subscribe,
+    /// The client has carried out callback `id` (its kernel caches no longer show what it named).
+    CallbackDone {
+        id: u64,
+    },
+    /// The client drops every right it holds (clean unmount): the server recalls nothing from it
+    /// any more and releases its locks.
+    Unsubscribe,
+    /// Takes, changes or releases a lock. The reply is `LockTest(None)` when done, or the
+    /// conflicting lock another owner holds (the client retries for a blocking request).
+    Lock(LockRequest),
+    /// The first lock conflicting with `LockRequest` (whose kind must not be `Unlock`), if any.
+    TestLock(LockRequest),
+}
+
+/// A whole-file or byte-range lock request. `owner` is the client's name for the lock owner
+/// (a process for POSIX locks, an open file for OFD locks and `flock`); the server qualifies it
+/// with the client id, so owners of different clients never mix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockRequest {
+    pub handle: Handle,
+    pub owner: u64,
+    pub kind: LockKind,
+    /// First byte covered.
+    pub start: u64,
+    /// Last byte covered, inclusive (`u64::MAX`: to the end of the file, for ever).
+    pub end: u64,
+    /// Shown to others in a conflict report (`F_GETLK`).
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockKind {
+    Read,
+    Write,
+    Unlock,
+}
+
+/// A lock held by someone, as reported by `TestLock`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockHeld {
+    pub kind: LockKind,
+    pub start: u64,
+    pub end: u64,
+    pub pid: u32,
+    /// Held by another owner of the asking client: the kernel may be about to release it
+    /// (it closes files asynchronously).
+    pub mine: bool,
+}
+
+/// Server -> client messages on the callback channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Callback {
+    /// Another client is about to change what these name: drop them from every cache, then
+    /// acknowledge with `Request::CallbackDone`. The rights on them are gone.
+    Recall(Vec<Invalidation>),
+}
+
+/// One thing a recall takes back.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Invalidation {
+    /// The object's attributes and data (for a directory: its listing).
+    Object(Handle),
+    /// The name `name` in directory `parent`.
+    Entry { parent: Handle, name: Vec<u8> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -296,6 +367,13 @@ pub enum Command {
         offset: u64,
         len: u32,
     },
+    /// Like `Write`, at the end of the file as the server sees it when it applies the command
+    /// (`O_APPEND`): appends from several clients never overwrite each other. The server logs it
+    /// as the `Write` it became, so a replay writes the same bytes at the same place.
+    Append {
+        handle: Handle,
+        len: u32,
+    },
     Fallocate {
         handle: Handle,
         offset: u64,
@@ -319,6 +397,28 @@ pub enum Command {
         handle: Handle,
         name: Vec<u8>,
     },
+}
+
+impl Command {
+    /// The objects this command names (not those it creates or removes by name).
+    pub fn handles(&self) -> Vec<&Handle> {
+        match self {
+            Command::Create { parent, .. }
+            | Command::Mkdir { parent, .. }
+            | Command::Symlink { parent, .. }
+            | Command::Unlink { parent, .. }
+            | Command::Rmdir { parent, .. } => vec![parent],
+            Command::Link { handle, new_parent, .. } => vec![handle, new_parent],
+            Command::Rename { parent, new_parent, .. } => vec![parent, new_parent],
+            Command::SetAttr { handle, .. }
+            | Command::Write { handle, .. }
+            | Command::Append { handle, .. }
+            | Command::Fallocate { handle, .. }
+            | Command::SetXattr { handle, .. }
+            | Command::RemoveXattr { handle, .. } => vec![handle],
+            Command::CopyFileRange { source, target, .. } => vec![source, target],
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -370,6 +470,8 @@ pub enum Reply {
     Done,
     Txn(TxnOutcome),
     Committed(Lsn),
+    /// Answer to `Lock` and `TestLock`: the conflicting lock, if any.
+    LockTest(Option<LockHeld>),
 }
 
 /// Errors the server returns instead of a reply.
@@ -388,4 +490,8 @@ pub struct Response {
     pub result: Result<Reply, WireError>,
     /// Every transaction with an lsn at or below this is durable.
     pub durable: Lsn,
+    /// The client holds a right (lease) on every object this response names, for
+    /// `ExportInfo::lease_ms` from when it sent the request: it may cache them until then or
+    /// until the server recalls them. `false`: nothing here may be cached.
+    pub leased: bool,
 }

@@ -89,7 +89,7 @@ fn data_slices<'d>(commands: &[Command], data: &'d [u8]) -> Result<Vec<&'d [u8]>
     let mut slices = Vec::with_capacity(commands.len());
     for command in commands {
         let len = match command {
-            Command::Write { len, .. } => *len as usize,
+            Command::Write { len, .. } | Command::Append { len, .. } => *len as usize,
             _ => 0,
         };
         if len > rest.len() {

@@ -268,6 +268,7 @@ impl Export {
     fn allocation_target(&self, command: &Command) -> OpResult<Option<(Arc<OwnedFd>, u64)>> {
         let (handle, end) = match command {
             Command::Write { handle, offset, len } => (handle, offset.saturating_add(*len as u64)),
+            Command::Append { handle, .. } => (handle, u64::MAX),
             Command::Fallocate { handle, offset, len, .. } => (handle, offset.saturating_add(*len)),
             Command::CopyFileRange { target, target_offset, len, .. } => (target, target_offset.saturating_add(*len)),
             Command::SetAttr { handle, changes: AttrChanges { size: Some(size), .. } } => (handle, *size),
@@ -278,6 +279,7 @@ impl Export {
         let growth = match command {
             // fallocate may fill holes inside the file too.
             Command::Fallocate { len, .. } => *len,
+            Command::Append { len, .. } => *len as u64,
             _ => end.saturating_sub(size),
         };
         Ok(Some((fd, growth)))
@@ -320,6 +322,13 @@ impl Export {
             Command::Write { handle, offset, len } => {
                 assert_eq!(data.len(), *len as usize, "write data slice does not match its command");
                 self.write(handle, *offset, data, creds)
+            }
+            Command::Append { handle, len } => {
+                assert_eq!(data.len(), *len as usize, "append data slice does not match its command");
+                // Transactions are applied one at a time, so the size read here is still the
+                // end of the file when the bytes land.
+                let size = rustix::fs::fstat(&*self.fd(handle)?).map_err(from_rustix)?.st_size as u64;
+                self.write(handle, size, data, creds)
             }
             Command::Fallocate { handle, offset, len, mode } => {
                 let fd = self.fd(handle)?;

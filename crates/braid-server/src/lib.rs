@@ -1,15 +1,18 @@
 //! The braid server: exports a local directory over TCP.
 //!
 //! Layout: `session` (connections and dispatch) -> `applier` (dedup, log, apply) -> `export`
-//! (handles, descriptors, syscalls) and `wal` (log segments); `commit` makes it all durable.
+//! (handles, descriptors, syscalls) and `wal` (log segments); `commit` makes it all durable;
+//! `coherence` grants and recalls clients' rights to cache, and arbitrates `locks`.
 #![deny(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod applier;
+pub mod coherence;
 pub mod commit;
 pub mod dedup;
 pub mod export;
 pub mod handles;
+pub mod locks;
 pub mod quota;
 pub mod session;
 pub mod sys;
@@ -41,6 +44,9 @@ pub struct ServerConfig {
     pub root_squash: bool,
     /// TLS credentials (see `braid-tls`); `None` serves plain TCP without authentication.
     pub tls: Option<Arc<braid_tls::ServerConfig>>,
+    /// How long a client's right to cache an object lasts without renewal; also how long a
+    /// vanished client can delay others' changes and hold its locks.
+    pub lease: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +72,9 @@ pub struct ServerState {
     pub in_flight_bytes: Arc<tokio::sync::Semaphore>,
     pub root_squash: bool,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub coherence: coherence::Coherence,
+    /// Numbers connections, so a client's old callback connection is told from its new one.
+    pub next_session: std::sync::atomic::AtomicU64,
 }
 
 pub struct Server {
@@ -103,6 +112,8 @@ impl Server {
             in_flight_bytes: Arc::new(tokio::sync::Semaphore::new(braid_proto::limits::IN_FLIGHT_BYTES_MAX)),
             root_squash: config.root_squash,
             tls: config.tls.clone().map(tokio_rustls::TlsAcceptor::from),
+            coherence: coherence::Coherence::new(config.lease),
+            next_session: std::sync::atomic::AtomicU64::new(1),
         };
         Ok(Self { state: Arc::new(state) })
     }

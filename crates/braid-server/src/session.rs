@@ -9,13 +9,17 @@ use std::time::Duration;
 
 use braid_proto::limits::{HANDSHAKE_TIMEOUT_MS, REQUESTS_IN_FLIGHT_MAX};
 use braid_proto::{
-    encode_frame, encode_parts, Algorithms, EncodedFrame, ExportInfo, Frame, FrameHeader, FrameKind, Hello, Reply, Request, Response,
-    Welcome, WireError, CHECKSUMS, HEADER_BYTES, PROTOCOL_VERSIONS,
+    encode_frame, encode_parts, Algorithms, Callback, ClientId, Command, CommandOk, EncodedFrame, Errno, ExportInfo, Frame, FrameHeader,
+    FrameKind, Handle, Hello, Invalidation, LockRequest, Reply, Request, Response, Welcome, WireError, CHECKSUMS, HEADER_BYTES,
+    PROTOCOL_VERSIONS,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 
+use crate::coherence::{Change, Sink};
+use crate::export::Export;
+use crate::locks::{Owner, Wanted};
 use crate::ServerState;
 
 #[derive(Debug, thiserror::Error)]
@@ -66,12 +70,24 @@ pub async fn serve_connection(state: Arc<ServerState>, stream: TcpStream, peer: 
     tracing::info!(%peer, client = hello.client_id.0, name = %hello.client_name, ?transport, "client connected");
     let (tx, rx) = mpsc::channel::<Outgoing>(REQUESTS_IN_FLIGHT_MAX);
     let writer_task = tokio::spawn(write_responses(writer, rx));
-    if let Err(e) = read_requests(&state, &mut reader, tx, hello.client_id).await {
-        tracing::warn!(%peer, client = hello.client_id.0, error = %e, "closing connection");
+    let who = Peer { client: hello.client_id, session: state.next_session.fetch_add(1, std::sync::atomic::Ordering::Relaxed) };
+    state.coherence.connected(who.client);
+    if let Err(e) = read_requests(&state, &mut reader, tx, who).await {
+        tracing::warn!(%peer, client = who.client.0, error = %e, "closing connection");
     } else {
-        tracing::info!(%peer, client = hello.client_id.0, "client disconnected");
+        tracing::info!(%peer, client = who.client.0, "client disconnected");
     }
+    state.coherence.session_closed(who.client, who.session);
+    state.coherence.disconnected(who.client);
     writer_task.abort();
+}
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    client: ClientId,
+    /// This connection.
+    session: u64,
 }
 
 /// Transport set-up and handshake: everything before the first request.
@@ -149,6 +165,7 @@ fn welcome(state: &ServerState, hello: &Hello, transport: Transport) -> Result<E
         max_bytes: state.export.max_bytes(),
         root_squash: state.root_squash,
         server_instance: state.instance,
+        lease_ms: state.coherence.lease().as_millis().try_into().unwrap_or(u32::MAX),
     })
 }
 
@@ -192,12 +209,7 @@ async fn read_payload(reader: &mut Reader, header: FrameHeader) -> Result<Frame,
     Ok(Frame::from_payload(header, payload)?)
 }
 
-async fn read_requests(
-    state: &Arc<ServerState>,
-    reader: &mut Reader,
-    tx: mpsc::Sender<Outgoing>,
-    client: braid_proto::ClientId,
-) -> Result<(), SessionError> {
+async fn read_requests(state: &Arc<ServerState>, reader: &mut Reader, tx: mpsc::Sender<Outgoing>, who: Peer) -> Result<(), SessionError> {
     let permits = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
     loop {
         let header = match read_header(reader).await {
@@ -212,11 +224,19 @@ async fn read_requests(
             return Err(SessionError::UnexpectedKind(frame.header.kind));
         }
         let request: Request = frame.decode()?;
-        if is_quick(&request) {
+        if let Request::Subscribe = request {
+            subscribe(state, who, &tx).await;
+            let done = Handled { result: Ok(Reply::Done), data: Vec::new(), leased: false };
+            if tx.send(outgoing(state, frame.header.request_id, done)).await.is_err() {
+                return Ok(());
+            }
+            continue;
+        }
+        if is_quick(state, who.client, &request) {
             // Quick requests are served right here: handing them to another thread costs more
             // (two wake-ups) than the few microseconds of file-system work they need.
             let id = frame.header.request_id;
-            let handled = handle_blocking(state, client, request, frame);
+            let handled = handle_blocking(state, who.client, request, frame);
             drop(budget);
             if tx.send(outgoing(state, id, handled)).await.is_err() {
                 return Ok(());
@@ -228,7 +248,7 @@ async fn read_requests(
         let (state, tx) = (state.clone(), tx.clone());
         tokio::spawn(async move {
             let id = frame.header.request_id;
-            let handled = handle_request(&state, client, request, frame).await;
+            let handled = handle_request(&state, who.client, request, frame).await;
             drop(budget);
             let _ = tx.send(outgoing(&state, id, handled)).await;
             drop(permit);
@@ -242,10 +262,30 @@ struct Outgoing {
     data: Vec<u8>,
 }
 
-fn outgoing(state: &ServerState, request_id: u64, (result, data): Handled) -> Outgoing {
-    let response = Response { result, durable: state.committer.durable() };
+fn outgoing(state: &ServerState, request_id: u64, handled: Handled) -> Outgoing {
+    let Handled { result, data, leased } = handled;
+    let response = Response { result, durable: state.committer.durable(), leased };
     let frame = encode_parts(FrameKind::Response, request_id, &response, &data).expect("responses stay within limits");
     Outgoing { frame, data }
+}
+
+/// Makes this connection the client's callback channel. A callback that does not fit in the
+/// connection's queue counts as undeliverable: the change then waits for the lease instead.
+async fn subscribe(state: &Arc<ServerState>, who: Peer, tx: &mpsc::Sender<Outgoing>) {
+    let tx = tx.clone();
+    let sink: Sink = Arc::new(move |id, callback: &Callback| match encode_parts(FrameKind::Callback, id, callback, &[]) {
+        Ok(frame) => tx.try_send(Outgoing { frame, data: Vec::new() }).is_ok(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot encode a callback");
+            false
+        }
+    });
+    let state = state.clone();
+    // Waits for changes in flight that recalled nothing: not on the connection's task.
+    let subscribed = tokio::task::spawn_blocking(move || state.coherence.subscribe(who.client, who.session, sink)).await;
+    if let Err(e) = subscribed {
+        tracing::error!(error = %e, "subscribe failed");
+    }
 }
 
 async fn write_responses(mut writer: Writer, mut rx: mpsc::Receiver<Outgoing>) {
@@ -282,65 +322,201 @@ fn effective_creds(state: &ServerState, creds: braid_proto::Credentials) -> brai
     }
 }
 
-/// Requests that never wait for the disk in the common case: metadata reads and small
-/// mutations (which only reach the page cache; durability is the committer's job).
-fn is_quick(request: &Request) -> bool {
+/// Requests that never wait for the disk or for other clients in the common case: metadata
+/// reads and small mutations (which only reach the page cache; durability is the committer's
+/// job) when no other client can hold rights to recall.
+fn is_quick(state: &ServerState, client: ClientId, request: &Request) -> bool {
     match request {
         Request::Read { len, .. } => *len <= 128 * 1024,
         Request::Commit => false,
-        Request::Txn(txn) => txn.commands.len() <= 16,
+        Request::Txn(txn) => txn.commands.len() <= 16 && !state.coherence.shared(client),
         _ => true,
     }
 }
 
-type Handled = (Result<Reply, WireError>, Vec<u8>);
+/// A request's outcome: the reply, the bulk data that goes with it, and whether the client
+/// now holds rights on what it names.
+struct Handled {
+    result: Result<Reply, WireError>,
+    data: Vec<u8>,
+    leased: bool,
+}
 
-async fn handle_request(state: &Arc<ServerState>, client: braid_proto::ClientId, request: Request, frame: Frame) -> Handled {
+impl Handled {
+    fn plain(result: Result<Reply, Errno>) -> Self {
+        Self { result: result.map_err(WireError::Errno), data: Vec::new(), leased: false }
+    }
+
+    fn failed(error: WireError) -> Self {
+        Self { result: Err(error), data: Vec::new(), leased: false }
+    }
+}
+
+async fn handle_request(state: &Arc<ServerState>, client: ClientId, request: Request, frame: Frame) -> Handled {
     if let Request::Commit = request {
-        return (Ok(Reply::Committed(state.committer.commit().await)), Vec::new());
+        return Handled::plain(Ok(Reply::Committed(state.committer.commit().await)));
     }
     let state = state.clone();
     tokio::task::spawn_blocking(move || handle_blocking(&state, client, request, frame))
         .await
-        .unwrap_or_else(|e| (Err(WireError::Malformed(format!("request handler failed: {e}"))), Vec::new()))
+        .unwrap_or_else(|e| Handled::failed(WireError::Malformed(format!("request handler failed: {e}"))))
 }
 
-fn handle_blocking(state: &ServerState, client: braid_proto::ClientId, request: Request, frame: Frame) -> Handled {
-    use braid_proto::Errno;
+/// Runs a read that grants `client` rights on the objects `named` lists in its reply.
+fn leased<T>(
+    state: &ServerState,
+    client: ClientId,
+    read: impl FnOnce() -> Result<T, Errno>,
+    named: impl FnOnce(&T) -> Vec<Handle>,
+) -> (Result<T, Errno>, bool) {
+    let ticket = state.coherence.begin_read();
+    match read() {
+        Ok(value) => {
+            let granted = state.coherence.grant(ticket, client, &named(&value));
+            (Ok(value), granted)
+        }
+        Err(e) => {
+            state.coherence.cancel_read(ticket);
+            (Err(e), false)
+        }
+    }
+}
+
+fn handle_blocking(state: &ServerState, client: ClientId, request: Request, frame: Frame) -> Handled {
     let export = &state.export;
-    let plain = |r: Result<Reply, Errno>| (r.map_err(WireError::Errno), Vec::new());
+    let granting = |(result, leased): (Result<Reply, Errno>, bool)| Handled { leased, ..Handled::plain(result) };
     match request {
-        Request::Lookup { parent, name } => plain(export.lookup(&parent, &name).map(Reply::Entry)),
-        Request::GetAttr { handle } => plain(export.getattr(&handle).map(Reply::Attr)),
-        Request::ReadLink { handle } => plain(export.readlink(&handle).map(Reply::ReadLink)),
+        Request::Lookup { parent, name } => {
+            granting(leased(state, client, || export.lookup(&parent, &name).map(Reply::Entry), |r| reply_handles(&parent, r)))
+        }
+        Request::GetAttr { handle } => {
+            granting(leased(state, client, || export.getattr(&handle).map(Reply::Attr), |_| vec![handle.clone()]))
+        }
+        Request::ReadLink { handle } => {
+            granting(leased(state, client, || export.readlink(&handle).map(Reply::ReadLink), |_| vec![handle.clone()]))
+        }
         Request::Read { handle, offset, len } => {
             let len = len.min(braid_proto::limits::DATA_BYTES_MAX as u32);
-            match export.read(&handle, offset, len) {
-                Ok(data) => (Ok(Reply::Read), data),
-                Err(e) => (Err(WireError::Errno(e)), Vec::new()),
+            match leased(state, client, || export.read(&handle, offset, len), |_| vec![handle.clone()]) {
+                (Ok(data), leased) => Handled { result: Ok(Reply::Read), data, leased },
+                (Err(e), _) => Handled::plain(Err(e)),
             }
         }
-        Request::ReadDir { handle, cookie, plus } => {
-            plain(export.readdir(&handle, cookie, plus).map(|(entries, eof)| Reply::ReadDir { entries, eof }))
-        }
-        Request::StatFs => plain(export.statfs().map(Reply::StatFs)),
-        Request::GetXattr { handle, name } => plain(export.getxattr(&handle, &name).map(Reply::Xattr)),
-        Request::ListXattr { handle } => plain(export.listxattr(&handle).map(Reply::XattrList)),
-        Request::Lseek { handle, offset, whence } => plain(export.lseek(&handle, offset, whence).map(Reply::Lseek)),
+        Request::ReadDir { handle, cookie, plus } => granting(leased(
+            state,
+            client,
+            || export.readdir(&handle, cookie, plus).map(|(entries, eof)| Reply::ReadDir { entries, eof }),
+            |r| reply_handles(&handle, r),
+        )),
+        Request::StatFs => Handled::plain(export.statfs().map(Reply::StatFs)),
+        Request::GetXattr { handle, name } => Handled::plain(export.getxattr(&handle, &name).map(Reply::Xattr)),
+        Request::ListXattr { handle } => Handled::plain(export.listxattr(&handle).map(Reply::XattrList)),
+        Request::Lseek { handle, offset, whence } => Handled::plain(export.lseek(&handle, offset, whence).map(Reply::Lseek)),
         Request::Open { handle, creds, access } => {
-            plain(export.open_checked(&handle, &effective_creds(state, creds), access).map(|()| Reply::Done))
+            let creds = effective_creds(state, creds);
+            granting(leased(state, client, || export.open_checked(&handle, &creds, access).map(|()| Reply::Done), |_| vec![handle.clone()]))
         }
-        Request::Release { handle } => plain(export.unpin(&handle).map(|()| Reply::Done)),
+        Request::Release { handle } => Handled::plain(export.unpin(&handle).map(|()| Reply::Done)),
         Request::Txn(mut txn) => {
             if state.read_only {
-                return (Err(WireError::ReadOnly), Vec::new());
+                return Handled::failed(WireError::ReadOnly);
             }
             txn.creds = effective_creds(state, txn.creds);
+            let change = begin_change(state, client, &txn.commands);
             let result = crate::applier::apply_txn(&state.applier, &state.committer, export, client, &txn, &frame.message, &frame.data);
-            (result, Vec::new())
+            let mut touched: Vec<&Handle> = txn.commands.iter().flat_map(Command::handles).collect();
+            if let Ok(Reply::Txn(outcome)) = &result {
+                touched.extend(outcome.results.iter().filter_map(|r| match r {
+                    Ok(CommandOk::Entry(entry)) => Some(&entry.handle),
+                    _ => None,
+                }));
+            }
+            let leased = state.coherence.end_change(change, touched);
+            Handled { result, data: Vec::new(), leased }
         }
-        Request::Commit => unreachable!("handled without blocking"),
+        Request::Lock(request) => Handled::plain(lock(state, client, &request)),
+        Request::TestLock(request) => Handled::plain(
+            lock_wanted(export, client, &request).map(|(handle, wanted)| Reply::LockTest(state.coherence.test_lock(handle, &wanted))),
+        ),
+        Request::CallbackDone { id } => {
+            state.coherence.callback_done(id);
+            Handled::plain(Ok(Reply::Done))
+        }
+        Request::Unsubscribe => {
+            state.coherence.unsubscribe(client);
+            Handled::plain(Ok(Reply::Done))
+        }
+        Request::Commit | Request::Subscribe => unreachable!("handled on the connection's task"),
     }
+}
+
+/// The objects a lookup or readdir reply names: the directory and every entry in it.
+fn reply_handles(directory: &Handle, reply: &Reply) -> Vec<Handle> {
+    let mut handles = vec![directory.clone()];
+    match reply {
+        Reply::Entry(entry) => handles.push(entry.handle.clone()),
+        Reply::ReadDir { entries, .. } => handles.extend(entries.iter().filter_map(|e| e.entry.as_ref().map(|e| e.handle.clone()))),
+        _ => {}
+    }
+    handles
+}
+
+/// Starts a change: on the fast path when no other client can hold rights, otherwise after
+/// recalling everything the commands touch from every other holder.
+fn begin_change(state: &ServerState, client: ClientId, commands: &[Command]) -> Change {
+    if let Some(change) = state.coherence.begin_alone(client) {
+        return change;
+    }
+    state.coherence.begin_change(client, &invalidations(&state.export, commands))
+}
+
+/// What other clients must stop caching before `commands` apply: the objects they change and
+/// the names they add or remove. Names are looked up before the change, while they still
+/// name what is about to be removed or replaced.
+fn invalidations(export: &Export, commands: &[Command]) -> Vec<Invalidation> {
+    let mut items = Vec::new();
+    let entry = |items: &mut Vec<Invalidation>, parent: &Handle, name: &[u8]| {
+        items.push(Invalidation::Object(parent.clone()));
+        items.push(Invalidation::Entry { parent: parent.clone(), name: name.to_vec() });
+        if let Ok(existing) = export.lookup(parent, name) {
+            items.push(Invalidation::Object(existing.handle));
+        }
+    };
+    for command in commands {
+        match command {
+            Command::Create { parent, name, .. }
+            | Command::Mkdir { parent, name, .. }
+            | Command::Symlink { parent, name, .. }
+            | Command::Unlink { parent, name }
+            | Command::Rmdir { parent, name } => entry(&mut items, parent, name),
+            Command::Link { handle, new_parent, new_name } => {
+                items.push(Invalidation::Object(handle.clone()));
+                entry(&mut items, new_parent, new_name);
+            }
+            Command::Rename { parent, name, new_parent, new_name, .. } => {
+                entry(&mut items, parent, name);
+                entry(&mut items, new_parent, new_name);
+            }
+            Command::CopyFileRange { target, .. } => items.push(Invalidation::Object(target.clone())),
+            other => items.extend(other.handles().into_iter().map(|h| Invalidation::Object(h.clone()))),
+        }
+    }
+    items
+}
+
+/// Decodes a lock request, checking its handle (a forged one must not grow the lock table).
+fn lock_wanted<'r>(export: &Export, client: ClientId, request: &'r LockRequest) -> Result<(&'r Handle, Wanted), Errno> {
+    if request.start > request.end {
+        return Err(Errno(libc::EINVAL));
+    }
+    export.getattr(&request.handle)?;
+    let owner = Owner { client, id: request.owner };
+    Ok((&request.handle, Wanted { owner, kind: request.kind, start: request.start, end: request.end, pid: request.pid }))
+}
+
+fn lock(state: &ServerState, client: ClientId, request: &LockRequest) -> Result<Reply, Errno> {
+    let (handle, wanted) = lock_wanted(&state.export, client, request)?;
+    Ok(Reply::LockTest(state.coherence.set_lock(client, handle, &wanted).err()))
 }
 
 #[cfg(test)]

@@ -87,6 +87,10 @@ struct ServeArgs {
     /// Trust root on clients: without this, changes made by remote root are made as nobody.
     #[arg(long)]
     no_root_squash: bool,
+    /// Seconds a client may cache an object without asking again (its lease). Also how long a
+    /// client that vanished without unmounting can delay others' changes and keep its locks.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = parse_lease)]
+    lease: f64,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -104,9 +108,6 @@ struct MountArgs {
     /// 0 waits for ever (like NFS "hard").
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     timeout: u64,
-    /// Seconds the kernel may cache attributes and names.
-    #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
-    attr_ttl: f64,
     /// Kernel request threads.
     #[arg(long, default_value_t = 8)]
     threads: usize,
@@ -182,6 +183,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         max_bytes: args.max_size,
         root_squash: !args.no_root_squash,
         tls,
+        lease: Duration::from_secs_f64(args.lease),
     };
     let server = braid_server::Server::open(&config).with_context(|| format!("cannot start serving {}", args.data.display()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("braid-server").build()?;
@@ -249,6 +251,14 @@ fn default_tls_dir() -> PathBuf {
 }
 
 /// Parses a size such as 1048576, 512K, 20M, 3G or 1T (powers of 1024).
+fn parse_lease(text: &str) -> std::result::Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if (0.1..=3600.0).contains(&seconds) => Ok(seconds),
+        Ok(_) => Err("a lease lasts from 0.1 to 3600 seconds".into()),
+        Err(e) => Err(format!("not a number of seconds: {e}")),
+    }
+}
+
 fn parse_size(text: &str) -> std::result::Result<u64, String> {
     let text = text.trim();
     let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
@@ -286,12 +296,8 @@ fn mount(args: MountArgs, log_file: Option<&Path>) -> Result<()> {
     };
     let (client, info) =
         braid_client::Client::connect(config).with_context(|| format!("cannot mount {} on {}", args.server, args.mountpoint.display()))?;
-    let options = braid_fuse::MountOptions {
-        attr_ttl: Duration::from_secs_f64(args.attr_ttl),
-        threads: args.threads,
-        fs_name: format!("braid:{}", args.server),
-        readahead_kb: args.readahead_kb,
-    };
+    let options =
+        braid_fuse::MountOptions { threads: args.threads, fs_name: format!("braid:{}", args.server), readahead_kb: args.readahead_kb };
     let fs = braid_fuse::BraidFs::new(client, &info, &options);
     let session = braid_fuse::mount(fs, &args.mountpoint, &options)
         .with_context(|| format!("cannot mount on {} (is fuse3 installed and /dev/fuse present?)", args.mountpoint.display()))?;

@@ -22,7 +22,7 @@ fn every_subcommand_has_help() {
     }
     let expected: &[(&str, &[&str])] = &[
         ("serve", &["--data", "--listen", "--state", "--read-only", "--max-size", "--no-root-squash", "--tls-dir", "--insecure"]),
-        ("mount", &["--foreground", "--timeout", "--attr-ttl", "--log-file", "--require", "--tls-dir", "--insecure"]),
+        ("mount", &["--foreground", "--timeout", "--log-file", "--require", "--tls-dir", "--insecure"]),
         ("init", &["--dir", "--server-name", "--client", "--force"]),
         ("umount", &["MOUNTPOINT"]),
     ];

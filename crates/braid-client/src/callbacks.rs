@@ -1,0 +1,102 @@
+//! The callback channel: a connection of its own on which the server sends recalls. The thread
+//! that owns it carries each recall out (through the [`CallbackHandler`]) and acknowledges it;
+//! when the channel breaks, every right may have been recalled unseen, so the handler drops
+//! everything it caches, and the thread reconnects and subscribes again.
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use braid_proto::{encode_parts, Callback, FrameKind, Invalidation, Request};
+
+use crate::connection::{Channel, Connection};
+
+/// What the client does with callbacks; implemented by the FUSE adapter.
+pub trait CallbackHandler: Send + Sync {
+    /// Drop what `items` name from every cache. The server is told once this returns.
+    fn recall(&self, items: &[Invalidation]);
+    /// The callback channel broke: rights may have been recalled without this client knowing.
+    fn lost(&self);
+}
+
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// The running callback thread; `stop` ends it.
+pub(crate) struct CallbackThread {
+    stop: Arc<AtomicBool>,
+    /// The socket of the current channel, shut down to wake the thread.
+    socket: Arc<Mutex<Option<std::net::TcpStream>>>,
+}
+
+impl CallbackThread {
+    pub(crate) fn start(connection: Arc<Connection>, handler: Arc<dyn CallbackHandler>) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let socket = Arc::new(Mutex::new(None));
+        let (thread_stop, thread_socket) = (stop.clone(), socket.clone());
+        std::thread::Builder::new()
+            .name("braid-callbacks".into())
+            .spawn(move || run(&connection, handler.as_ref(), &thread_stop, &thread_socket))?;
+        Ok(Self { stop, socket })
+    }
+
+    pub(crate) fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(socket) = self.socket.lock().expect("callback socket lock").as_ref() {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+fn run(connection: &Connection, handler: &dyn CallbackHandler, stop: &AtomicBool, socket: &Mutex<Option<std::net::TcpStream>>) {
+    let mut backoff = Duration::from_millis(10);
+    let next_id = AtomicU64::new(1);
+    while !stop.load(Ordering::Acquire) {
+        match connection.open_callback_channel() {
+            Ok(mut channel) => {
+                *socket.lock().expect("callback socket lock") = channel.socket.try_clone().ok();
+                backoff = Duration::from_millis(10);
+                let error = serve(&mut channel, handler, &next_id);
+                if !stop.load(Ordering::Acquire) {
+                    tracing::warn!(%error, "callback channel lost; dropping every cached object and subscribing again");
+                }
+                handler.lost();
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot open the callback channel"),
+        }
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Subscribes, then carries out callbacks until the channel fails; returns why it failed.
+fn serve(channel: &mut Channel, handler: &dyn CallbackHandler, next_id: &AtomicU64) -> String {
+    let send = |channel: &mut Channel, request: &Request| {
+        let frame = encode_parts(FrameKind::Request, next_id.fetch_add(1, Ordering::Relaxed), request, &[]).map_err(|e| e.to_string())?;
+        channel.send(&frame)
+    };
+    if let Err(e) = send(channel, &Request::Subscribe) {
+        return e;
+    }
+    loop {
+        let frame = match channel.receive() {
+            Ok(frame) => frame,
+            Err(e) => return e,
+        };
+        match frame.header.kind {
+            // Acknowledgements of Subscribe and of CallbackDone: nothing to do.
+            FrameKind::Response => continue,
+            FrameKind::Callback => {}
+            other => return format!("unexpected {other:?} frame on the callback channel"),
+        }
+        let Callback::Recall(items) = match frame.decode::<Callback>() {
+            Ok(callback) => callback,
+            Err(e) => return e.to_string(),
+        };
+        handler.recall(&items);
+        if let Err(e) = send(channel, &Request::CallbackDone { id: frame.header.request_id }) {
+            return e;
+        }
+    }
+}

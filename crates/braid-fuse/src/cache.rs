@@ -1,0 +1,259 @@
+//! What the kernel caches on behalf of this mount, driven by the server's rights.
+//!
+//! The kernel's caches are the client cache: names and attributes (with timeouts), file pages
+//! and directory listings. The kernel may keep them only while the server's lease covers
+//! them: timeouts never outlast the lease, pages are kept across opens only while a lease has
+//! covered the file without a gap, and a recall invalidates them through FUSE notifications
+//! before it is acknowledged.
+//!
+//! # Deadlock avoidance
+//! A notification may need a kernel lock (a directory's, a page's) that a request of this
+//! mount holds while it waits for the server, and the server may be waiting for this very
+//! recall to be acknowledged before it answers. So the objects of this mount's changes in flight
+//! are marked busy; a recall of a busy object is acknowledged at once and its notification sent
+//! by the invalidator thread once the change has returned. In that narrow case (both clients
+//! changing the same object at the same moment) the old state stays visible here for the
+//! duration of one round trip.
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use braid_client::inodes::InodeTable;
+use braid_client::{CallbackHandler, Lease};
+use braid_proto::Invalidation;
+use fuser::{INodeNo, Notifier};
+
+pub struct KernelCache {
+    pub inodes: Mutex<InodeTable>,
+    leases: Mutex<HashMap<u64, NodeLease>>,
+    busy: Mutex<HashMap<u64, usize>>,
+    /// Notifications waiting for their objects to stop being busy.
+    deferred: Mutex<Vec<Notice>>,
+    /// Signalled when an object stops being busy or a notice is deferred.
+    idle: Condvar,
+    notifier: OnceLock<Notifier>,
+}
+
+struct NodeLease {
+    until: Instant,
+    /// The lease lapsed before it was renewed: pages cached before may be stale.
+    gap: bool,
+}
+
+/// A kernel cache invalidation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Notice {
+    /// Attributes and pages (for a directory, its cached listing).
+    Node(u64),
+    Entry {
+        parent: u64,
+        name: Vec<u8>,
+    },
+}
+
+impl Notice {
+    fn node(&self) -> u64 {
+        match self {
+            Notice::Node(node) => *node,
+            Notice::Entry { parent, .. } => *parent,
+        }
+    }
+}
+
+/// Marks objects busy while a change of this mount is in flight (see the module notes).
+pub struct BusyGuard<'c> {
+    cache: &'c KernelCache,
+    nodes: Vec<u64>,
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        let mut busy = self.cache.busy.lock().expect("busy lock");
+        for node in &self.nodes {
+            if let Some(count) = busy.get_mut(node) {
+                *count -= 1;
+                if *count == 0 {
+                    busy.remove(node);
+                }
+            }
+        }
+        drop(busy);
+        self.cache.idle.notify_all();
+    }
+}
+
+impl KernelCache {
+    pub fn new(inodes: InodeTable) -> Arc<Self> {
+        Arc::new(Self {
+            inodes: Mutex::new(inodes),
+            leases: Mutex::new(HashMap::new()),
+            busy: Mutex::new(HashMap::new()),
+            deferred: Mutex::new(Vec::new()),
+            idle: Condvar::new(),
+            notifier: OnceLock::new(),
+        })
+    }
+
+    /// Starts sending notifications (once the session exists) and the invalidator thread.
+    pub fn start(self: &Arc<Self>, notifier: Notifier) -> std::io::Result<()> {
+        let _ = self.notifier.set(notifier);
+        let cache = self.clone();
+        std::thread::Builder::new().name("braid-invalidate".into()).spawn(move || cache.run_deferred())?;
+        Ok(())
+    }
+
+    pub fn busy(&self, nodes: &[u64]) -> BusyGuard<'_> {
+        let mut busy = self.busy.lock().expect("busy lock");
+        for node in nodes {
+            *busy.entry(*node).or_default() += 1;
+        }
+        BusyGuard { cache: self, nodes: nodes.to_vec() }
+    }
+
+    /// How long the kernel may cache what a reply under `lease` said.
+    pub fn ttl(lease: Lease) -> Duration {
+        lease.map_or(Duration::ZERO, |until| until.saturating_duration_since(Instant::now()))
+    }
+
+    /// Records that `node` is covered until `lease` ends.
+    pub fn leased(&self, node: u64, lease: Lease) {
+        let Some(until) = lease else { return };
+        let now = Instant::now();
+        let mut leases = self.leases.lock().expect("lease lock");
+        match leases.get_mut(&node) {
+            Some(held) => {
+                held.gap |= held.until <= now;
+                held.until = held.until.max(until);
+            }
+            None => {
+                leases.insert(node, NodeLease { until, gap: false });
+            }
+        }
+    }
+
+    /// Whether an open of `node` may keep the pages the kernel has: a lease has covered them
+    /// since they were read, without a gap. Call before the open's own request.
+    pub fn may_keep_pages(&self, node: u64) -> bool {
+        let mut leases = self.leases.lock().expect("lease lock");
+        match leases.get_mut(&node) {
+            Some(held) if held.until > Instant::now() && !held.gap => true,
+            Some(held) => {
+                // This open drops the pages; what is read from now on is covered afresh.
+                held.gap = false;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// The kernel forgot `node`: its pages went with it.
+    pub fn forgotten(&self, node: u64) {
+        self.leases.lock().expect("lease lock").remove(&node);
+    }
+
+    fn notify(&self, notice: &Notice) {
+        let Some(notifier) = self.notifier.get() else { return };
+        // ENOENT: the kernel no longer has it cached, which is what we want.
+        let _ = match notice {
+            Notice::Node(node) => notifier.inval_inode(INodeNo(*node), 0, 0),
+            Notice::Entry { parent, name } => notifier.inval_entry(INodeNo(*parent), OsStr::from_bytes(name)),
+        };
+    }
+
+    /// Sends `notice` now, or leaves it to the invalidator thread if its object is busy.
+    fn invalidate(&self, notice: Notice) {
+        if let Notice::Node(node) = notice {
+            self.leases.lock().expect("lease lock").remove(&node);
+        }
+        if self.busy.lock().expect("busy lock").contains_key(&notice.node()) {
+            self.deferred.lock().expect("deferred lock").push(notice);
+            self.idle.notify_all();
+        } else {
+            self.notify(&notice);
+        }
+    }
+
+    fn run_deferred(&self) {
+        let mut deferred = self.deferred.lock().expect("deferred lock");
+        loop {
+            let ready: Vec<Notice> = {
+                let busy = self.busy.lock().expect("busy lock");
+                let (ready, waiting) = deferred.drain(..).partition(|n| !busy.contains_key(&n.node()));
+                *deferred = waiting;
+                ready
+            };
+            if !ready.is_empty() {
+                drop(deferred);
+                ready.iter().for_each(|n| self.notify(n));
+                deferred = self.deferred.lock().expect("deferred lock");
+                continue;
+            }
+            deferred = self.idle.wait_timeout(deferred, Duration::from_millis(100)).expect("deferred lock").0;
+        }
+    }
+}
+
+impl CallbackHandler for KernelCache {
+    fn recall(&self, items: &[Invalidation]) {
+        let notices: Vec<Notice> = {
+            let inodes = self.inodes.lock().expect("inode lock");
+            items
+                .iter()
+                .filter_map(|item| match item {
+                    Invalidation::Object(handle) => inodes.node_of(handle).map(Notice::Node),
+                    Invalidation::Entry { parent, name } => {
+                        inodes.node_of(parent).map(|parent| Notice::Entry { parent, name: name.clone() })
+                    }
+                })
+                .collect()
+        };
+        tracing::trace!(?notices, "recall");
+        notices.into_iter().for_each(|n| self.invalidate(n));
+    }
+
+    fn lost(&self) {
+        let nodes = self.inodes.lock().expect("inode lock").nodes();
+        nodes.into_iter().for_each(|node| self.invalidate(Notice::Node(node)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use braid_proto::Handle;
+
+    fn cache() -> Arc<KernelCache> {
+        KernelCache::new(InodeTable::new(2, Handle(vec![0])))
+    }
+
+    #[test]
+    fn pages_are_kept_only_under_a_lease_without_gaps() {
+        // Goal: an open keeps cached pages only if a lease covered them continuously.
+        let c = cache();
+        assert!(!c.may_keep_pages(5), "never leased");
+        c.leased(5, Some(Instant::now() + Duration::from_secs(5)));
+        assert!(c.may_keep_pages(5));
+        c.leased(6, Some(Instant::now()));
+        std::thread::sleep(Duration::from_millis(5));
+        c.leased(6, Some(Instant::now() + Duration::from_secs(5)));
+        assert!(!c.may_keep_pages(6), "the lease lapsed before it was renewed");
+        assert!(c.may_keep_pages(6), "the open that dropped the pages closed the gap");
+    }
+
+    #[test]
+    fn a_recall_of_a_busy_object_is_deferred() {
+        // Goal: a notice for an object with a change in flight waits for the change.
+        let c = cache();
+        let h = Handle(vec![9]);
+        c.inodes.lock().unwrap().remember(9, &h);
+        c.leased(9, Some(Instant::now() + Duration::from_secs(5)));
+        let guard = c.busy(&[9]);
+        c.recall(&[Invalidation::Object(h)]);
+        assert_eq!(*c.deferred.lock().unwrap(), vec![Notice::Node(9)]);
+        assert!(!c.may_keep_pages(9), "the recall ended the lease at once");
+        drop(guard);
+        assert!(c.busy.lock().unwrap().is_empty());
+    }
+}

@@ -1,0 +1,200 @@
+//! Byte-range locks arbitrated by the server, so that processes on different clients exclude
+//! each other. POSIX semantics: an owner's locks on one object merge and split like `fcntl`
+//! locks (a new lock replaces the owner's own overlapping ranges); locks of different owners
+//! conflict when they overlap and one of them is a write lock. `flock` and OFD locks are the
+//! same thing with the open file as owner and the whole file as range (as NFS does it).
+//!
+//! An owner is (client, the client's owner id): owners of different clients never mix.
+use std::collections::HashMap;
+
+use braid_proto::{ClientId, Handle, LockHeld, LockKind};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Owner {
+    pub client: ClientId,
+    pub id: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Range {
+    owner: Owner,
+    write: bool,
+    start: u64,
+    /// Inclusive.
+    end: u64,
+    pid: u32,
+}
+
+impl Range {
+    fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.start <= end && start <= self.end
+    }
+}
+
+#[derive(Default)]
+pub struct LockTable {
+    objects: HashMap<Handle, Vec<Range>>,
+}
+
+/// What a lock request asks for, once decoded.
+pub struct Wanted {
+    pub owner: Owner,
+    pub kind: LockKind,
+    pub start: u64,
+    pub end: u64,
+    pub pid: u32,
+}
+
+impl LockTable {
+    /// The first lock of another owner that `wanted` conflicts with.
+    pub fn conflict(&self, handle: &Handle, wanted: &Wanted) -> Option<LockHeld> {
+        let write = match wanted.kind {
+            LockKind::Unlock => return None,
+            LockKind::Write => true,
+            LockKind::Read => false,
+        };
+        let ranges = self.objects.get(handle)?;
+        ranges.iter().find(|r| r.owner != wanted.owner && (write || r.write) && r.overlaps(wanted.start, wanted.end)).map(|r| LockHeld {
+            kind: if r.write { LockKind::Write } else { LockKind::Read },
+            start: r.start,
+            end: r.end,
+            pid: r.pid,
+            mine: r.owner.client == wanted.owner.client,
+        })
+    }
+
+    /// Takes, converts or releases `wanted` if nobody else conflicts; else returns the conflict.
+    pub fn set(&mut self, handle: &Handle, wanted: &Wanted) -> Result<(), LockHeld> {
+        if let Some(held) = self.conflict(handle, wanted) {
+            return Err(held);
+        }
+        let ranges = self.objects.entry(handle.clone()).or_default();
+        carve(ranges, wanted.owner, wanted.start, wanted.end);
+        if wanted.kind != LockKind::Unlock {
+            ranges.push(Range {
+                owner: wanted.owner,
+                write: wanted.kind == LockKind::Write,
+                start: wanted.start,
+                end: wanted.end,
+                pid: wanted.pid,
+            });
+            merge_adjacent(ranges, wanted.owner);
+        }
+        if ranges.is_empty() {
+            self.objects.remove(handle);
+        }
+        Ok(())
+    }
+
+    /// Drops every lock of `client` (it unmounted, or vanished for longer than its lease).
+    pub fn release_client(&mut self, client: ClientId) {
+        self.objects.retain(|_, ranges| {
+            ranges.retain(|r| r.owner.client != client);
+            !ranges.is_empty()
+        });
+    }
+
+    /// The clients holding a lock that conflicts with `wanted`.
+    pub fn conflicting_clients(&self, handle: &Handle, wanted: &Wanted) -> Vec<ClientId> {
+        let write = wanted.kind == LockKind::Write;
+        let Some(ranges) = self.objects.get(handle) else { return Vec::new() };
+        ranges
+            .iter()
+            .filter(|r| r.owner != wanted.owner && (write || r.write) && r.overlaps(wanted.start, wanted.end))
+            .map(|r| r.owner.client)
+            .collect()
+    }
+}
+
+/// Removes `start..=end` from `owner`'s ranges, splitting a range that straddles it.
+fn carve(ranges: &mut Vec<Range>, owner: Owner, start: u64, end: u64) {
+    let mut kept = Vec::with_capacity(ranges.len() + 1);
+    for r in ranges.drain(..) {
+        if r.owner != owner || !r.overlaps(start, end) {
+            kept.push(r);
+            continue;
+        }
+        if r.start < start {
+            kept.push(Range { end: start - 1, ..r.clone() });
+        }
+        if r.end > end {
+            kept.push(Range { start: end + 1, ..r });
+        }
+    }
+    *ranges = kept;
+}
+
+/// Joins `owner`'s ranges of the same type that touch, as the kernel does for local locks.
+fn merge_adjacent(ranges: &mut Vec<Range>, owner: Owner) {
+    let (mut mine, others): (Vec<Range>, Vec<Range>) = ranges.drain(..).partition(|r| r.owner == owner);
+    mine.sort_by_key(|r| r.start);
+    let mut merged: Vec<Range> = Vec::with_capacity(mine.len());
+    for r in mine {
+        match merged.last_mut() {
+            Some(last) if last.write == r.write && last.end.checked_add(1) == Some(r.start) => last.end = r.end,
+            _ => merged.push(r),
+        }
+    }
+    *ranges = others;
+    ranges.extend(merged);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner(client: u64, id: u64) -> Owner {
+        Owner { client: ClientId(client), id }
+    }
+
+    fn want(owner: Owner, kind: LockKind, start: u64, end: u64) -> Wanted {
+        Wanted { owner, kind, start, end, pid: 7 }
+    }
+
+    #[test]
+    fn writers_exclude_everyone_readers_share() {
+        // Goal: the POSIX conflict matrix, across clients and across owners of one client.
+        let h = Handle(vec![1]);
+        let mut t = LockTable::default();
+        let (a, b, a2) = (owner(1, 1), owner(2, 1), owner(1, 2));
+        t.set(&h, &want(a, LockKind::Read, 0, 99)).unwrap();
+        t.set(&h, &want(b, LockKind::Read, 50, 150)).unwrap();
+        assert!(t.set(&h, &want(b, LockKind::Write, 0, 10)).is_err(), "write over a's read");
+        assert!(t.set(&h, &want(a2, LockKind::Write, 120, 130)).is_err(), "other owner of client 1 over b's read");
+        t.set(&h, &want(a2, LockKind::Write, 151, 200)).unwrap();
+        let held = t.conflict(&h, &want(b, LockKind::Read, 160, 160)).unwrap();
+        assert_eq!((held.kind, held.start, held.end), (LockKind::Write, 151, 200));
+    }
+
+    #[test]
+    fn an_owner_splits_converts_and_releases_its_own_ranges() {
+        // Goal: fcntl semantics within one owner: unlock in the middle splits, a new type
+        // replaces the overlapped part, and neighbours of the same type merge.
+        let h = Handle(vec![2]);
+        let mut t = LockTable::default();
+        let (a, b) = (owner(1, 1), owner(2, 9));
+        t.set(&h, &want(a, LockKind::Write, 0, 99)).unwrap();
+        t.set(&h, &want(a, LockKind::Unlock, 40, 59)).unwrap();
+        t.set(&h, &want(b, LockKind::Write, 40, 59)).unwrap();
+        assert!(t.set(&h, &want(b, LockKind::Write, 39, 39)).is_err());
+        assert!(t.set(&h, &want(b, LockKind::Write, 60, 60)).is_err());
+        t.set(&h, &want(b, LockKind::Unlock, 0, u64::MAX)).unwrap();
+        t.set(&h, &want(a, LockKind::Read, 40, 59)).unwrap();
+        t.set(&h, &want(a, LockKind::Read, 0, 99)).unwrap();
+        assert_eq!(t.objects[&h].len(), 1, "merged into one read range: {:?}", t.objects[&h]);
+        assert!(t.set(&h, &want(b, LockKind::Read, 0, 99)).is_ok(), "readers share");
+        t.set(&h, &want(b, LockKind::Unlock, 0, u64::MAX)).unwrap();
+        t.set(&h, &want(a, LockKind::Unlock, 0, u64::MAX)).unwrap();
+        assert!(t.objects.is_empty(), "no empty entries left behind");
+    }
+
+    #[test]
+    fn a_departed_client_loses_its_locks() {
+        let h = Handle(vec![3]);
+        let mut t = LockTable::default();
+        t.set(&h, &want(owner(1, 1), LockKind::Write, 0, u64::MAX)).unwrap();
+        assert_eq!(t.conflicting_clients(&h, &want(owner(2, 1), LockKind::Read, 5, 5)), vec![ClientId(1)]);
+        t.release_client(ClientId(1));
+        assert!(t.set(&h, &want(owner(2, 1), LockKind::Write, 0, u64::MAX)).is_ok());
+    }
+}
