@@ -5,7 +5,8 @@
 #   lint      cargo fmt --check, cargo clippy -D warnings
 #   test      cargo test --release --workspace            (unit + integration tests)
 #   pjdfstest tests/conformance/pjdfstest.sh on a fresh braid mount (tests/e2e/with-mount.sh)
-#   fsx       tests/conformance/fsx.sh on a fresh braid mount
+#   fsx       tests/conformance/fsx.sh on a fresh braid mount while a second client reads the files
+#   coherence tests/conformance/fscheck.sh: the lab's checks on one mount and across two
 #   crash     tests/crash/maildir-crash.sh (maildir delivery across server kills) and
 #             tests/crash/fsx-kill.sh (fsx across server kills); each manages its own server/mount
 #   fuzz      scripts/fuzz.sh: the frame and message decoders under libFuzzer, FUZZ_SECONDS each
@@ -19,7 +20,7 @@ export TEST_OUT=${TEST_OUT:-/tmp/braid-test-$(date +%Y%m%d-%H%M%S)}
 export PJDFS_OUT=$TEST_OUT/pjdfstest FSX_OUT=$TEST_OUT/fsx
 # keep the worst case inside the budget: pjdfstest takes seconds, fsx a few minutes per variant
 export PJDFS_TIMEOUT=${PJDFS_TIMEOUT:-600} FSX_TIMEOUT=${FSX_TIMEOUT:-420}
-STAGES=${STAGES:-deps build lint test pjdfstest fsx crash fuzz}
+STAGES=${STAGES:-deps build lint test pjdfstest fsx coherence crash fuzz}
 summary=()
 
 finish() {
@@ -45,7 +46,8 @@ stage build cargo build --release --workspace
 stage lint bash -c 'cargo fmt --all --check && cargo clippy --release --workspace --all-targets --quiet -- -D warnings'
 stage test cargo test --release --workspace
 stage pjdfstest tests/e2e/with-mount.sh tests/conformance/pjdfstest.sh
-stage fsx tests/e2e/with-mount.sh tests/conformance/fsx.sh
+stage fsx env SECOND_MOUNT=1 tests/e2e/with-mount.sh tests/conformance/fsx-with-reader.sh
+stage coherence env SECOND_MOUNT=1 tests/e2e/with-mount.sh tests/conformance/fscheck.sh
 stage crash bash -c 'tests/crash/maildir-crash.sh && tests/crash/fsx-kill.sh'
 stage fuzz scripts/fuzz.sh "${FUZZ_SECONDS:-20}"
 finish; echo "ALL PASSED"

@@ -176,11 +176,24 @@ impl Fixture {
     /// Runs `braid mount --foreground` and waits until the mount point is a mount point.
     pub fn mount(&mut self) {
         assert!(self.mount.is_none(), "already mounted");
-        let log = self.log_file("mount.log");
-        let child = Process::new(braid_exe())
+        let child = self.start_mount(&self.mnt, "mount.log");
+        self.mount = Some(child);
+    }
+
+    /// Mounts the server a second time, as another client would, on `root/<name>`.
+    pub fn another_mount(&self, name: &str) -> OtherMount {
+        let mnt = self.root.path().join(name);
+        fs::create_dir_all(&mnt).expect("create mount point");
+        let child = self.start_mount(&mnt, &format!("{name}.log"));
+        OtherMount { mnt, child: Some(child) }
+    }
+
+    fn start_mount(&self, mnt: &Path, log_name: &str) -> Child {
+        let log = self.log_file(log_name);
+        let mut child = Process::new(braid_exe())
             .arg("mount")
             .arg(self.mount_via.unwrap_or(self.addr()).to_string())
-            .arg(&self.mnt)
+            .arg(mnt)
             .arg("--foreground")
             .arg("--timeout")
             .arg(MOUNT_TIMEOUT_SECONDS.to_string())
@@ -191,16 +204,22 @@ impl Fixture {
             .stderr(log)
             .spawn()
             .expect("spawn braid mount");
-        self.mount = Some(child);
         let deadline = Instant::now() + START_DEADLINE;
-        while !is_mount_point(&self.mnt) {
-            if let Some(status) = self.mount.as_mut().expect("mount").try_wait().expect("try_wait") {
-                self.mount = None;
+        while !is_mount_point(mnt) {
+            if let Some(status) = child.try_wait().expect("try_wait") {
                 panic!("braid mount exited before mounting ({status}):\n{}", self.logs_tail());
             }
-            assert!(Instant::now() < deadline, "{} not mounted after {START_DEADLINE:?}:\n{}", self.mnt.display(), self.logs_tail());
+            assert!(Instant::now() < deadline, "{} not mounted after {START_DEADLINE:?}:\n{}", mnt.display(), self.logs_tail());
             std::thread::sleep(POLL);
         }
+        child
+    }
+
+    /// Sends `signal` to the server (SIGSTOP freezes it, SIGCONT thaws it).
+    pub fn signal_server(&self, signal: i32) {
+        let pid = self.server.as_ref().expect("server running").id();
+        // SAFETY: kill(2) on a child we spawned and have not reaped.
+        assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0, "kill({pid}, {signal})");
     }
 
     /// A path under the mount point.
@@ -249,15 +268,56 @@ impl Fixture {
     }
 
     fn unmount(&mut self) {
-        if !is_mount_point(&self.mnt) {
-            return;
+        unmount(&self.mnt);
+    }
+}
+
+/// A second client of a fixture's server (see [`Fixture::another_mount`]); unmounted on drop.
+pub struct OtherMount {
+    pub mnt: PathBuf,
+    child: Option<Child>,
+}
+
+impl OtherMount {
+    /// A path under this mount point.
+    pub fn m(&self, relative: &str) -> PathBuf {
+        self.mnt.join(relative)
+    }
+
+    /// Kills the client as a crash would (SIGKILL): no unmount, no goodbye to the server.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        let quiet = |program: &str, args: &[&OsStr]| {
-            Process::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false)
-        };
-        if !quiet("fusermount3", &[OsStr::new("-u"), self.mnt.as_os_str()]) {
-            quiet("umount", &[OsStr::new("-l"), self.mnt.as_os_str()]);
+        let _ = Process::new("umount").arg("-l").arg(&self.mnt).status();
+    }
+}
+
+impl Drop for OtherMount {
+    fn drop(&mut self) {
+        unmount(&self.mnt);
+        if let Some(mut child) = self.child.take() {
+            if !wait_exit(&mut child, STOP_DEADLINE) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
+        if is_mount_point(&self.mnt) {
+            let _ = Process::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+    }
+}
+
+fn unmount(mnt: &Path) {
+    if !is_mount_point(mnt) {
+        return;
+    }
+    let quiet = |program: &str, args: &[&OsStr]| {
+        Process::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false)
+    };
+    if !quiet("fusermount3", &[OsStr::new("-u"), mnt.as_os_str()]) {
+        quiet("umount", &[OsStr::new("-l"), mnt.as_os_str()]);
     }
 }
 

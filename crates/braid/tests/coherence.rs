@@ -1,0 +1,272 @@
+//! Two clients of one server, each a real `braid mount`: what one does, the other sees at
+//! once (no waiting for a cache timeout), and locks exclude each other across clients.
+//!
+//! Every check reads through the second client right after the first one returned: a stale
+//! cache on the reader fails it. Each test first makes the reader cache what is about to change.
+mod common;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{plain_mount_args, plain_server_args, Fixture, OtherMount};
+
+/// A server with leases of `lease` seconds, mounted twice: `a` is the fixture's own mount.
+fn two_clients(lease: &str) -> (Fixture, OtherMount) {
+    let args = [plain_server_args(), vec!["--lease".into(), lease.into()]].concat();
+    let mut a = Fixture::serving_with_args(|_| {}, args, plain_mount_args());
+    a.mount();
+    let b = a.another_mount("mnt-b");
+    (a, b)
+}
+
+/// Runs `work` on a thread and waits at most `limit` for it; a hang fails the test instead of
+/// blocking the suite.
+fn within<T: Send + 'static>(what: &str, limit: Duration, work: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(work());
+    });
+    rx.recv_timeout(limit).unwrap_or_else(|_| panic!("{what} did not finish within {limit:?}"))
+}
+
+#[test]
+fn close_to_open_shows_the_other_clients_bytes() {
+    // Goal: B never reads its own cached pages after A rewrote the file, even when the size
+    // stays the same (a size-based check would miss it).
+    let (a, b) = two_clients("30");
+    for round in 0..20u8 {
+        let content = vec![b'a' + round; 10_000];
+        fs::write(a.m("f"), &content).expect("write on A");
+        assert_eq!(fs::read(b.m("f")).expect("read on B"), content, "round {round}: B read stale data");
+    }
+    // And the other way round, through a file B keeps open between A's writes.
+    let mut open_on_b = File::open(b.m("f")).expect("open on B");
+    let mut seen = Vec::new();
+    open_on_b.read_to_end(&mut seen).expect("read on B");
+    fs::write(a.m("f"), vec![b'z'; 10_000]).expect("rewrite on A");
+    seen.clear();
+    open_on_b.seek(SeekFrom::Start(0)).expect("seek");
+    open_on_b.read_to_end(&mut seen).expect("read again on B");
+    assert_eq!(seen, vec![b'z'; 10_000], "a file open on B shows A's write");
+}
+
+#[test]
+fn names_and_attributes_change_on_the_other_client_at_once() {
+    let (a, b) = two_clients("30");
+    fs::write(a.m("file"), b"x").expect("create on A");
+    fs::create_dir(a.m("dir")).expect("mkdir on A");
+    // B caches all of it, including a negative lookup.
+    assert!(b.m("file").exists() && b.m("dir").is_dir());
+    assert!(!b.m("new").exists());
+
+    fs::set_permissions(a.m("file"), fs::Permissions::from_mode(0o600)).expect("chmod on A");
+    assert_eq!(fs::metadata(b.m("file")).unwrap().mode() & 0o777, 0o600, "chmod");
+
+    let when = filetime(1_500_000_000);
+    set_mtime(&a.m("file"), when);
+    assert_eq!(fs::metadata(b.m("file")).unwrap().mtime(), 1_500_000_000, "utime");
+
+    fs::write(a.m("new"), b"n").expect("create on A");
+    assert_eq!(fs::read(b.m("new")).expect("B sees the file it looked up before"), b"n");
+
+    fs::rename(a.m("file"), a.m("renamed")).expect("rename on A");
+    assert!(!b.m("file").exists(), "old name gone on B");
+    assert_eq!(fs::metadata(b.m("renamed")).expect("new name on B").mode() & 0o777, 0o600);
+
+    fs::hard_link(a.m("renamed"), a.m("link")).expect("link on A");
+    assert_eq!(fs::metadata(b.m("renamed")).unwrap().nlink(), 2, "nlink after link");
+
+    fs::remove_file(a.m("new")).expect("unlink on A");
+    assert!(!b.m("new").exists(), "unlink");
+
+    fs::remove_dir(a.m("dir")).expect("rmdir on A");
+    assert!(!b.m("dir").exists(), "rmdir");
+}
+
+fn filetime(secs: i64) -> libc::timespec {
+    libc::timespec { tv_sec: secs, tv_nsec: 0 }
+}
+
+fn set_mtime(path: &std::path::Path, when: libc::timespec) {
+    let times = [libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT }, when];
+    let path = common::cstr(path);
+    // SAFETY: a valid C string and an array of two timespecs, as utimensat(2) requires.
+    assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) }, 0, "utimensat");
+}
+
+#[test]
+fn a_listing_on_one_client_is_complete_after_changes_on_the_other() {
+    let (a, b) = two_clients("30");
+    fs::create_dir(a.m("d")).unwrap();
+    for i in 0..10 {
+        fs::write(a.m(&format!("d/old{i}")), b"").unwrap();
+    }
+    let count = |dir: &std::path::Path| fs::read_dir(dir).expect("readdir").count();
+    assert_eq!(count(&b.m("d")), 10);
+    for i in 0..300 {
+        fs::write(a.m(&format!("d/new{i}")), b"").unwrap();
+    }
+    assert_eq!(count(&b.m("d")), 310, "B lists every file A created");
+    for i in 0..100 {
+        fs::remove_file(a.m(&format!("d/new{i}"))).unwrap();
+    }
+    assert_eq!(count(&b.m("d")), 210, "B lists no file A removed");
+}
+
+#[test]
+fn appends_from_both_clients_are_neither_lost_nor_torn() {
+    // Goal: O_APPEND writes from two clients (two writers each) all land, whole, at distinct
+    // places: the server, not the client's idea of the size, decides where an append goes.
+    let (a, b) = two_clients("30");
+    fs::write(a.m("log"), b"").unwrap();
+    const RECORDS: usize = 300;
+    const LEN: usize = 64;
+    let paths = [a.m("log"), a.m("log"), b.m("log"), b.m("log")];
+    let writers: Vec<_> = paths
+        .into_iter()
+        .enumerate()
+        .map(|(w, path)| {
+            std::thread::spawn(move || {
+                let mut file = OpenOptions::new().append(true).open(path).expect("open for append");
+                for k in 0..RECORDS {
+                    let mut record = format!("{w}:{k:06}:").into_bytes();
+                    record.resize(LEN - 1, b'x');
+                    record.push(b'\n');
+                    file.write_all(&record).expect("append");
+                }
+            })
+        })
+        .collect();
+    writers.into_iter().for_each(|w| w.join().expect("writer"));
+    let data = fs::read(b.m("log")).unwrap();
+    assert_eq!(data.len(), 4 * RECORDS * LEN, "lost or overlapping appends");
+    let mut seen = std::collections::HashSet::new();
+    for record in data.chunks(LEN) {
+        assert_eq!(record[LEN - 1], b'\n', "torn record {:?}", String::from_utf8_lossy(record));
+        let text = String::from_utf8_lossy(record);
+        let mut fields = text.split(':');
+        seen.insert((fields.next().unwrap().to_string(), fields.next().unwrap().to_string()));
+    }
+    assert_eq!(seen.len(), 4 * RECORDS, "duplicated records");
+}
+
+/// Takes (`F_WRLCK`) or releases (`F_UNLCK`) an OFD lock on the whole file, waiting for it.
+fn ofd_lock(file: &File, kind: i32) {
+    // SAFETY: an all-zero `struct flock` is valid; the fields that matter are set below.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = kind as i16;
+    lock.l_whence = libc::SEEK_SET as i16;
+    // SAFETY: fcntl(2) with F_OFD_SETLKW and a pointer to a valid struct flock.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLKW, &lock) };
+    assert_eq!(r, 0, "F_OFD_SETLKW: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn counter_increments_under_locks_from_both_clients_lose_no_update() {
+    // Goal: read-modify-write under an exclusive lock, from two threads on each client, never
+    // loses an increment: the lock excludes across clients and the data is never stale.
+    let (a, b) = two_clients("30");
+    fs::write(a.m("counter"), b"0").unwrap();
+    const EACH: u32 = 50;
+    let paths = [a.m("counter"), a.m("counter"), b.m("counter"), b.m("counter")];
+    let workers: Vec<_> = paths
+        .into_iter()
+        .map(|path| {
+            std::thread::spawn(move || {
+                for _ in 0..EACH {
+                    let mut file = OpenOptions::new().read(true).write(true).open(&path).expect("open counter");
+                    ofd_lock(&file, libc::F_WRLCK);
+                    let mut text = String::new();
+                    file.read_to_string(&mut text).expect("read counter");
+                    let value: u32 = text.trim().parse().unwrap_or_else(|e| panic!("counter {text:?}: {e}"));
+                    file.set_len(0).unwrap();
+                    file.seek(SeekFrom::Start(0)).unwrap();
+                    file.write_all((value + 1).to_string().as_bytes()).unwrap();
+                    ofd_lock(&file, libc::F_UNLCK);
+                }
+            })
+        })
+        .collect();
+    workers.into_iter().for_each(|w| w.join().expect("worker"));
+    assert_eq!(fs::read_to_string(a.m("counter")).unwrap(), (4 * EACH).to_string(), "lost updates");
+}
+
+fn try_flock(file: &File, operation: i32) -> std::io::Result<()> {
+    // SAFETY: flock(2) on an open descriptor.
+    match unsafe { libc::flock(file.as_raw_fd(), operation | libc::LOCK_NB) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+#[test]
+fn flock_excludes_across_clients_and_dies_with_its_holder() {
+    // Goal: B cannot take a lock A holds; a client killed while holding a lock loses it once
+    // its lease runs out, so it cannot block the others for ever.
+    let (a, mut b) = two_clients("1");
+    fs::write(a.m("lk"), b"x").unwrap();
+    let on_a = File::open(a.m("lk")).unwrap();
+    let on_b = File::open(b.m("lk")).unwrap();
+    try_flock(&on_a, libc::LOCK_EX).expect("A locks");
+    let refused = try_flock(&on_b, libc::LOCK_SH).expect_err("B must not share A's exclusive lock");
+    assert_eq!(refused.raw_os_error(), Some(libc::EWOULDBLOCK));
+    try_flock(&on_a, libc::LOCK_UN).expect("A unlocks");
+    try_flock(&on_b, libc::LOCK_EX).expect("B locks once A let go");
+    assert!(try_flock(&on_a, libc::LOCK_EX).is_err(), "A must wait for B");
+
+    b.kill();
+    drop(on_b);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while try_flock(&on_a, libc::LOCK_EX).is_err() {
+        assert!(Instant::now() < deadline, "the lock of a killed client was never released");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_file_unlinked_on_one_client_stays_readable_where_it_is_open() {
+    let (a, b) = two_clients("30");
+    let content = vec![7u8; 300_000];
+    fs::write(a.m("doomed"), &content).unwrap();
+    let mut open_on_b = File::open(b.m("doomed")).unwrap();
+    fs::remove_file(a.m("doomed")).unwrap();
+    assert!(!b.m("doomed").exists(), "the name is gone on B");
+    let mut read = Vec::new();
+    open_on_b.read_to_end(&mut read).expect("read the unlinked file on B");
+    assert_eq!(read, content);
+}
+
+#[test]
+fn cached_attributes_are_served_without_the_server() {
+    // Goal: with a right held, stat needs no round trip: it answers while the server is frozen.
+    let (a, b) = two_clients("30");
+    fs::write(a.m("f"), b"cached").unwrap();
+    let before = fs::metadata(a.m("f")).unwrap();
+    a.signal_server(libc::SIGSTOP);
+    let path = a.m("f");
+    let during = within("stat with the server frozen", Duration::from_secs(5), move || fs::metadata(path).map(|m| m.ino()));
+    a.signal_server(libc::SIGCONT);
+    assert_eq!(during.expect("stat from the cache"), before.ino());
+    // And the right is still recalled when B changes the file.
+    fs::write(b.m("f"), b"changed on B").unwrap();
+    assert_eq!(fs::read(a.m("f")).unwrap(), b"changed on B");
+}
+
+#[test]
+fn a_vanished_client_delays_changes_by_at_most_its_lease() {
+    // Goal: B is killed while it caches a file; A's change of that file waits for B's lease at
+    // most (1 s here), and then goes through.
+    let (a, mut b) = two_clients("1");
+    fs::write(a.m("f"), b"x").unwrap();
+    assert_eq!(fs::read(b.m("f")).unwrap(), b"x");
+    b.kill();
+    let path = a.m("f");
+    within("a change of a file the killed client cached", Duration::from_secs(20), move || {
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).expect("chmod on A")
+    });
+    assert_eq!(fs::metadata(a.e("f")).unwrap().mode() & 0o777, 0o640);
+}
