@@ -10,9 +10,10 @@
 //!
 //! # Correctness
 //! A right must never be granted on state a concurrent change is about to make stale. Every
-//! change bumps the epoch when it begins and marks its objects busy, and a grant is refused
-//! (the response says "do not cache") when one of its objects is busy with another client's
-//! change or was changed by another client since the read began. Object entries that a read
+//! change bumps the epoch when it begins and marks its objects busy, and bumps it again when it
+//! ends, stamping its objects with that epoch. A grant is refused (the response says "do not
+//! cache") when one of its objects is busy with another client's change or carries a stamp of
+//! another client newer than the read's start: the read may have seen the state before. Object entries that a read
 //! in flight could still need for this check are kept until no such read remains.
 //!
 //! When only one client is subscribed, its own changes recall nothing and need not name their
@@ -51,6 +52,8 @@ struct State {
     /// Connections per client, and since when a client has had none.
     presence: HashMap<ClientId, Presence>,
     locks: LockTable,
+    /// When expired rights are next swept out of `objects`.
+    next_sweep: Option<Instant>,
 }
 
 struct Subscriber {
@@ -196,9 +199,14 @@ impl Coherence {
         if handles.iter().any(|h| state.objects.get(*h).is_some_and(stale)) {
             return false;
         }
-        let until = Instant::now() + self.lease;
+        let now = Instant::now();
+        let until = now + self.lease;
         for handle in handles {
             state.objects.entry(handle.clone()).or_default().holders.insert(client, until);
+        }
+        if state.next_sweep.is_none_or(|at| now >= at) {
+            sweep(state, now);
+            state.next_sweep = Some(now + self.lease);
         }
         true
     }
@@ -307,8 +315,13 @@ impl Coherence {
                 self.changed.notify_all();
             }
             Some(busy) => {
+                // A read that began before this point may have seen the state before the change:
+                // stamping the change with a new epoch makes its grant fail.
+                state.epoch += 1;
+                let epoch = state.epoch;
                 for handle in busy {
                     if let Some(object) = state.objects.get_mut(handle) {
+                        object.changed_at = epoch;
                         if let Some(at) = object.busy.iter().position(|c| *c == change.client) {
                             object.busy.swap_remove(at);
                         }
@@ -390,16 +403,32 @@ fn end_read(state: &mut State, ticket: ReadTicket) {
 
 /// Forgets objects nobody holds or changes, once no read in flight began before their change.
 fn prune(state: &mut State, handles: &[Handle]) {
-    let oldest_read = state.reads.keys().next().copied().unwrap_or(u64::MAX);
+    let oldest_read = oldest_read(state);
     let now = Instant::now();
     for handle in handles {
         if let Some(object) = state.objects.get_mut(handle) {
-            object.holders.retain(|_, until| *until > now);
-            if object.holders.is_empty() && object.busy.is_empty() && object.changed_at < oldest_read {
+            if forgettable(object, now, oldest_read) {
                 state.objects.remove(handle);
             }
         }
     }
+}
+
+/// Forgets every object whose rights all expired (clients that read much and change little
+/// would otherwise grow the table for ever).
+fn sweep(state: &mut State, now: Instant) {
+    let oldest_read = oldest_read(state);
+    state.objects.retain(|_, object| !forgettable(object, now, oldest_read));
+}
+
+fn oldest_read(state: &State) -> u64 {
+    state.reads.keys().next().copied().unwrap_or(u64::MAX)
+}
+
+/// Drops expired rights; true if nothing about the object is worth keeping.
+fn forgettable(object: &mut Object, now: Instant, oldest_read: u64) -> bool {
+    object.holders.retain(|_, until| *until > now);
+    object.holders.is_empty() && object.busy.is_empty() && (object.changed_by.is_none() || object.changed_at < oldest_read)
 }
 
 #[cfg(test)]
@@ -477,7 +506,8 @@ mod tests {
 
     #[test]
     fn a_read_overlapping_a_foreign_change_gets_no_right() {
-        // Goal: no right is granted on data a concurrent change may have made stale.
+        // Goal: no right is granted on data a concurrent change may have made stale: a read
+        // that overlaps a change in any way gets none.
         let c = Coherence::new(Duration::from_millis(100));
         let (a, b) = (ClientId(1), ClientId(2));
         let never: Sink = Arc::new(|_, _: &Callback| false);
@@ -485,10 +515,11 @@ mod tests {
         c.subscribe(b, 2, never);
         let ticket = c.begin_read();
         let change = c.begin_change(b, &[Invalidation::Object(h(7))]);
-        assert!(!c.grant(ticket, a, [&h(7)]), "during the change");
-        let ticket = c.begin_read();
+        assert!(!c.grant(ticket, a, [&h(7)]), "read begun before, granted during the change");
+        let during = c.begin_read();
         let _ = c.end_change(change, [&h(7)]);
-        assert!(c.grant(ticket, a, [&h(7)]), "read begun after the change began and ended");
+        assert!(!c.grant(during, a, [&h(7)]), "read begun during the change (it may have read the old state)");
+        assert!(c.grant(c.begin_read(), a, [&h(7)]), "read begun after the change");
         let before = c.begin_read();
         let change = c.begin_change(b, &[Invalidation::Object(h(7))]);
         let _ = c.end_change(change, []);
@@ -509,6 +540,20 @@ mod tests {
         let waited = started.elapsed();
         let _ = c.end_change(change, []);
         assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(3), "waited {waited:?}");
+    }
+
+    #[test]
+    fn expired_rights_are_swept_out() {
+        // Goal: the table does not keep every object a client ever read.
+        let c = Coherence::new(Duration::from_millis(50));
+        let a = ClientId(1);
+        c.subscribe(a, 1, Arc::new(|_, _: &Callback| true));
+        for n in 0..100 {
+            assert!(c.grant(c.begin_read(), a, [&h(n)]));
+        }
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(c.grant(c.begin_read(), a, [&h(200)]));
+        assert_eq!(c.lock().objects.len(), 1, "only the fresh right is left");
     }
 
     #[test]
