@@ -118,6 +118,12 @@ impl Connection {
     /// Like `call`, and also until when the client may cache what the reply says: the lease
     /// runs from when the request was (last) sent, minus a quarter for clock drift and delays.
     pub fn call_leased(self: &Arc<Self>, request: &Request, data: &[u8]) -> Result<(Reply, Vec<u8>, Lease)> {
+        let (result, data, lease) = self.call_outcome(request, data)?;
+        Ok((result?, data, lease))
+    }
+
+    /// Like `call_leased`, keeping the lease of an error reply (a missing attribute is leased).
+    pub fn call_outcome(self: &Arc<Self>, request: &Request, data: &[u8]) -> Result<(Result<Reply>, Vec<u8>, Lease)> {
         let _gate = self.gate.enter();
         let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
         let frame = encode_parts(FrameKind::Request, id, request, data).map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -150,9 +156,8 @@ impl Connection {
             }
         };
         let decoded: Response = response.decode().map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let reply = decoded.result.map_err(wire_error)?;
         let lease = decoded.leased.then(|| sent + Duration::from_millis(self.lease_ms.load(Ordering::Relaxed) * 3 / 4));
-        Ok((reply, response.data, lease))
+        Ok((decoded.result.map_err(wire_error), response.data, lease))
     }
 
     /// A new channel for callbacks: it waits for the server without a time limit, since an idle

@@ -69,6 +69,14 @@ pub struct Client {
     connection: Arc<Connection>,
     txns: Arc<TxnSequencer>,
     callbacks: Arc<Mutex<Option<callbacks::CallbackThread>>>,
+    /// Work for the release thread.
+    releases: std::sync::mpsc::Sender<ReleaseWork>,
+}
+
+enum ReleaseWork {
+    Release(Handle),
+    /// Answered once every release queued before it was sent.
+    Barrier(std::sync::mpsc::SyncSender<()>),
 }
 
 /// Hands out transaction sequence numbers and remembers which have no reply yet.
@@ -98,7 +106,9 @@ impl Client {
         let client_id = ClientId(rand::random());
         let (connection, info) = Connection::open(config, client_id)?;
         let txns = Arc::new(TxnSequencer { next: AtomicU64::new(1), outstanding: Mutex::new(BTreeSet::new()) });
-        Ok((Self { connection, txns, callbacks: Arc::new(Mutex::new(None)) }, info))
+        let releases =
+            start_release_thread(connection.clone()).map_err(|e| ClientError::Protocol(format!("cannot start the release thread: {e}")))?;
+        Ok((Self { connection, txns, callbacks: Arc::new(Mutex::new(None)), releases }, info))
     }
 
     /// Opens the callback channel: from now on the server grants this client rights to cache,
@@ -109,8 +119,13 @@ impl Client {
         Ok(())
     }
 
-    /// Gives every right and lock back (unmount) and stops the callback channel.
+    /// Gives every right and lock back (unmount) and stops the callback channel, once the
+    /// releases of closed files have been sent.
     pub fn unsubscribe(&self) -> Result<()> {
+        let (done, sent) = std::sync::mpsc::sync_channel(1);
+        if self.releases.send(ReleaseWork::Barrier(done)).is_ok() {
+            let _ = sent.recv_timeout(Duration::from_secs(10));
+        }
         let thread = self.callbacks.lock().expect("callbacks lock").take();
         if let Some(thread) = thread {
             thread.stop();
@@ -162,10 +177,15 @@ impl Client {
         }
     }
 
-    pub fn getxattr(&self, handle: &Handle, name: &[u8]) -> Result<Vec<u8>> {
-        match self.call(Request::GetXattr { handle: handle.clone(), name: name.to_vec() })? {
-            Reply::Xattr(value) => Ok(value),
-            other => unexpected(other),
+    /// The value of an extended attribute, `None` if the object has no such attribute, and the
+    /// lease on that answer.
+    pub fn getxattr(&self, handle: &Handle, name: &[u8]) -> Result<(Option<Vec<u8>>, Lease)> {
+        let (result, _, lease) = self.connection.call_outcome(&Request::GetXattr { handle: handle.clone(), name: name.to_vec() }, &[])?;
+        match result {
+            Ok(Reply::Xattr(value)) => Ok((Some(value), lease)),
+            Ok(other) => unexpected(other),
+            Err(ClientError::Errno(Errno(libc::ENODATA))) => Ok((None, lease)),
+            Err(e) => Err(e),
         }
     }
 
@@ -196,9 +216,13 @@ impl Client {
         self.connection.pin(handle, 1);
     }
 
-    pub fn release(&self, handle: &Handle) -> Result<()> {
+    /// Ends one open of `handle`. The server is told in the background: a close does not wait
+    /// for a round trip (opens and releases only count, so their order does not matter).
+    pub fn release(&self, handle: &Handle) {
         self.connection.pin(handle, -1);
-        self.call(Request::Release { handle: handle.clone() }).map(|_| ())
+        if self.releases.send(ReleaseWork::Release(handle.clone())).is_err() {
+            tracing::warn!("the release thread is gone; the server keeps a file open until it restarts");
+        }
     }
 
     /// Applies `commands` as one transaction. `data` holds the bytes of the `Write` commands,
@@ -256,6 +280,26 @@ impl Client {
     fn call_leased(&self, request: Request) -> Result<(Reply, Lease)> {
         self.connection.call_leased(&request, &[]).map(|(reply, _, lease)| (reply, lease))
     }
+}
+
+/// Sends the releases of closed files, in order, for as long as the client exists.
+fn start_release_thread(connection: Arc<Connection>) -> std::io::Result<std::sync::mpsc::Sender<ReleaseWork>> {
+    let (tx, rx) = std::sync::mpsc::channel::<ReleaseWork>();
+    std::thread::Builder::new().name("braid-release".into()).spawn(move || {
+        for work in rx {
+            match work {
+                ReleaseWork::Release(handle) => {
+                    if let Err(e) = connection.call(&Request::Release { handle }, &[]) {
+                        tracing::warn!(error = %e, "cannot release a closed file on the server");
+                    }
+                }
+                ReleaseWork::Barrier(done) => {
+                    let _ = done.send(());
+                }
+            }
+        }
+    })?;
+    Ok(tx)
 }
 
 fn unexpected<T>(reply: Reply) -> Result<T> {

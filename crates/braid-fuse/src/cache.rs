@@ -14,7 +14,7 @@
 //! by the invalidator thread once the change has returned. In that narrow case (both clients
 //! changing the same object at the same moment) the old state stays visible here for the
 //! duration of one round trip.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -28,6 +28,10 @@ use fuser::{INodeNo, Notifier};
 pub struct KernelCache {
     pub inodes: Mutex<InodeTable>,
     leases: Mutex<HashMap<u64, NodeLease>>,
+    /// Extended attributes known to be missing, per node, until the lease of that answer ends
+    /// (the kernel asks for `security.capability` before every write; the kernel itself does
+    /// not cache extended attributes).
+    missing_xattrs: Mutex<HashMap<u64, MissingNames>>,
     busy: Mutex<HashMap<u64, usize>>,
     /// Notifications waiting for their objects to stop being busy.
     deferred: Mutex<Vec<Notice>>,
@@ -35,6 +39,9 @@ pub struct KernelCache {
     idle: Condvar,
     notifier: OnceLock<Notifier>,
 }
+
+/// Names known to be missing, and until when that is known.
+type MissingNames = (HashSet<Vec<u8>>, Instant);
 
 struct NodeLease {
     until: Instant,
@@ -89,6 +96,7 @@ impl KernelCache {
         Arc::new(Self {
             inodes: Mutex::new(inodes),
             leases: Mutex::new(HashMap::new()),
+            missing_xattrs: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashMap::new()),
             deferred: Mutex::new(Vec::new()),
             idle: Condvar::new(),
@@ -151,6 +159,32 @@ impl KernelCache {
     /// The kernel forgot `node`: its pages went with it.
     pub fn forgotten(&self, node: u64) {
         self.leases.lock().expect("lease lock").remove(&node);
+        self.missing_xattrs.lock().expect("xattr lock").remove(&node);
+    }
+
+    /// Whether `node` is known, under a lease, to have no extended attribute `name`.
+    pub fn xattr_missing(&self, node: u64, name: &[u8]) -> bool {
+        let missing = self.missing_xattrs.lock().expect("xattr lock");
+        missing.get(&node).is_some_and(|(names, until)| *until > Instant::now() && names.contains(name))
+    }
+
+    /// Records that `node` has no extended attribute `name`, as long as `lease` lasts.
+    pub fn note_xattr_missing(&self, node: u64, name: &[u8], lease: Lease) {
+        let Some(until) = lease else { return };
+        let mut missing = self.missing_xattrs.lock().expect("xattr lock");
+        let (names, expiry) = missing.entry(node).or_insert_with(|| (HashSet::new(), until));
+        // One expiry for all names of a node: the earliest lease still running.
+        if *expiry <= Instant::now() {
+            names.clear();
+            *expiry = until;
+        }
+        *expiry = (*expiry).min(until);
+        names.insert(name.to_vec());
+    }
+
+    /// This mount changes the extended attributes of `node` (its own changes recall nothing here).
+    pub fn xattrs_changed(&self, node: u64) {
+        self.missing_xattrs.lock().expect("xattr lock").remove(&node);
     }
 
     fn notify(&self, notice: &Notice) {
@@ -166,6 +200,7 @@ impl KernelCache {
     fn invalidate(&self, notice: Notice) {
         if let Notice::Node(node) = notice {
             self.leases.lock().expect("lease lock").remove(&node);
+            self.missing_xattrs.lock().expect("xattr lock").remove(&node);
         }
         if self.busy.lock().expect("busy lock").contains_key(&notice.node()) {
             self.deferred.lock().expect("deferred lock").push(notice);
@@ -240,6 +275,24 @@ mod tests {
         c.leased(6, Some(Instant::now() + Duration::from_secs(5)));
         assert!(!c.may_keep_pages(6), "the lease lapsed before it was renewed");
         assert!(c.may_keep_pages(6), "the open that dropped the pages closed the gap");
+    }
+
+    #[test]
+    fn a_missing_attribute_is_remembered_until_recall_or_own_change() {
+        let c = cache();
+        let h = Handle(vec![4]);
+        c.inodes.lock().unwrap().remember(4, &h);
+        let lease = Some(Instant::now() + Duration::from_secs(5));
+        c.note_xattr_missing(4, b"security.capability", lease);
+        assert!(c.xattr_missing(4, b"security.capability"));
+        assert!(!c.xattr_missing(4, b"user.other"), "only what was asked");
+        c.xattrs_changed(4);
+        assert!(!c.xattr_missing(4, b"security.capability"), "own setxattr");
+        c.note_xattr_missing(4, b"security.capability", lease);
+        c.recall(&[Invalidation::Object(h)]);
+        assert!(!c.xattr_missing(4, b"security.capability"), "recalled");
+        c.note_xattr_missing(4, b"security.capability", None);
+        assert!(!c.xattr_missing(4, b"security.capability"), "no lease, no memory");
     }
 
     #[test]

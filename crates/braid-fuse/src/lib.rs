@@ -521,7 +521,7 @@ impl Filesystem for BraidFs {
         let mut owners = self.owners_by_file.lock().expect("owners lock").remove(&fh.0).unwrap_or_default();
         owners.extend(lock_owner.map(|o| o.0));
         let unlocked = owners.into_iter().try_for_each(|owner| self.release_locks(ino, LockOwner(owner)));
-        let result = self.handle(ino).and_then(|h| self.check(self.client.release(&h)));
+        let result = self.handle(ino).map(|h| self.client.release(&h));
         self.reply_empty(reply, unlocked.and(result));
     }
 
@@ -606,11 +606,21 @@ impl Filesystem for BraidFs {
             let command = Command::SetXattr { handle, name: name.as_bytes().to_vec(), value: value.to_vec(), flags };
             self.apply_done(req, &[ino], command)
         });
+        self.cache.xattrs_changed(ino.0);
         self.reply_empty(reply, result);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let value = self.handle(ino).and_then(|h| self.check(self.client.getxattr(&h, name.as_bytes())));
+        let name = name.as_bytes();
+        if self.cache.xattr_missing(ino.0, name) {
+            return reply.error(Errno::ENODATA);
+        }
+        let value = self.handle(ino).and_then(|h| self.check(self.client.getxattr(&h, name))).and_then(|(value, lease)| {
+            if value.is_none() {
+                self.cache.note_xattr_missing(ino.0, name, lease);
+            }
+            value.ok_or(Errno::ENODATA)
+        });
         reply_xattr(reply, value, size);
     }
 

@@ -409,7 +409,7 @@ fn handle_blocking(state: &ServerState, client: ClientId, request: Request, fram
             |r| reply_handles(&handle, r),
         )),
         Request::StatFs => Handled::plain(export.statfs().map(Reply::StatFs)),
-        Request::GetXattr { handle, name } => Handled::plain(export.getxattr(&handle, &name).map(Reply::Xattr)),
+        Request::GetXattr { handle, name } => getxattr(state, client, &handle, &name),
         Request::ListXattr { handle } => Handled::plain(export.listxattr(&handle).map(Reply::XattrList)),
         Request::Lseek { handle, offset, whence } => Handled::plain(export.lseek(&handle, offset, whence).map(Reply::Lseek)),
         Request::Open { handle, creds, access } => {
@@ -448,6 +448,21 @@ fn handle_blocking(state: &ServerState, client: ClientId, request: Request, fram
         }
         Request::Commit | Request::Subscribe => unreachable!("handled on the connection's task"),
     }
+}
+
+/// A missing attribute is leased like a value: the kernel asks for `security.capability` before
+/// every write, and a client may answer that from its cache while it holds a right.
+fn getxattr(state: &ServerState, client: ClientId, handle: &Handle, name: &[u8]) -> Handled {
+    let ticket = state.coherence.begin_read();
+    let result = state.export.getxattr(handle, name);
+    let leased = match &result {
+        Ok(_) | Err(Errno(libc::ENODATA)) => state.coherence.grant(ticket, client, [handle]),
+        Err(_) => {
+            state.coherence.cancel_read(ticket);
+            false
+        }
+    };
+    Handled { leased, ..Handled::plain(result.map(Reply::Xattr)) }
 }
 
 /// The objects a lookup or readdir reply names: the directory and every entry in it.
