@@ -72,6 +72,7 @@ pub struct BraidFs {
 /// `releasedir`, so the kernel's small readdir calls do not each cost a round trip.
 struct DirStream {
     handle: Handle,
+    node: u64,
     /// The cookie the cached entries follow.
     start: u64,
     /// Whether the cached entries carry handles and attributes.
@@ -291,6 +292,7 @@ impl BraidFs {
                 }
                 let cookie = stream.entries.last().map_or(stream.start, |(e, _)| e.cookie);
                 let (more, eof, lease) = self.check(self.client.readdir(&stream.handle, cookie, stream.plus))?;
+                self.cache.leased(stream.node, lease);
                 stream.eof = eof || more.is_empty();
                 if more.is_empty() {
                     return Ok(());
@@ -534,11 +536,15 @@ impl Filesystem for BraidFs {
         match self.handle(ino) {
             Ok(handle) => {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-                self.dirs
-                    .lock()
-                    .expect("dir lock")
-                    .insert(fh, Arc::new(Mutex::new(DirStream { handle, start: 0, plus: false, entries: Vec::new(), eof: false })));
-                reply.opened(FileHandle(fh), FopenFlags::empty());
+                let stream = DirStream { handle, node: ino.0, start: 0, plus: false, entries: Vec::new(), eof: false };
+                self.dirs.lock().expect("dir lock").insert(fh, Arc::new(Mutex::new(stream)));
+                // The kernel may keep a listing it read under a lease that is still unbroken;
+                // a recall drops it (and the kernel drops it itself when the mtime changes).
+                let mut flags = FopenFlags::FOPEN_CACHE_DIR;
+                if self.cache.may_keep_pages(ino.0) {
+                    flags |= FopenFlags::FOPEN_KEEP_CACHE;
+                }
+                reply.opened(FileHandle(fh), flags);
             }
             Err(e) => reply.error(e),
         }
