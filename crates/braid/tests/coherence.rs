@@ -270,3 +270,25 @@ fn a_vanished_client_delays_changes_by_at_most_its_lease() {
     });
     assert_eq!(fs::metadata(a.e("f")).unwrap().mode() & 0o777, 0o640);
 }
+
+#[test]
+fn after_a_server_restart_no_client_trusts_what_it_cached_before() {
+    // Goal: the rights table dies with the server (kill -9). Both clients must drop what they
+    // cached when their callback channel broke, so a change made after the restart is seen at
+    // once even though nobody could recall the old rights.
+    let (mut a, b) = two_clients("30");
+    fs::write(a.m("f"), b"before").unwrap();
+    fs::create_dir(a.m("d")).unwrap();
+    // B caches without opening files: a file B has open would be reopened on the new server
+    // (pins are restored), which grants B a right that the change below recalls.
+    assert_eq!(fs::metadata(b.m("f")).unwrap().mode() & 0o777, 0o644);
+    assert_eq!(fs::read_dir(b.m("d")).unwrap().count(), 0);
+
+    a.kill_server();
+    a.start_server();
+    fs::set_permissions(a.m("f"), fs::Permissions::from_mode(0o604)).unwrap();
+    fs::write(a.m("d/new"), b"").unwrap();
+    // Attributes and listings first: they are served without a request when cached.
+    assert_eq!(fs::metadata(b.m("f")).unwrap().mode() & 0o777, 0o604, "B used attributes cached before the restart");
+    assert_eq!(fs::read_dir(b.m("d")).unwrap().count(), 1, "B listed a directory cached before the restart");
+}
