@@ -53,6 +53,10 @@ pub const GROUPS_MAX: usize = 65536;
 /// Seconds a new connection has to complete the handshake before it is closed.
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 
+/// Most lock ranges held on one object, over all owners; past it a lock request gets ENOLCK
+/// (a client splitting a file into millions of ranges must not exhaust the server's memory).
+pub const LOCK_RANGES_PER_OBJECT_MAX: usize = 10_000;
+
 const _: () = assert!(FRAME_BYTES_MAX >= crate::frame::HEADER_BYTES + DATA_BYTES_MAX);
 const _: () = assert!(FRAME_BYTES_MAX <= u32::MAX as usize);
 const _: () = assert!(IN_FLIGHT_BYTES_MAX >= FRAME_BYTES_MAX);

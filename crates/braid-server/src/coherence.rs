@@ -25,7 +25,13 @@ use std::time::{Duration, Instant};
 
 use braid_proto::{Callback, ClientId, Handle, Invalidation, LockHeld, LockKind};
 
+use braid_proto::limits::LOCK_RANGES_PER_OBJECT_MAX;
+
 use crate::locks::{LockTable, Owner, Wanted};
+
+/// An object already has `LOCK_RANGES_PER_OBJECT_MAX` lock ranges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockTableFull;
 
 /// Delivers a callback to a subscribed client; false if it cannot (connection gone or full).
 pub type Sink = Arc<dyn Fn(u64, &Callback) -> bool + Send + Sync>;
@@ -339,8 +345,16 @@ impl Coherence {
 
     /// Takes, changes or releases a lock for `client`. A conflicting lock of a client that has
     /// had no connection for a whole lease is dropped: that client died.
-    pub fn set_lock(&self, client: ClientId, handle: &Handle, wanted: &Wanted) -> Result<(), LockHeld> {
+    pub fn set_lock(&self, client: ClientId, handle: &Handle, wanted: &Wanted) -> Result<Result<(), LockHeld>, LockTableFull> {
         let mut state = self.lock();
+        // A new range may split one in two: room for two more.
+        if wanted.kind != LockKind::Unlock && state.locks.ranges(handle) + 2 > LOCK_RANGES_PER_OBJECT_MAX {
+            return Err(LockTableFull);
+        }
+        Ok(self.set_lock_locked(&mut state, client, handle, wanted))
+    }
+
+    fn set_lock_locked(&self, state: &mut State, client: ClientId, handle: &Handle, wanted: &Wanted) -> Result<(), LockHeld> {
         match state.locks.set(handle, wanted) {
             Ok(()) => {
                 if wanted.kind == LockKind::Unlock {
@@ -349,7 +363,7 @@ impl Coherence {
                 Ok(())
             }
             Err(held) => {
-                if self.drop_departed(&mut state, handle, wanted) {
+                if self.drop_departed(state, handle, wanted) {
                     return state.locks.set(handle, wanted);
                 }
                 tracing::trace!(client = client.0, "lock conflict");

@@ -86,6 +86,11 @@ impl LockTable {
         Ok(())
     }
 
+    /// How many ranges are held on `handle`, over all owners.
+    pub fn ranges(&self, handle: &Handle) -> usize {
+        self.objects.get(handle).map_or(0, Vec::len)
+    }
+
     /// Drops every lock of `client` (it unmounted, or vanished for longer than its lease).
     pub fn release_client(&mut self, client: ClientId) {
         self.objects.retain(|_, ranges| {

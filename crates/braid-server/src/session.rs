@@ -531,7 +531,10 @@ fn lock_wanted<'r>(export: &Export, client: ClientId, request: &'r LockRequest) 
 
 fn lock(state: &ServerState, client: ClientId, request: &LockRequest) -> Result<Reply, Errno> {
     let (handle, wanted) = lock_wanted(&state.export, client, request)?;
-    Ok(Reply::LockTest(state.coherence.set_lock(client, handle, &wanted).err()))
+    match state.coherence.set_lock(client, handle, &wanted) {
+        Ok(result) => Ok(Reply::LockTest(result.err())),
+        Err(_) => Err(Errno(libc::ENOLCK)),
+    }
 }
 
 #[cfg(test)]

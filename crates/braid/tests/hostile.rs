@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use braid_proto::limits::{DATA_BYTES_MAX, MESSAGE_BYTES_MAX};
 use braid_proto::{
-    encode_frame, AttrChanges, ClientId, Command, CommandOk, FrameHeader, FrameKind, Handle, Hello, Request, TimeSet, Timestamp, Welcome,
-    Whence, WireError, HEADER_BYTES,
+    encode_frame, AttrChanges, ClientId, Command, CommandOk, Errno, FrameHeader, FrameKind, Handle, Hello, LockKind, LockRequest, Reply,
+    Request, TimeSet, Timestamp, Welcome, Whence, WireError, HEADER_BYTES,
 };
 use common::{assert_closed_by_peer, wait_until, Fixture, RawSession, Rng};
 
@@ -475,4 +475,32 @@ fn raise_descriptor_limit(wanted: u64) {
         limit.rlim_cur = wanted.min(limit.rlim_max);
         assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
     }
+}
+
+#[test]
+fn a_client_cannot_fill_the_server_with_lock_ranges() {
+    // Goal: disjoint byte-range locks (each a range of its own) stop at the per-object limit
+    // with ENOLCK; the server keeps serving and releases them when asked.
+    // Method: 12,000 one-byte read locks on every other byte, on a raw session.
+    let mut fx = Fixture::mounted_with(|export| fs::write(export.join("locked"), b"x").unwrap());
+    let mut session = RawSession::open(fx.addr());
+    let root = session.root();
+    let handle = session.lookup(&root, b"locked").unwrap().handle;
+    let lock = |kind, start: u64, end: u64| Request::Lock(LockRequest { handle: handle.clone(), owner: 1, kind, start, end, pid: 1 });
+    let mut refused = None;
+    for i in 0..12_000u64 {
+        match session.call(&lock(LockKind::Read, 2 * i, 2 * i), &[]) {
+            Ok((Reply::LockTest(None), _)) => {}
+            Err(WireError::Errno(Errno(libc::ENOLCK))) => {
+                refused = Some(i);
+                break;
+            }
+            other => panic!("lock {i}: {other:?}"),
+        }
+    }
+    let refused = refused.expect("12,000 ranges on one object were all accepted");
+    assert!(refused >= 5_000, "refused too early, at {refused}");
+    let (reply, _) = session.call(&lock(LockKind::Unlock, 0, u64::MAX), &[]).expect("unlock all");
+    assert_eq!(reply, Reply::LockTest(None));
+    fx.assert_mount_works("after the lock flood");
 }
