@@ -16,7 +16,7 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); p
 server_pid=""
 
 start_server() {
-  "$braid" serve --data "$work/export" --state "$work/state" --listen "127.0.0.1:$port" --insecure --no-root-squash >>"$work/server.log" 2>&1 &
+  "$braid" serve --data "$work/export" --state "$work/state" --listen "127.0.0.1:$port" --insecure --no-root-squash --lease 1 >>"$work/server.log" 2>&1 &
   server_pid=$!
   for _ in $(seq 1 200); do
     (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0

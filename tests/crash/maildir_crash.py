@@ -107,7 +107,7 @@ def main():
     log = open(os.path.join(work, "server.log"), "ab")
 
     def start_server():
-        proc = subprocess.Popen([braid, "serve", "--data", export, "--state", state, "--listen", addr, "--insecure", "--no-root-squash"], stdout=log, stderr=log)
+        proc = subprocess.Popen([braid, "serve", "--data", export, "--state", state, "--listen", addr, "--insecure", "--no-root-squash", "--lease", "1"], stdout=log, stderr=log)
         wait_for("server port", lambda: port_open(port))
         return proc
 

@@ -38,6 +38,8 @@ pub type Sink = Arc<dyn Fn(u64, &Callback) -> bool + Send + Sync>;
 
 pub struct Coherence {
     lease: Duration,
+    /// Until then, changes wait: clients of the previous server process may still cache.
+    grace_until: Option<Instant>,
     state: Mutex<State>,
     /// Signalled when a callback is acknowledged, a fast-path change ends or a lock is released.
     changed: Condvar,
@@ -102,8 +104,26 @@ pub struct Change {
 }
 
 impl Coherence {
-    pub fn new(lease: Duration) -> Self {
-        Self { lease, state: Mutex::new(State::default()), changed: Condvar::new() }
+    /// `after_restart`: clients of an earlier server process may still hold rights it granted;
+    /// changes then wait one lease (the grace period).
+    pub fn new(lease: Duration, after_restart: bool) -> Self {
+        let grace_until = after_restart.then(|| Instant::now() + lease);
+        Self { lease, grace_until, state: Mutex::new(State::default()), changed: Condvar::new() }
+    }
+
+    /// Whether changes must still wait for the rights of a previous server process to expire.
+    pub fn in_grace(&self) -> bool {
+        self.grace_until.is_some_and(|until| Instant::now() < until)
+    }
+
+    fn wait_for_grace(&self) {
+        if let Some(until) = self.grace_until {
+            let now = Instant::now();
+            if now < until {
+                tracing::info!(wait_ms = (until - now).as_millis() as u64, "change waits for the grace period after a restart");
+                std::thread::sleep(until - now);
+            }
+        }
     }
 
     pub fn lease(&self) -> Duration {
@@ -225,6 +245,7 @@ impl Coherence {
     /// Starts a change by `client` without naming what it touches, if `client` is the only
     /// subscriber (nobody else can hold rights); `None` if it is not.
     pub fn begin_alone(&self, client: ClientId) -> Option<Change> {
+        self.wait_for_grace();
         let mut state = self.lock();
         if state.subscribers.keys().any(|c| *c != client) {
             return None;
@@ -238,6 +259,7 @@ impl Coherence {
     /// Starts a change by `client` of `items`: recalls them from every other holder and returns
     /// once each has acknowledged or its lease has run out.
     pub fn begin_change(&self, client: ClientId, items: &[Invalidation]) -> Change {
+        self.wait_for_grace();
         let mut state = self.lock();
         state.epoch += 1;
         let epoch = state.epoch;
@@ -474,7 +496,7 @@ mod tests {
     fn a_change_recalls_other_holders_and_waits_for_their_ack() {
         // Goal: B's change of an object A holds reaches A and waits for A's acknowledgement,
         // not for the lease; A's right is gone afterwards and B's own rights are never recalled.
-        let c = Arc::new(Coherence::new(Duration::from_secs(30)));
+        let c = Arc::new(Coherence::new(Duration::from_secs(30), false));
         let (a, b) = (ClientId(1), ClientId(2));
         let seen = Arc::new(AtomicUsize::new(0));
         c.subscribe(a, 1, acking_sink(&c, Duration::from_millis(50), seen.clone()));
@@ -496,7 +518,7 @@ mod tests {
     fn every_item_naming_a_held_object_reaches_its_holder() {
         // Goal: a rename names the directory several times (object, old name, new name); the
         // holder must get all of them, not only the first.
-        let c = Coherence::new(Duration::from_millis(200));
+        let c = Coherence::new(Duration::from_millis(200), false);
         let (a, b) = (ClientId(1), ClientId(2));
         let got = Arc::new(Mutex::new(Vec::new()));
         let sink_got = got.clone();
@@ -522,7 +544,7 @@ mod tests {
     fn a_read_overlapping_a_foreign_change_gets_no_right() {
         // Goal: no right is granted on data a concurrent change may have made stale: a read
         // that overlaps a change in any way gets none.
-        let c = Coherence::new(Duration::from_millis(100));
+        let c = Coherence::new(Duration::from_millis(100), false);
         let (a, b) = (ClientId(1), ClientId(2));
         let never: Sink = Arc::new(|_, _: &Callback| false);
         c.subscribe(a, 1, never.clone());
@@ -543,7 +565,7 @@ mod tests {
     #[test]
     fn a_vanished_holder_delays_a_change_by_at_most_its_lease() {
         // Goal: a recall nobody can deliver waits for the lease, no longer.
-        let c = Coherence::new(Duration::from_millis(300));
+        let c = Coherence::new(Duration::from_millis(300), false);
         let (a, b) = (ClientId(1), ClientId(2));
         c.subscribe(a, 1, Arc::new(|_, _: &Callback| true));
         c.subscribe(b, 2, Arc::new(|_, _: &Callback| true));
@@ -559,7 +581,7 @@ mod tests {
     #[test]
     fn expired_rights_are_swept_out() {
         // Goal: the table does not keep every object a client ever read.
-        let c = Coherence::new(Duration::from_millis(50));
+        let c = Coherence::new(Duration::from_millis(50), false);
         let a = ClientId(1);
         c.subscribe(a, 1, Arc::new(|_, _: &Callback| true));
         for n in 0..100 {
@@ -571,8 +593,20 @@ mod tests {
     }
 
     #[test]
+    fn after_a_restart_changes_wait_for_the_old_rights_to_expire() {
+        let c = Coherence::new(Duration::from_millis(200), true);
+        assert!(c.in_grace());
+        let started = Instant::now();
+        let change = c.begin_alone(ClientId(1)).expect("alone");
+        let _ = c.end_change(change, []);
+        assert!(started.elapsed() >= Duration::from_millis(150), "no grace period");
+        assert!(!c.in_grace());
+        assert!(!Coherence::new(Duration::from_secs(30), false).in_grace(), "a first start has none");
+    }
+
+    #[test]
     fn the_fast_path_is_only_for_a_lone_client() {
-        let c = Coherence::new(Duration::from_secs(30));
+        let c = Coherence::new(Duration::from_secs(30), false);
         let (a, b) = (ClientId(1), ClientId(2));
         c.subscribe(a, 1, Arc::new(|_, _: &Callback| true));
         let change = c.begin_alone(a).expect("alone");

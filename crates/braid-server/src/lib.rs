@@ -94,6 +94,10 @@ impl Server {
             return Err(ServerError::StateInsideExport { state: state_dir, data });
         }
         let key = load_or_create_key(&state_dir.join("handle.key")).map_err(state_err)?;
+        // Clients of an earlier run of this server may still cache under rights this process
+        // knows nothing about: no change is applied until they have expired (a grace period,
+        // as NFSv4 has), unless this state directory never served before.
+        let served_before = mark_served(&state_dir).map_err(state_err)?;
         let export = Export::open(&data, key, config.max_bytes)?;
         let wal_dir = state_dir.join("wal");
         let (wal, recovered) = wal::Wal::open(&wal_dir)?;
@@ -112,7 +116,7 @@ impl Server {
             in_flight_bytes: Arc::new(tokio::sync::Semaphore::new(braid_proto::limits::IN_FLIGHT_BYTES_MAX)),
             root_squash: config.root_squash,
             tls: config.tls.clone().map(tokio_rustls::TlsAcceptor::from),
-            coherence: coherence::Coherence::new(config.lease),
+            coherence: coherence::Coherence::new(config.lease, served_before),
             next_session: std::sync::atomic::AtomicU64::new(1),
         };
         Ok(Self { state: Arc::new(state) })
@@ -166,6 +170,17 @@ fn flush_targets(export: &Export, state_dir: &Path, wal_dir: PathBuf) -> io::Res
         file_systems.push(state_fd.as_fd().try_clone_to_owned()?);
     }
     Ok(FlushTargets { file_systems, wal_dir })
+}
+
+/// Records that this state directory has served; returns whether it had before.
+fn mark_served(state_dir: &Path) -> io::Result<bool> {
+    let marker = state_dir.join("served");
+    if marker.exists() {
+        return Ok(true);
+    }
+    fs::write(&marker, b"")?;
+    fs::File::open(state_dir)?.sync_all()?;
+    Ok(false)
 }
 
 fn load_or_create_key(path: &Path) -> io::Result<[u8; 32]> {

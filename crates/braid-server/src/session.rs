@@ -329,7 +329,7 @@ fn is_quick(state: &ServerState, client: ClientId, request: &Request) -> bool {
     match request {
         Request::Read { len, .. } => *len <= 128 * 1024,
         Request::Commit => false,
-        Request::Txn(txn) => txn.commands.len() <= 16 && !state.coherence.shared(client),
+        Request::Txn(txn) => txn.commands.len() <= 16 && !state.coherence.shared(client) && !state.coherence.in_grace(),
         _ => true,
     }
 }

@@ -54,10 +54,11 @@ pub struct Fixture {
     pub mount_via: Option<SocketAddr>,
 }
 
-/// Server arguments of most tests: plain TCP (the TLS suite tests TLS) and root trusted, as
-/// pjdfstest-style checks of root's powers need.
+/// Server arguments of most tests: plain TCP (the TLS suite tests TLS), root trusted, as
+/// pjdfstest-style checks of root's powers need, and a one-second lease, so that the grace
+/// period after a server restart (changes wait one lease) stays short.
 pub fn plain_server_args() -> Vec<String> {
-    vec!["--insecure".into(), "--no-root-squash".into()]
+    vec!["--insecure".into(), "--no-root-squash".into(), "--lease".into(), "1".into()]
 }
 
 pub fn plain_mount_args() -> Vec<String> {
