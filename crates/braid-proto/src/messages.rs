@@ -368,8 +368,9 @@ pub enum Command {
         len: u32,
     },
     /// Like `Write`, at the end of the file as the server sees it when it applies the command
-    /// (`O_APPEND`): appends from several clients never overwrite each other. The server logs it
-    /// as the `Write` it became, so a replay writes the same bytes at the same place.
+    /// (`O_APPEND`): appends from several clients never overwrite each other. It must be the
+    /// only command of its transaction. The server logs it as the `Write` it became, so a
+    /// replay or a resend after a crash writes the same bytes at the same place.
     Append {
         handle: Handle,
         len: u32,

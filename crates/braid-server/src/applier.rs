@@ -10,10 +10,10 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use braid_proto::limits::TXN_COMMANDS_MAX;
-use braid_proto::{ClientId, Command, Errno, Lsn, Reply, Txn, TxnOutcome, WireError};
+use braid_proto::{ClientId, Command, Errno, Lsn, Reply, Request, Txn, TxnOutcome, WireError};
 
 use crate::commit::Committer;
-use crate::dedup::{ReplyCache, Seen};
+use crate::dedup::{LoggedTxn, ReplyCache, Seen};
 use crate::export::Export;
 use crate::wal::{Wal, WalError, WalRecord};
 
@@ -29,8 +29,10 @@ impl Applier {
     }
 }
 
-/// Applies `txn` from `client`. `message` is the encoded request as received (it goes to the
-/// log unchanged), `data` the frame's bulk bytes.
+/// Applies `txn` from `client`. `message` is the encoded request as received, `data` the
+/// frame's bulk bytes. The log receives the transaction in the form that replays exactly: an
+/// append becomes the write at the offset where it lands; and a transaction torn by a crash is
+/// applied again in its logged form, so a resent append is not appended twice.
 pub fn apply_txn(
     applier: &Mutex<Applier>,
     committer: &Arc<Committer>,
@@ -40,21 +42,29 @@ pub fn apply_txn(
     message: &[u8],
     data: &[u8],
 ) -> Result<Reply, WireError> {
-    let slices = data_slices(&txn.commands, data)?;
+    data_slices(&txn.commands, data)?;
+    if txn.commands.len() > 1 && txn.commands.iter().any(|c| matches!(c, Command::Append { .. })) {
+        return Err(WireError::Malformed("an append must be the only command of its transaction".into()));
+    }
     let mut guard = applier.lock().expect("applier lock");
     let a = &mut *guard;
     a.cache.replied_below(client, txn.replied_below);
-    let tolerant = match a.cache.check(client, txn.seq) {
+    let (replayable, tolerant) = match a.cache.check(client, txn.seq) {
         Seen::Done(reply) => return decode_cached(&reply),
         Seen::Forgotten => return Err(WireError::Malformed(format!("resend of txn {} already acknowledged", txn.seq.0))),
-        Seen::Torn => true,
-        Seen::New => false,
+        Seen::Torn(logged) => (logged.and_then(decode_logged), true),
+        Seen::New => (resolve_append(export, txn, data), false),
     };
+    let (txn, message, data) = match &replayable {
+        Some((txn, logged)) => (txn, &logged.message[..], &logged.data[..]),
+        None => (txn, message, data),
+    };
+    let slices = data_slices(&txn.commands, data)?;
     let lsn = a.next_lsn;
     let record = WalRecord::Txn { lsn: lsn.0, client: client.0, seq: txn.seq.0, message, data };
     a.wal.append_txn(&record, &a.cache, lsn).map_err(|e| log_error(&e))?;
     a.next_lsn = Lsn(lsn.0 + 1);
-    a.cache.logged(client, txn.seq);
+    a.cache.logged(client, txn.seq, None);
     committer.segment.store(a.wal.segment(), Ordering::Release);
 
     let mut results = Vec::with_capacity(txn.commands.len());
@@ -78,6 +88,25 @@ pub fn apply_txn(
     let previous = committer.applied.swap(lsn.0, Ordering::AcqRel);
     assert!(previous < lsn.0, "applied lsn not increasing: {previous} then {}", lsn.0);
     Ok(Reply::Txn(outcome))
+}
+
+/// A transaction made of one append, as the write it becomes: at the end of the file now (the
+/// caller holds the apply lock, so nothing moves the end before it is applied). `None` for
+/// anything else, or if the file is gone (the append then fails as it would).
+fn resolve_append(export: &Export, txn: &Txn, data: &[u8]) -> Option<(Txn, LoggedTxn)> {
+    let [Command::Append { handle, len }] = txn.commands.as_slice() else { return None };
+    let offset = export.getattr(handle).ok()?.size;
+    let write = Txn { commands: vec![Command::Write { handle: handle.clone(), offset, len: *len }], ..txn.clone() };
+    let message = postcard::to_stdvec(&Request::Txn(write.clone())).expect("a txn always encodes");
+    Some((write, LoggedTxn { message, data: data.to_vec() }))
+}
+
+/// The transaction of a logged form, if it decodes (it was encoded by this server).
+fn decode_logged(logged: LoggedTxn) -> Option<(Txn, LoggedTxn)> {
+    match postcard::from_bytes::<Request>(&logged.message) {
+        Ok(Request::Txn(txn)) => Some((txn, logged)),
+        _ => None,
+    }
 }
 
 /// Splits the data section among the `Write` commands, in order, and checks the sizes match.
@@ -122,7 +151,69 @@ fn log_error(e: &WalError) -> WireError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use braid_proto::Handle;
+    use braid_proto::{Credentials, Handle, TxnSeq};
+
+    /// An export holding `f` = "abc", an empty log, and the handle of `f`.
+    fn setup(dir: &std::path::Path) -> (Export, Mutex<Applier>, Arc<Committer>, Handle) {
+        let data = dir.join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("f"), b"abc").unwrap();
+        let export = Export::open(&data, [7; 32], None).unwrap();
+        let (wal, recovered) = Wal::open(&dir.join("wal")).unwrap();
+        let committer = Committer::new(Lsn(0), wal.segment());
+        let applier = Mutex::new(Applier::new(wal, recovered.cache, recovered.next_lsn));
+        let f = export.lookup(&export.root_entry().unwrap().handle, b"f").unwrap().handle;
+        (export, applier, committer, f)
+    }
+
+    fn append(f: &Handle, seq: u64) -> Txn {
+        Txn {
+            seq: TxnSeq(seq),
+            replied_below: TxnSeq(seq),
+            creds: Credentials::default(),
+            commands: vec![Command::Append { handle: f.clone(), len: 3 }],
+        }
+    }
+
+    #[test]
+    fn an_append_is_logged_as_the_write_it_became_and_a_torn_one_is_not_appended_twice() {
+        // Goal: at most once for appends too. A resent append whose first application was
+        // torn by a crash lands where it landed the first time, not at the new end of file.
+        let dir = tempfile::tempdir().unwrap();
+        let (export, applier, committer, f) = setup(dir.path());
+        let client = ClientId(9);
+        let txn = append(&f, 1);
+        let message = postcard::to_stdvec(&Request::Txn(txn.clone())).unwrap();
+        apply_txn(&applier, &committer, &export, client, &txn, &message, b"xyz").unwrap();
+        assert_eq!(std::fs::read(dir.path().join("data/f")).unwrap(), b"abcxyz");
+
+        // The log holds a write at offset 3: replaying it finds the transaction as logged.
+        drop(applier);
+        let (_, recovered) = Wal::open(&dir.path().join("wal")).unwrap();
+        assert!(matches!(recovered.cache.check(client, TxnSeq(1)), Seen::Done(_)));
+
+        // A crash after the log append and the write, before the reply record: torn.
+        let mut torn = ReplyCache::default();
+        let logged = Txn { commands: vec![Command::Write { handle: f.clone(), offset: 3, len: 3 }], ..append(&f, 2) };
+        let logged = LoggedTxn { message: postcard::to_stdvec(&Request::Txn(logged)).unwrap(), data: b"xyz".to_vec() };
+        torn.logged(client, TxnSeq(2), Some(logged));
+        let (wal, _) = Wal::open(&dir.path().join("wal2")).unwrap();
+        let applier = Mutex::new(Applier::new(wal, torn, Lsn(10)));
+        let resent = append(&f, 2);
+        let message = postcard::to_stdvec(&Request::Txn(resent.clone())).unwrap();
+        apply_txn(&applier, &committer, &export, client, &resent, &message, b"xyz").unwrap();
+        assert_eq!(std::fs::read(dir.path().join("data/f")).unwrap(), b"abcxyz", "the resent append was applied twice");
+    }
+
+    #[test]
+    fn an_append_must_be_alone_in_its_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let (export, applier, committer, f) = setup(dir.path());
+        let mut txn = append(&f, 1);
+        txn.commands.push(Command::Write { handle: f.clone(), offset: 0, len: 0 });
+        let message = postcard::to_stdvec(&Request::Txn(txn.clone())).unwrap();
+        assert!(matches!(apply_txn(&applier, &committer, &export, ClientId(1), &txn, &message, b"xyz"), Err(WireError::Malformed(_))));
+    }
 
     #[test]
     fn data_is_split_among_writes_in_order() {

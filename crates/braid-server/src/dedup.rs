@@ -1,6 +1,6 @@
 //! At-most-once application of transactions: per client, the replies of the transactions it may
 //! still resend. A plain struct with no I/O; the applier feeds it and the log rebuilds it.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
 use braid_proto::limits::REQUESTS_IN_FLIGHT_MAX;
 use braid_proto::{ClientId, TxnSeq};
@@ -15,19 +15,28 @@ const REPLIES_PER_CLIENT_MAX: usize = REQUESTS_IN_FLIGHT_MAX * 8;
 pub enum Seen {
     /// Never seen: apply it.
     New,
-    /// Logged but its application did not finish before a crash: apply it again, tolerantly.
-    Torn,
+    /// Logged but its application did not finish before a crash: apply it again, tolerantly,
+    /// in the form it was logged in (an append was logged as the write it became), if known.
+    Torn(Option<LoggedTxn>),
     /// Applied; here is the encoded reply to send again.
     Done(Vec<u8>),
     /// Below the client's own acknowledgement: a resend of it is a client bug.
     Forgotten,
 }
 
+/// A transaction as the log holds it: the encoded `Request::Txn` and its data.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LoggedTxn {
+    pub message: Vec<u8>,
+    pub data: Vec<u8>,
+}
+
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
 struct ClientReplies {
     replied_below: u64,
     replies: BTreeMap<u64, Vec<u8>>,
-    torn: BTreeSet<u64>,
+    /// Logged, not known to be applied; with the logged form when the log was replayed.
+    torn: BTreeMap<u64, Option<LoggedTxn>>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -41,8 +50,8 @@ impl ReplyCache {
         if let Some(reply) = known.replies.get(&seq.0) {
             return Seen::Done(reply.clone());
         }
-        if known.torn.contains(&seq.0) {
-            return Seen::Torn;
+        if let Some(logged) = known.torn.get(&seq.0) {
+            return Seen::Torn(logged.clone());
         }
         if seq.0 < known.replied_below {
             return Seen::Forgotten;
@@ -50,9 +59,10 @@ impl ReplyCache {
         Seen::New
     }
 
-    /// A transaction was logged; until `record` it counts as torn (used when replaying the log).
-    pub fn logged(&mut self, client: ClientId, seq: TxnSeq) {
-        self.clients.entry(client.0).or_default().torn.insert(seq.0);
+    /// A transaction was logged; until `record` it counts as torn. `logged` is its logged form
+    /// when the log is replayed (`None` while serving: the reply follows at once).
+    pub fn logged(&mut self, client: ClientId, seq: TxnSeq, logged: Option<LoggedTxn>) {
+        self.clients.entry(client.0).or_default().torn.insert(seq.0, logged);
     }
 
     pub fn record(&mut self, client: ClientId, seq: TxnSeq, reply: Vec<u8>) {
@@ -87,8 +97,8 @@ mod tests {
         // Goal: new -> torn (logged) -> done (recorded) -> forgotten (acknowledged).
         let mut cache = ReplyCache::default();
         assert_eq!(cache.check(C, TxnSeq(5)), Seen::New);
-        cache.logged(C, TxnSeq(5));
-        assert_eq!(cache.check(C, TxnSeq(5)), Seen::Torn);
+        cache.logged(C, TxnSeq(5), None);
+        assert_eq!(cache.check(C, TxnSeq(5)), Seen::Torn(None));
         cache.record(C, TxnSeq(5), vec![1, 2]);
         assert_eq!(cache.check(C, TxnSeq(5)), Seen::Done(vec![1, 2]));
         assert_eq!(cache.check(ClientId(2), TxnSeq(5)), Seen::New, "clients are independent");
