@@ -1,6 +1,6 @@
 //! At-most-once application of transactions: per client, the replies of the transactions it may
 //! still resend. A plain struct with no I/O; the applier feeds it and the log rebuilds it.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use braid_proto::limits::REQUESTS_IN_FLIGHT_MAX;
 use braid_proto::{ClientId, TxnSeq};
@@ -35,13 +35,18 @@ pub struct LoggedTxn {
 struct ClientReplies {
     replied_below: u64,
     replies: BTreeMap<u64, Vec<u8>>,
-    /// Logged, not known to be applied; with the logged form when the log was replayed.
-    torn: BTreeMap<u64, Option<LoggedTxn>>,
+    /// Logged, not known to be applied.
+    torn: BTreeSet<u64>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ReplyCache {
     clients: HashMap<u64, ClientReplies>,
+    /// The logged forms of torn transactions, from the last log replay, by (client, seq). Not
+    /// in snapshots: they are only needed until the client resends, which it does at once, and
+    /// snapshots stay small (a form carries up to a megabyte of data).
+    #[serde(skip)]
+    logged_forms: HashMap<(u64, u64), LoggedTxn>,
 }
 
 impl ReplyCache {
@@ -50,8 +55,8 @@ impl ReplyCache {
         if let Some(reply) = known.replies.get(&seq.0) {
             return Seen::Done(reply.clone());
         }
-        if let Some(logged) = known.torn.get(&seq.0) {
-            return Seen::Torn(logged.clone());
+        if known.torn.contains(&seq.0) {
+            return Seen::Torn(self.logged_forms.get(&(client.0, seq.0)).cloned());
         }
         if seq.0 < known.replied_below {
             return Seen::Forgotten;
@@ -62,16 +67,29 @@ impl ReplyCache {
     /// A transaction was logged; until `record` it counts as torn. `logged` is its logged form
     /// when the log is replayed (`None` while serving: the reply follows at once).
     pub fn logged(&mut self, client: ClientId, seq: TxnSeq, logged: Option<LoggedTxn>) {
-        self.clients.entry(client.0).or_default().torn.insert(seq.0, logged);
+        self.clients.entry(client.0).or_default().torn.insert(seq.0);
+        if let Some(logged) = logged {
+            self.logged_forms.insert((client.0, seq.0), logged);
+        }
     }
 
     pub fn record(&mut self, client: ClientId, seq: TxnSeq, reply: Vec<u8>) {
+        self.logged_forms.remove(&(client.0, seq.0));
         let known = self.clients.entry(client.0).or_default();
         known.torn.remove(&seq.0);
         known.replies.insert(seq.0, reply);
         while known.replies.len() > REPLIES_PER_CLIENT_MAX {
             known.replies.pop_first();
         }
+    }
+
+    /// Replaces this cache by a snapshot read from the log, keeping the logged forms of the
+    /// transactions the snapshot still counts as torn (snapshots do not carry them).
+    pub fn adopt_snapshot(&mut self, snapshot: ReplyCache) {
+        let mut forms = std::mem::take(&mut self.logged_forms);
+        *self = snapshot;
+        forms.retain(|(c, s), _| self.clients.get(c).is_some_and(|known| known.torn.contains(s)));
+        self.logged_forms = forms;
     }
 
     /// The client has the replies of everything below `seq`.
@@ -83,6 +101,7 @@ impl ReplyCache {
         known.replied_below = seq.0;
         known.replies = known.replies.split_off(&seq.0);
         known.torn = known.torn.split_off(&seq.0);
+        self.logged_forms.retain(|(c, s), _| *c != client.0 || *s >= seq.0);
     }
 }
 
@@ -105,6 +124,27 @@ mod tests {
         cache.replied_below(C, TxnSeq(6));
         assert_eq!(cache.check(C, TxnSeq(5)), Seen::Forgotten);
         assert_eq!(cache.check(C, TxnSeq(6)), Seen::New);
+    }
+
+    #[test]
+    fn logged_forms_stay_out_of_snapshots_but_survive_adopting_one() {
+        // Goal: snapshots stay small (no logged data in them), and replaying a snapshot after
+        // a torn transaction's record does not lose the form a resend must use.
+        let form = LoggedTxn { message: vec![1], data: vec![2; 100] };
+        let mut cache = ReplyCache::default();
+        cache.logged(C, TxnSeq(3), Some(form.clone()));
+        cache.logged(C, TxnSeq(4), Some(form.clone()));
+        let bytes = postcard::to_stdvec(&cache).unwrap();
+        assert!(bytes.len() < 50, "the snapshot carries the forms: {} bytes", bytes.len());
+        let mut snapshot: ReplyCache = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(snapshot.check(C, TxnSeq(3)), Seen::Torn(None));
+        snapshot.record(C, TxnSeq(4), vec![]);
+        cache.adopt_snapshot(snapshot);
+        assert_eq!(cache.check(C, TxnSeq(3)), Seen::Torn(Some(form)));
+        assert!(matches!(cache.check(C, TxnSeq(4)), Seen::Done(_)));
+        assert_eq!(cache.logged_forms.len(), 1, "the form of a transaction done in the snapshot is dropped");
+        cache.replied_below(C, TxnSeq(4));
+        assert!(cache.logged_forms.is_empty());
     }
 
     #[test]

@@ -230,7 +230,7 @@ fn apply_record(record: WalRecord<'_>, into: &mut Recovered) {
         WalRecord::Applied { client, seq, reply, .. } => into.cache.record(ClientId(client), TxnSeq(seq), reply.to_vec()),
         WalRecord::Snapshot { next_lsn, cache } => {
             if let Ok(cache) = postcard::from_bytes(cache) {
-                into.cache = cache;
+                into.cache.adopt_snapshot(cache);
             }
             into.next_lsn = into.next_lsn.max(Lsn(next_lsn));
         }
