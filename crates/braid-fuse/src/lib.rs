@@ -131,8 +131,7 @@ fn nix_is_root() -> bool {
 }
 
 impl BraidFs {
-    pub fn new(client: Client, info: &ExportInfo, options: &MountOptions) -> Self {
-        let _ = options;
+    pub fn new(client: Client, info: &ExportInfo) -> Self {
         Self {
             client,
             cache: KernelCache::new(InodeTable::new(info.root.attr.ino, info.root.handle.clone())),

@@ -298,7 +298,7 @@ fn mount(args: MountArgs, log_file: Option<&Path>) -> Result<()> {
         braid_client::Client::connect(config).with_context(|| format!("cannot mount {} on {}", args.server, args.mountpoint.display()))?;
     let options =
         braid_fuse::MountOptions { threads: args.threads, fs_name: format!("braid:{}", args.server), readahead_kb: args.readahead_kb };
-    let fs = braid_fuse::BraidFs::new(client, &info, &options);
+    let fs = braid_fuse::BraidFs::new(client, &info);
     let session = braid_fuse::mount(fs, &args.mountpoint, &options)
         .with_context(|| format!("cannot mount on {} (is fuse3 installed and /dev/fuse present?)", args.mountpoint.display()))?;
     tracing::info!(server = %args.server, mountpoint = %args.mountpoint.display(), "mounted");
