@@ -112,7 +112,7 @@ struct MountArgs {
     #[arg(long, default_value_t = 8)]
     threads: usize,
     /// Kernel readahead in KiB for sequential reads (FUSE's own default is 128).
-    #[arg(long, value_name = "KIB", default_value_t = 1024)]
+    #[arg(long, value_name = "KIB", default_value_t = 4096)]
     readahead_kb: u32,
     /// Refuse to mount unless the server uses this algorithm (repeatable): a checksum such as
     /// crc32c, the cipher tls13, or the authentication x509.
