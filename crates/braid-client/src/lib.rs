@@ -251,15 +251,17 @@ impl Client {
     /// Takes, changes or releases a lock; returns the conflicting lock another owner holds
     /// instead, if any.
     pub fn lock(&self, request: LockRequest) -> Result<Option<LockHeld>> {
-        match self.call(Request::Lock(request))? {
-            Reply::LockTest(held) => Ok(held),
-            other => unexpected(other),
-        }
+        self.lock_call(Request::Lock(request))
     }
 
     /// The first lock that conflicts with `request`, if any.
     pub fn test_lock(&self, request: LockRequest) -> Result<Option<LockHeld>> {
-        match self.call(Request::TestLock(request))? {
+        self.lock_call(Request::TestLock(request))
+    }
+
+    /// Sends a lock request; both kinds are answered with the conflicting lock, if any.
+    fn lock_call(&self, request: Request) -> Result<Option<LockHeld>> {
+        match self.call(request)? {
             Reply::LockTest(held) => Ok(held),
             other => unexpected(other),
         }

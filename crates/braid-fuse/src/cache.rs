@@ -158,6 +158,11 @@ impl KernelCache {
 
     /// The kernel forgot `node`: its pages went with it.
     pub fn forgotten(&self, node: u64) {
+        self.drop_node_state(node);
+    }
+
+    /// Forgets the lease and the missing attributes recorded for `node`.
+    fn drop_node_state(&self, node: u64) {
         self.leases.lock().expect("lease lock").remove(&node);
         self.missing_xattrs.lock().expect("xattr lock").remove(&node);
     }
@@ -199,8 +204,7 @@ impl KernelCache {
     /// Sends `notice` now, or leaves it to the invalidator thread if its object is busy.
     fn invalidate(&self, notice: Notice) {
         if let Notice::Node(node) = notice {
-            self.leases.lock().expect("lease lock").remove(&node);
-            self.missing_xattrs.lock().expect("xattr lock").remove(&node);
+            self.drop_node_state(node);
         }
         if self.busy.lock().expect("busy lock").contains_key(&notice.node()) {
             self.deferred.lock().expect("deferred lock").push(notice);

@@ -155,13 +155,6 @@ impl BraidFs {
         self.cache.inodes.lock().expect("inode lock").node_id(ino)
     }
 
-    /// Attributes for the kernel, and how long it may cache them.
-    fn attr_reply(&self, attr: &Attr, lease: Lease) -> (Duration, FileAttr) {
-        let node = self.node_id(attr.ino);
-        self.cache.leased(node, lease);
-        (KernelCache::ttl(lease), file_attr(node, attr))
-    }
-
     fn reply_entry(&self, reply: ReplyEntry, entry: Result<(Entry, Lease), Errno>) {
         match entry {
             Ok((entry, lease)) => reply.entry(&KernelCache::ttl(lease), &self.remember(&entry, lease), Generation(0)),
@@ -179,8 +172,9 @@ impl BraidFs {
     fn reply_attr(&self, reply: ReplyAttr, attr: Result<(Attr, Lease), Errno>) {
         match attr {
             Ok((attr, lease)) => {
-                let (ttl, attr) = self.attr_reply(&attr, lease);
-                reply.attr(&ttl, &attr)
+                let node = self.node_id(attr.ino);
+                self.cache.leased(node, lease);
+                reply.attr(&KernelCache::ttl(lease), &file_attr(node, &attr))
             }
             Err(e) => reply.error(e),
         }
@@ -388,9 +382,8 @@ impl Filesystem for BraidFs {
     }
 
     fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, rdev: u32, reply: ReplyEntry) {
-        let parent_ino = parent;
-        let entry = self.child(parent, name).and_then(|(parent, name)| {
-            self.apply_entry(req, &[parent_ino], Command::Create { parent, name, mode, rdev: rdev as u64, exclusive: true, pin: false })
+        let entry = self.child(parent, name).and_then(|(p, name)| {
+            self.apply_entry(req, &[parent], Command::Create { parent: p, name, mode, rdev: rdev as u64, exclusive: true, pin: false })
         });
         self.reply_entry(reply, entry);
     }

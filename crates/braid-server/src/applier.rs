@@ -42,7 +42,7 @@ pub fn apply_txn(
     message: &[u8],
     data: &[u8],
 ) -> Result<Reply, WireError> {
-    data_slices(&txn.commands, data)?;
+    let received_slices = data_slices(&txn.commands, data)?;
     if txn.commands.len() > 1 && txn.commands.iter().any(|c| matches!(c, Command::Append { .. })) {
         return Err(WireError::Malformed("an append must be the only command of its transaction".into()));
     }
@@ -55,11 +55,10 @@ pub fn apply_txn(
         Seen::Torn(logged) => (logged.and_then(decode_logged), true),
         Seen::New => (resolve_append(export, txn, data), false),
     };
-    let (txn, message, data) = match &replayable {
-        Some((txn, logged)) => (txn, &logged.message[..], &logged.data[..]),
-        None => (txn, message, data),
+    let (txn, message, data, slices) = match &replayable {
+        Some((txn, logged)) => (txn, &logged.message[..], &logged.data[..], data_slices(&txn.commands, &logged.data)?),
+        None => (txn, message, data, received_slices),
     };
-    let slices = data_slices(&txn.commands, data)?;
     let lsn = a.next_lsn;
     let record = WalRecord::Txn { lsn: lsn.0, client: client.0, seq: txn.seq.0, message, data };
     a.wal.append_txn(&record, &a.cache, lsn).map_err(|e| log_error(&e))?;

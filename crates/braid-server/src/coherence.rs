@@ -13,8 +13,9 @@
 //! change bumps the epoch when it begins and marks its objects busy, and bumps it again when it
 //! ends, stamping its objects with that epoch. A grant is refused (the response says "do not
 //! cache") when one of its objects is busy with another client's change or carries a stamp of
-//! another client newer than the read's start: the read may have seen the state before. Object entries that a read
-//! in flight could still need for this check are kept until no such read remains.
+//! another client newer than the read's start: the read may have seen the state before. Object
+//! entries that a read in flight could still need for this check are kept until no such read
+//! remains.
 //!
 //! When only one client is subscribed, its own changes recall nothing and need not name their
 //! objects (the fast path, which costs no lookups): a second client subscribing waits until
@@ -23,11 +24,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use braid_proto::limits::LOCK_RANGES_PER_OBJECT_MAX;
 use braid_proto::{Callback, ClientId, Handle, Invalidation, LockHeld, LockKind};
 
-use braid_proto::limits::LOCK_RANGES_PER_OBJECT_MAX;
-
-use crate::locks::{LockTable, Owner, Wanted};
+use crate::locks::{LockTable, Wanted};
 
 /// An object already has `LOCK_RANGES_PER_OBJECT_MAX` lock ranges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +41,7 @@ pub struct Coherence {
     /// Until then, changes wait: clients of the previous server process may still cache.
     grace_until: Option<Instant>,
     state: Mutex<State>,
-    /// Signalled when a callback is acknowledged, a fast-path change ends or a lock is released.
+    /// Signalled when a callback is acknowledged or a fast-path change ends.
     changed: Condvar,
 }
 
@@ -163,7 +163,6 @@ impl Coherence {
             object.holders.remove(&client);
         }
         state.locks.release_client(client);
-        self.changed.notify_all();
     }
 
     pub fn callback_done(&self, id: u64) {
@@ -195,10 +194,7 @@ impl Coherence {
 
     /// Call before reading state that a response will grant rights on.
     pub fn begin_read(&self) -> ReadTicket {
-        let mut state = self.lock();
-        let epoch = state.epoch;
-        *state.reads.entry(epoch).or_default() += 1;
-        ReadTicket { epoch }
+        begin_read_locked(&mut self.lock())
     }
 
     /// Grants `client` rights on `handles` unless something they name changed since `ticket`
@@ -239,7 +235,7 @@ impl Coherence {
 
     /// Whether changes by `client` must name what they touch: someone else may hold rights.
     pub fn shared(&self, client: ClientId) -> bool {
-        self.lock().subscribers.keys().any(|c| *c != client)
+        others_subscribed(&self.lock(), client)
     }
 
     /// Starts a change by `client` without naming what it touches, if `client` is the only
@@ -247,7 +243,7 @@ impl Coherence {
     pub fn begin_alone(&self, client: ClientId) -> Option<Change> {
         self.wait_for_grace();
         let mut state = self.lock();
-        if state.subscribers.keys().any(|c| *c != client) {
+        if others_subscribed(&state, client) {
             return None;
         }
         state.fast_busy += 1;
@@ -373,37 +369,20 @@ impl Coherence {
         if wanted.kind != LockKind::Unlock && state.locks.ranges(handle) + 2 > LOCK_RANGES_PER_OBJECT_MAX {
             return Err(LockTableFull);
         }
-        Ok(self.set_lock_locked(&mut state, client, handle, wanted))
-    }
-
-    fn set_lock_locked(&self, state: &mut State, client: ClientId, handle: &Handle, wanted: &Wanted) -> Result<(), LockHeld> {
-        match state.locks.set(handle, wanted) {
-            Ok(()) => {
-                if wanted.kind == LockKind::Unlock {
-                    self.changed.notify_all();
-                }
-                Ok(())
-            }
-            Err(held) => {
-                if self.drop_departed(state, handle, wanted) {
-                    return state.locks.set(handle, wanted);
-                }
-                tracing::trace!(client = client.0, "lock conflict");
-                Err(held)
-            }
+        let result = match state.locks.set(handle, wanted) {
+            Err(_) if self.drop_departed(&mut state, handle, wanted) => state.locks.set(handle, wanted),
+            result => result,
+        };
+        if result.is_err() {
+            tracing::trace!(client = client.0, "lock conflict");
         }
+        Ok(result)
     }
 
     pub fn test_lock(&self, handle: &Handle, wanted: &Wanted) -> Option<LockHeld> {
         let mut state = self.lock();
         self.drop_departed(&mut state, handle, wanted);
         state.locks.conflict(handle, wanted)
-    }
-
-    /// Releases the locks of an owner (its file was closed).
-    pub fn release_owner(&self, owner: Owner, handle: &Handle) {
-        let wanted = Wanted { owner, kind: LockKind::Unlock, start: 0, end: u64::MAX, pid: 0 };
-        let _ = self.lock().locks.set(handle, &wanted);
     }
 
     fn drop_departed(&self, state: &mut State, handle: &Handle, wanted: &Wanted) -> bool {
@@ -420,6 +399,11 @@ impl Coherence {
         }
         !departed.is_empty()
     }
+}
+
+/// Whether a client other than `client` is subscribed (and so may hold rights).
+fn others_subscribed(state: &State, client: ClientId) -> bool {
+    state.subscribers.keys().any(|c| *c != client)
 }
 
 fn begin_read_locked(state: &mut State) -> ReadTicket {

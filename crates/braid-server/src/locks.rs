@@ -46,15 +46,19 @@ pub struct Wanted {
 }
 
 impl LockTable {
+    /// The locks of other owners that `wanted` conflicts with (none for an unlock).
+    fn conflicting<'t>(&'t self, handle: &Handle, wanted: &'t Wanted) -> impl Iterator<Item = &'t Range> {
+        let write = wanted.kind == LockKind::Write;
+        let ranges = match wanted.kind {
+            LockKind::Unlock => None,
+            _ => self.objects.get(handle),
+        };
+        ranges.into_iter().flatten().filter(move |r| r.owner != wanted.owner && (write || r.write) && r.overlaps(wanted.start, wanted.end))
+    }
+
     /// The first lock of another owner that `wanted` conflicts with.
     pub fn conflict(&self, handle: &Handle, wanted: &Wanted) -> Option<LockHeld> {
-        let write = match wanted.kind {
-            LockKind::Unlock => return None,
-            LockKind::Write => true,
-            LockKind::Read => false,
-        };
-        let ranges = self.objects.get(handle)?;
-        ranges.iter().find(|r| r.owner != wanted.owner && (write || r.write) && r.overlaps(wanted.start, wanted.end)).map(|r| LockHeld {
+        self.conflicting(handle, wanted).next().map(|r| LockHeld {
             kind: if r.write { LockKind::Write } else { LockKind::Read },
             start: r.start,
             end: r.end,
@@ -101,13 +105,7 @@ impl LockTable {
 
     /// The clients holding a lock that conflicts with `wanted`.
     pub fn conflicting_clients(&self, handle: &Handle, wanted: &Wanted) -> Vec<ClientId> {
-        let write = wanted.kind == LockKind::Write;
-        let Some(ranges) = self.objects.get(handle) else { return Vec::new() };
-        ranges
-            .iter()
-            .filter(|r| r.owner != wanted.owner && (write || r.write) && r.overlaps(wanted.start, wanted.end))
-            .map(|r| r.owner.client)
-            .collect()
+        self.conflicting(handle, wanted).map(|r| r.owner.client).collect()
     }
 }
 

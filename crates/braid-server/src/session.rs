@@ -453,15 +453,13 @@ fn handle_blocking(state: &ServerState, client: ClientId, request: Request, fram
 /// A missing attribute is leased like a value: the kernel asks for `security.capability` before
 /// every write, and a client may answer that from its cache while it holds a right.
 fn getxattr(state: &ServerState, client: ClientId, handle: &Handle, name: &[u8]) -> Handled {
-    let ticket = state.coherence.begin_read();
-    let result = state.export.getxattr(handle, name);
-    let leased = match &result {
-        Ok(_) | Err(Errno(libc::ENODATA)) => state.coherence.grant(ticket, client, [handle]),
-        Err(_) => {
-            state.coherence.cancel_read(ticket);
-            false
-        }
+    let read = || match state.export.getxattr(handle, name) {
+        Ok(value) => Ok(Some(value)),
+        Err(Errno(libc::ENODATA)) => Ok(None),
+        Err(e) => Err(e),
     };
+    let (result, leased) = leased(state, client, read, |_| vec![handle.clone()]);
+    let result = result.and_then(|value| value.ok_or(Errno(libc::ENODATA)));
     Handled { leased, ..Handled::plain(result.map(Reply::Xattr)) }
 }
 

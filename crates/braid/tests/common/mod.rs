@@ -267,10 +267,6 @@ impl Fixture {
     fn log_file(&self, name: &str) -> fs::File {
         fs::OpenOptions::new().create(true).append(true).open(self.logs.join(name)).expect("open log file")
     }
-
-    fn unmount(&mut self) {
-        unmount(&self.mnt);
-    }
 }
 
 /// A second client of a fixture's server (see [`Fixture::another_mount`]); unmounted on drop.
@@ -297,16 +293,22 @@ impl OtherMount {
 
 impl Drop for OtherMount {
     fn drop(&mut self) {
-        unmount(&self.mnt);
-        if let Some(mut child) = self.child.take() {
-            if !wait_exit(&mut child, STOP_DEADLINE) {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+        stop_mount(&self.mnt, self.child.take());
+    }
+}
+
+/// Unmounts `mnt`, gives its client process time to exit (else kills it), and detaches the
+/// mount lazily if it is still there: the client is gone, so nothing can still be using it.
+fn stop_mount(mnt: &Path, child: Option<Child>) {
+    unmount(mnt);
+    if let Some(mut child) = child {
+        if !wait_exit(&mut child, STOP_DEADLINE) {
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        if is_mount_point(&self.mnt) {
-            let _ = Process::new("umount").arg("-l").arg(&self.mnt).status();
-        }
+    }
+    if is_mount_point(mnt) {
+        let _ = Process::new("umount").arg("-l").arg(mnt).status();
     }
 }
 
@@ -327,17 +329,7 @@ impl Drop for Fixture {
         if std::thread::panicking() {
             eprintln!("fixture logs:\n{}", self.logs_tail());
         }
-        self.unmount();
-        if let Some(mut mount) = self.mount.take() {
-            if !wait_exit(&mut mount, STOP_DEADLINE) {
-                let _ = mount.kill();
-                let _ = mount.wait();
-            }
-        }
-        // The mount process is gone, so nothing can still be using the mount point.
-        if is_mount_point(&self.mnt) {
-            let _ = Process::new("umount").arg("-l").arg(&self.mnt).status();
-        }
+        stop_mount(&self.mnt, self.mount.take());
         if let Some(mut server) = self.server.take() {
             let _ = server.kill();
             let _ = server.wait();
