@@ -6,16 +6,21 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use braid_proto::{encode_parts, Callback, FrameKind, Invalidation, Request};
+use braid_proto::{encode_parts, Callback, FrameKind, Handle, Invalidation, Request};
 
-use crate::connection::{Channel, Connection};
+use crate::connection::Channel;
+use crate::Client;
 
 /// What the client does with callbacks; implemented by the FUSE adapter.
 pub trait CallbackHandler: Send + Sync {
-    /// Drop what `items` name from every cache. The server is told once this returns.
+    /// Drop what `items` name from every cache. The server is told once this returns (queued
+    /// changes to them have been written back before).
     fn recall(&self, items: &[Invalidation]);
     /// The callback channel broke: rights may have been recalled without this client knowing.
     fn lost(&self);
+    /// The server refused a queued change to `handle`: what the caches show of it is wrong.
+    /// Called from threads serving requests: must not wait for the kernel.
+    fn write_back_failed(&self, handle: &Handle);
 }
 
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -28,13 +33,13 @@ pub(crate) struct CallbackThread {
 }
 
 impl CallbackThread {
-    pub(crate) fn start(connection: Arc<Connection>, handler: Arc<dyn CallbackHandler>) -> std::io::Result<Self> {
+    pub(crate) fn start(client: Client, handler: Arc<dyn CallbackHandler>) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let socket = Arc::new(Mutex::new(None));
         let (thread_stop, thread_socket) = (stop.clone(), socket.clone());
         std::thread::Builder::new()
             .name("braid-callbacks".into())
-            .spawn(move || run(&connection, handler.as_ref(), &thread_stop, &thread_socket))?;
+            .spawn(move || run(&client, handler.as_ref(), &thread_stop, &thread_socket))?;
         Ok(Self { stop, socket })
     }
 
@@ -46,18 +51,19 @@ impl CallbackThread {
     }
 }
 
-fn run(connection: &Connection, handler: &dyn CallbackHandler, stop: &AtomicBool, socket: &Mutex<Option<std::net::TcpStream>>) {
+fn run(client: &Client, handler: &dyn CallbackHandler, stop: &AtomicBool, socket: &Mutex<Option<std::net::TcpStream>>) {
     let mut backoff = Duration::from_millis(10);
     let next_id = AtomicU64::new(1);
     while !stop.load(Ordering::Acquire) {
-        match connection.open_callback_channel() {
+        match client.connection.open_callback_channel() {
             Ok(mut channel) => {
                 *socket.lock().expect("callback socket lock") = channel.socket.try_clone().ok();
                 backoff = Duration::from_millis(10);
-                let error = serve(&mut channel, handler, &next_id);
+                let error = serve(&mut channel, client, handler, &next_id);
                 if !stop.load(Ordering::Acquire) {
                     tracing::warn!(%error, "callback channel lost; dropping every cached object and subscribing again");
                 }
+                client.writeback.lost_rights();
                 handler.lost();
             }
             Err(e) => tracing::debug!(error = %e, "cannot open the callback channel"),
@@ -71,7 +77,7 @@ fn run(connection: &Connection, handler: &dyn CallbackHandler, stop: &AtomicBool
 }
 
 /// Subscribes, then carries out callbacks until the channel fails; returns why it failed.
-fn serve(channel: &mut Channel, handler: &dyn CallbackHandler, next_id: &AtomicU64) -> String {
+fn serve(channel: &mut Channel, client: &Client, handler: &dyn CallbackHandler, next_id: &AtomicU64) -> String {
     let send = |channel: &mut Channel, request: &Request| {
         let frame = encode_parts(FrameKind::Request, next_id.fetch_add(1, Ordering::Relaxed), request, &[]).map_err(|e| e.to_string())?;
         channel.send(&frame)
@@ -90,13 +96,35 @@ fn serve(channel: &mut Channel, handler: &dyn CallbackHandler, next_id: &AtomicU
             FrameKind::Callback => {}
             other => return format!("unexpected {other:?} frame on the callback channel"),
         }
-        let Callback::Recall(items) = match frame.decode::<Callback>() {
+        let callback = match frame.decode::<Callback>() {
             Ok(callback) => callback,
             Err(e) => return e.to_string(),
         };
-        handler.recall(&items);
+        carry_out(client, handler, &callback);
         if let Err(e) = send(channel, &Request::CallbackDone { id: frame.header.request_id }) {
             return e;
         }
+    }
+}
+
+/// Gives up exclusivity first (nothing more is queued for these objects), writes the queue back,
+/// and for a recall drops the objects from every cache.
+fn carry_out(client: &Client, handler: &dyn CallbackHandler, callback: &Callback) {
+    let handles: Vec<Handle> = match callback {
+        Callback::Recall(items) => items
+            .iter()
+            .map(|item| match item {
+                Invalidation::Object(handle) => handle.clone(),
+                Invalidation::Entry { parent, .. } => parent.clone(),
+            })
+            .collect(),
+        Callback::Flush(handles) => handles.clone(),
+    };
+    client.writeback.downgraded(&handles);
+    if let Err(e) = client.flush() {
+        tracing::warn!(error = %e, "cannot write queued changes back for a callback");
+    }
+    if let Callback::Recall(items) = callback {
+        handler.recall(items);
     }
 }

@@ -124,6 +124,11 @@ impl Connection {
 
     /// Like `call_leased`, keeping the lease of an error reply (a missing attribute is leased).
     pub fn call_outcome(self: &Arc<Self>, request: &Request, data: &[u8]) -> Result<(Result<Reply>, Vec<u8>, Lease)> {
+        self.call_granted(request, data).map(|(result, data, lease, _)| (result, data, lease))
+    }
+
+    /// Like `call_outcome`, and whether the rights granted are exclusive.
+    pub fn call_granted(self: &Arc<Self>, request: &Request, data: &[u8]) -> Result<(Result<Reply>, Vec<u8>, Lease, bool)> {
         let _gate = self.gate.enter();
         let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
         let frame = encode_parts(FrameKind::Request, id, request, data).map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -157,7 +162,7 @@ impl Connection {
         };
         let decoded: Response = response.decode().map_err(|e| ClientError::Protocol(e.to_string()))?;
         let lease = decoded.leased.then(|| sent + Duration::from_millis(self.lease_ms.load(Ordering::Relaxed) * 3 / 4));
-        Ok((decoded.result.map_err(wire_error), response.data, lease))
+        Ok((decoded.result.map_err(wire_error), response.data, lease, decoded.exclusive && lease.is_some()))
     }
 
     /// A new channel for callbacks: it waits for the server without a time limit, since an idle

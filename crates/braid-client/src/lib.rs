@@ -11,10 +11,11 @@
 mod callbacks;
 mod connection;
 pub mod inodes;
+mod writeback;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use braid_proto::{
@@ -69,8 +70,18 @@ pub struct Client {
     connection: Arc<Connection>,
     txns: Arc<TxnSequencer>,
     callbacks: Arc<Mutex<Option<callbacks::CallbackThread>>>,
+    /// Told when a queued change fails (set when the callback channel opens).
+    handler: Arc<OnceLock<Arc<dyn CallbackHandler>>>,
     /// Work for the release thread.
     releases: std::sync::mpsc::Sender<ReleaseWork>,
+    writeback: Arc<writeback::WriteBack>,
+}
+
+/// Changes not queued, sent after the queued ones they may depend on.
+struct Direct {
+    creds: Credentials,
+    commands: Vec<Command>,
+    data: Vec<u8>,
 }
 
 enum ReleaseWork {
@@ -106,22 +117,42 @@ impl Client {
         let client_id = ClientId(rand::random());
         let (connection, info) = Connection::open(config, client_id)?;
         let txns = Arc::new(TxnSequencer { next: AtomicU64::new(1), outstanding: Mutex::new(BTreeSet::new()) });
-        let releases =
-            start_release_thread(connection.clone()).map_err(|e| ClientError::Protocol(format!("cannot start the release thread: {e}")))?;
-        Ok((Self { connection, txns, callbacks: Arc::new(Mutex::new(None)), releases }, info))
+        let writeback = Arc::new(writeback::WriteBack::new(info.root_squash));
+        let thread_error = |e: std::io::Error| ClientError::Protocol(format!("cannot start a client thread: {e}"));
+        let releases = start_release_thread(connection.clone(), writeback.clone()).map_err(thread_error)?;
+        let client =
+            Self { connection, txns, callbacks: Arc::new(Mutex::new(None)), handler: Arc::new(OnceLock::new()), releases, writeback };
+        client.start_flusher().map_err(thread_error)?;
+        Ok((client, info))
+    }
+
+    /// Sends queued changes once they are due, for as long as the client exists.
+    fn start_flusher(&self) -> std::io::Result<()> {
+        let client = self.clone();
+        std::thread::Builder::new().name("braid-flush".into()).spawn(move || {
+            while client.writeback.wait_for_work() {
+                if let Err(e) = client.flush() {
+                    tracing::warn!(error = %e, "cannot write queued changes back");
+                }
+            }
+        })?;
+        Ok(())
     }
 
     /// Opens the callback channel: from now on the server grants this client rights to cache,
     /// and recalls them through `handler`.
     pub fn subscribe(&self, handler: Arc<dyn CallbackHandler>) -> std::io::Result<()> {
-        let thread = callbacks::CallbackThread::start(self.connection.clone(), handler)?;
+        let _ = self.handler.set(handler.clone());
+        let thread = callbacks::CallbackThread::start(self.clone(), handler)?;
         *self.callbacks.lock().expect("callbacks lock") = Some(thread);
         Ok(())
     }
 
-    /// Gives every right and lock back (unmount) and stops the callback channel, once the
-    /// releases of closed files have been sent.
+    /// Writes queued changes back, then gives every right and lock back (unmount) and stops the
+    /// callback channel, once the releases of closed files have been sent.
     pub fn unsubscribe(&self) -> Result<()> {
+        self.writeback.stop();
+        self.flush()?;
         let (done, sent) = std::sync::mpsc::sync_channel(1);
         if self.releases.send(ReleaseWork::Barrier(done)).is_ok() {
             let _ = sent.recv_timeout(Duration::from_secs(10));
@@ -134,17 +165,40 @@ impl Client {
     }
 
     pub fn lookup(&self, parent: &Handle, name: &[u8]) -> Result<(Entry, Lease)> {
-        match self.call_leased(Request::Lookup { parent: parent.clone(), name: name.to_vec() })? {
+        let request = Request::Lookup { parent: parent.clone(), name: name.to_vec() };
+        let lookup = || match self.call_leased(request.clone())? {
             (Reply::Entry(entry), lease) => Ok((entry, lease)),
+            (other, _) => unexpected(other),
+        };
+        self.settle([parent])?;
+        let (entry, lease) = lookup()?;
+        // Its attributes must show this client's queued changes.
+        if self.writeback.pending([&entry.handle]) {
+            self.flush()?;
+            return lookup();
+        }
+        self.writeback.attributes(&entry.handle, &entry.attr);
+        Ok((entry, lease))
+    }
+
+    pub fn getattr(&self, handle: &Handle) -> Result<(Attr, Lease)> {
+        self.settle([handle])?;
+        match self.call_leased(Request::GetAttr { handle: handle.clone() })? {
+            (Reply::Attr(attr), lease) => {
+                self.writeback.attributes(handle, &attr);
+                Ok((attr, lease))
+            }
             (other, _) => unexpected(other),
         }
     }
 
-    pub fn getattr(&self, handle: &Handle) -> Result<(Attr, Lease)> {
-        match self.call_leased(Request::GetAttr { handle: handle.clone() })? {
-            (Reply::Attr(attr), lease) => Ok((attr, lease)),
-            (other, _) => unexpected(other),
+    /// Sends the queue if one of `handles` has changes in it: a request naming them must see
+    /// those changes.
+    fn settle<'h>(&self, handles: impl IntoIterator<Item = &'h Handle>) -> Result<()> {
+        if self.writeback.pending(handles) {
+            self.flush()?;
         }
+        Ok(())
     }
 
     pub fn readlink(&self, handle: &Handle) -> Result<Vec<u8>> {
@@ -155,6 +209,7 @@ impl Client {
     }
 
     pub fn read(&self, handle: &Handle, offset: u64, len: u32) -> Result<(Vec<u8>, Lease)> {
+        self.settle([handle])?;
         let (reply, data, lease) = self.connection.call_leased(&Request::Read { handle: handle.clone(), offset, len }, &[])?;
         match reply {
             Reply::Read => Ok((data, lease)),
@@ -164,10 +219,18 @@ impl Client {
 
     /// Entries after `cookie`, whether the listing ends there, and the lease on all of it.
     pub fn readdir(&self, handle: &Handle, cookie: u64, plus: bool) -> Result<(Vec<DirEntry>, bool, Lease)> {
-        match self.call_leased(Request::ReadDir { handle: handle.clone(), cookie, plus })? {
+        let readdir = || match self.call_leased(Request::ReadDir { handle: handle.clone(), cookie, plus })? {
             (Reply::ReadDir { entries, eof }, lease) => Ok((entries, eof, lease)),
             (other, _) => unexpected(other),
+        };
+        self.settle([handle])?;
+        let listed = readdir()?;
+        // The entries' attributes must show this client's queued changes.
+        if self.writeback.pending(listed.0.iter().filter_map(|e| e.entry.as_ref().map(|e| &e.handle))) {
+            self.flush()?;
+            return readdir();
         }
+        Ok(listed)
     }
 
     pub fn statfs(&self) -> Result<StatFs> {
@@ -180,6 +243,7 @@ impl Client {
     /// The value of an extended attribute, `None` if the object has no such attribute, and the
     /// lease on that answer.
     pub fn getxattr(&self, handle: &Handle, name: &[u8]) -> Result<(Option<Vec<u8>>, Lease)> {
+        self.settle([handle])?;
         let (result, _, lease) = self.connection.call_outcome(&Request::GetXattr { handle: handle.clone(), name: name.to_vec() }, &[])?;
         match result {
             Ok(Reply::Xattr(value)) => Ok((Some(value), lease)),
@@ -190,6 +254,7 @@ impl Client {
     }
 
     pub fn listxattr(&self, handle: &Handle) -> Result<Vec<u8>> {
+        self.settle([handle])?;
         match self.call(Request::ListXattr { handle: handle.clone() })? {
             Reply::XattrList(names) => Ok(names),
             other => unexpected(other),
@@ -197,6 +262,7 @@ impl Client {
     }
 
     pub fn lseek(&self, handle: &Handle, offset: u64, whence: Whence) -> Result<u64> {
+        self.settle([handle])?;
         match self.call(Request::Lseek { handle: handle.clone(), offset, whence })? {
             Reply::Lseek(at) => Ok(at),
             other => unexpected(other),
@@ -206,6 +272,7 @@ impl Client {
     /// Tells the server this mount has `handle` open (see `Request::Open`), for `access`
     /// (`R_OK`/`W_OK` bits) by `creds`. Pins are restored after a server restart.
     pub fn open(&self, handle: &Handle, creds: Credentials, access: u32) -> Result<Lease> {
+        self.settle([handle])?;
         let (_, lease) = self.call_leased(Request::Open { handle: handle.clone(), creds, access })?;
         self.connection.pin(handle, 1);
         Ok(lease)
@@ -226,15 +293,136 @@ impl Client {
     }
 
     /// Applies `commands` as one transaction. `data` holds the bytes of the `Write` commands,
-    /// in order. Returns one result per command applied; the last may be an error.
+    /// in order. Returns one result per command applied; the last may be an error. Queued
+    /// changes they may depend on go first, in the same transaction if they fit.
     pub fn txn(&self, creds: Credentials, commands: Vec<Command>, data: Vec<u8>) -> Result<(TxnResults, Lease)> {
+        // A new object depends on nothing queued, unless its directory has queued changes.
+        let creates_only = commands.iter().all(|c| matches!(c, Command::Create { .. } | Command::Mkdir { .. } | Command::Symlink { .. }));
+        let depends = !creates_only || self.writeback.pending(commands.iter().flat_map(Command::handles));
+        let mut shipment = self.writeback.begin_shipment(depends);
+        let queued = std::mem::take(&mut shipment.ops);
+        let direct = self.ship(queued, Some(Direct { creds, commands, data }));
+        drop(shipment);
+        direct.map(|done| done.expect("a direct change always has an outcome"))
+    }
+
+    /// Queues `command` if this client holds what it changes exclusively, and returns what the
+    /// server would have answered; `None`: send it with [`Self::apply`].
+    pub fn write_back(&self, creds: &Credentials, command: &Command, data: &[u8]) -> Option<CommandOk> {
+        let ok = self.writeback.queue(creds, command, data)?;
+        if self.writeback.over_limit() {
+            // The writer pays for the memory bound, not the flusher's other customers.
+            if let Err(e) = self.flush() {
+                tracing::warn!(error = %e, "cannot write queued changes back");
+            }
+        }
+        Some(ok)
+    }
+
+    /// Sends every queued change, in order, after any shipment already under way.
+    pub fn flush(&self) -> Result<()> {
+        let mut shipment = self.writeback.begin_shipment(true);
+        let queued = std::mem::take(&mut shipment.ops);
+        self.ship(queued, None).map(|_| ())
+    }
+
+    /// Returns once every change made so far, queued ones included, is durable on the server.
+    pub fn sync(&self) -> Result<Lsn> {
+        self.flush()?;
+        self.commit()
+    }
+
+    /// The error of a queued change to `handle` the server refused and nobody was told of yet.
+    pub fn take_write_back_error(&self, handle: &Handle) -> Option<Errno> {
+        self.writeback.take_error(handle)
+    }
+
+    /// Sends `queued` in batches, then `direct` (with the last batch if it fits); returns the
+    /// outcome of `direct`. A queued change the server refuses is recorded for its object; the
+    /// changes after it are sent again without it.
+    fn ship(&self, queued: Vec<writeback::Queued>, direct: Option<Direct>) -> Result<Option<(TxnResults, Lease)>> {
+        let mut batches: VecDeque<Vec<writeback::Queued>> = writeback::batches(queued).into();
+        while let Some(batch) = batches.pop_front() {
+            let joins = batches.is_empty() && direct.as_ref().is_some_and(|d| joins(&batch, d));
+            let mut commands: Vec<Command> = batch.iter().map(|op| op.command.clone()).collect();
+            let mut data: Vec<u8> = batch.iter().flat_map(|op| op.data.iter().copied()).collect();
+            if let (true, Some(d)) = (joins, &direct) {
+                commands.extend(d.commands.iter().cloned());
+                data.extend_from_slice(&d.data);
+            }
+            let (mut results, lease) = match self.send_txn(batch[0].creds.clone(), commands.clone(), &data) {
+                Ok(done) => done,
+                Err(e) => {
+                    // Nothing more will be tried: every change not sent is lost.
+                    for op in batch.iter().chain(batches.iter().flatten()) {
+                        self.write_back_failed(op, Errno(libc::EIO));
+                    }
+                    batches.iter().for_each(|b| self.writeback.sent(b));
+                    self.writeback.sent(&batch);
+                    return Err(e);
+                }
+            };
+            let refused = results.iter().position(|r| r.is_err()).filter(|at| *at < batch.len());
+            let done = refused.map_or(batch.len(), |at| at + 1);
+            if let Some(at) = refused {
+                self.write_back_failed(&batch[at], results[at].clone().expect_err("refused"));
+                if done < batch.len() {
+                    batches.push_front(batch[done..].to_vec());
+                }
+            }
+            self.writeback.sent(&batch[..done]);
+            self.record_attributes(&commands, &results);
+            if joins && refused.is_none() {
+                return Ok(Some((results.split_off(batch.len()), lease)));
+            }
+        }
+        match direct {
+            Some(d) => {
+                let (results, lease) = self.send_txn(d.creds, d.commands.clone(), &d.data)?;
+                self.record_attributes(&d.commands, &results);
+                Ok(Some((results, lease)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Sends one transaction and records the rights its response grants.
+    fn send_txn(&self, creds: Credentials, commands: Vec<Command>, data: &[u8]) -> Result<(TxnResults, Lease)> {
         let (seq, replied_below) = self.txns.begin();
         let request = Request::Txn(Txn { seq, replied_below, creds, commands });
-        let result = self.connection.call_leased(&request, &data);
+        let result = self.connection.call_granted(&request, data);
         self.txns.end(seq);
+        let Request::Txn(txn) = request else { unreachable!("built above") };
         match result? {
-            (Reply::Txn(outcome), _, lease) => Ok((outcome.results, lease)),
-            (other, _, _) => unexpected(other),
+            (Ok(Reply::Txn(outcome)), _, lease, exclusive) => {
+                let created = outcome.results.iter().filter_map(|r| match r {
+                    Ok(CommandOk::Entry(entry)) => Some(&entry.handle),
+                    _ => None,
+                });
+                self.writeback.granted(txn.commands.iter().flat_map(Command::handles).chain(created), lease, exclusive);
+                Ok((outcome.results, lease))
+            }
+            (Ok(other), ..) => unexpected(other),
+            (Err(e), ..) => Err(e),
+        }
+    }
+
+    /// Keeps the attributes a transaction's results report, for objects held exclusively.
+    fn record_attributes(&self, commands: &[Command], results: &TxnResults) {
+        for (command, result) in commands.iter().zip(results) {
+            match result {
+                Ok(CommandOk::Attr(attr)) => command.handles().into_iter().for_each(|h| self.writeback.attributes(h, attr)),
+                Ok(CommandOk::Entry(entry)) => self.writeback.attributes(&entry.handle, &entry.attr),
+                _ => {}
+            }
+        }
+    }
+
+    fn write_back_failed(&self, op: &writeback::Queued, errno: Errno) {
+        tracing::warn!(errno = errno.0, command = ?op.command, "the server refused a change written back");
+        self.writeback.failed(op, errno);
+        if let Some(handler) = self.handler.get() {
+            handler.write_back_failed(op.command.handles()[0]);
         }
     }
 
@@ -284,13 +472,18 @@ impl Client {
     }
 }
 
-/// Sends the releases of closed files, in order, for as long as the client exists.
-fn start_release_thread(connection: Arc<Connection>) -> std::io::Result<std::sync::mpsc::Sender<ReleaseWork>> {
+/// Sends the releases of closed files, in order, for as long as the client exists. A file is
+/// released only once its queued changes are on the server (an unlinked file would be gone).
+fn start_release_thread(
+    connection: Arc<Connection>,
+    writeback: Arc<writeback::WriteBack>,
+) -> std::io::Result<std::sync::mpsc::Sender<ReleaseWork>> {
     let (tx, rx) = std::sync::mpsc::channel::<ReleaseWork>();
     std::thread::Builder::new().name("braid-release".into()).spawn(move || {
         for work in rx {
             match work {
                 ReleaseWork::Release(handle) => {
+                    writeback.wait_sent(&handle);
                     if let Err(e) = connection.call(&Request::Release { handle }, &[]) {
                         tracing::warn!(error = %e, "cannot release a closed file on the server");
                     }
@@ -302,6 +495,13 @@ fn start_release_thread(connection: Arc<Connection>) -> std::io::Result<std::syn
         }
     })?;
     Ok(tx)
+}
+
+/// Whether `direct` can share the transaction of `batch`.
+fn joins(batch: &[writeback::Queued], direct: &Direct) -> bool {
+    batch.first().is_none_or(|op| op.creds == direct.creds)
+        && batch.len() + direct.commands.len() <= braid_proto::limits::TXN_COMMANDS_MAX
+        && batch.iter().map(|op| op.data.len()).sum::<usize>() + direct.data.len() <= braid_proto::limits::DATA_BYTES_MAX
 }
 
 fn unexpected<T>(reply: Reply) -> Result<T> {

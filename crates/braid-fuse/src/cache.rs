@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use braid_client::inodes::InodeTable;
 use braid_client::{CallbackHandler, Lease};
-use braid_proto::Invalidation;
+use braid_proto::{Handle, Invalidation};
 use fuser::{INodeNo, Notifier};
 
 pub struct KernelCache {
@@ -156,6 +156,11 @@ impl KernelCache {
         }
     }
 
+    /// Until when `node` is covered by a lease.
+    pub fn lease_of(&self, node: u64) -> Lease {
+        self.leases.lock().expect("lease lock").get(&node).map(|held| held.until)
+    }
+
     /// The kernel forgot `node`: its pages went with it.
     pub fn forgotten(&self, node: u64) {
         self.drop_node_state(node);
@@ -256,12 +261,19 @@ impl CallbackHandler for KernelCache {
         let nodes = self.inodes.lock().expect("inode lock").nodes();
         nodes.into_iter().for_each(|node| self.invalidate(Notice::Node(node)));
     }
+
+    fn write_back_failed(&self, handle: &Handle) {
+        let Some(node) = self.inodes.lock().expect("inode lock").node_of(handle) else { return };
+        self.drop_node_state(node);
+        // Never from here: the caller may serve a request the notification would wait for.
+        self.deferred.lock().expect("deferred lock").push(Notice::Node(node));
+        self.idle.notify_all();
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use braid_proto::Handle;
 
     fn cache() -> Arc<KernelCache> {
         KernelCache::new(InodeTable::new(2, Handle(vec![0])))

@@ -198,6 +198,23 @@ impl BraidFs {
         self.check(self.client.apply(credentials(req), command, data))
     }
 
+    /// Queues `command` if the client may change its object in its cache; returns what the
+    /// server would have answered.
+    fn write_back(&self, req: &Request, command: &Command, data: &[u8]) -> Option<CommandOk> {
+        if self.read_only {
+            return None;
+        }
+        self.client.write_back(&credentials(req), command, data)
+    }
+
+    /// The error of a queued change to `ino` the server refused, not reported yet.
+    fn write_back_error(&self, ino: INodeNo) -> Result<(), Errno> {
+        match self.handle(ino).ok().and_then(|h| self.client.take_write_back_error(&h)) {
+            Some(errno) => Err(Errno::from_i32(errno.0)),
+            None => Ok(()),
+        }
+    }
+
     fn apply_entry(&self, req: &Request, nodes: &[INodeNo], command: Command) -> Result<(Entry, Lease), Errno> {
         match self.apply(req, nodes, command, Vec::new())? {
             (CommandOk::Entry(entry), lease) => Ok((entry, lease)),
@@ -366,7 +383,11 @@ impl Filesystem for BraidFs {
             if changes == AttrChanges::default() {
                 return self.check(self.client.getattr(&handle));
             }
-            match self.apply(req, &[ino], Command::SetAttr { handle, changes }, Vec::new())? {
+            let command = Command::SetAttr { handle, changes };
+            if let Some(CommandOk::Attr(attr)) = self.write_back(req, &command, &[]) {
+                return Ok((attr, self.cache.lease_of(ino.0)));
+            }
+            match self.apply(req, &[ino], command, Vec::new())? {
                 (CommandOk::Attr(attr), lease) => Ok((attr, lease)),
                 _ => Err(Errno::EIO),
             }
@@ -490,15 +511,20 @@ impl Filesystem for BraidFs {
             // several clients never overwrite each other.
             let command =
                 if flags.0 & libc::O_APPEND != 0 { Command::Append { handle, len } } else { Command::Write { handle, offset, len } };
+            if let Some(ok) = self.write_back(req, &command, data) {
+                return Ok((ok, None));
+            }
             self.apply(req, &[ino], command, data.to_vec())
         });
         reply_written(reply, result);
     }
 
     fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
-        // Writes are already on the server when they return; a close only ends the POSIX
-        // locks of the process on the file.
-        self.reply_empty(reply, self.release_locks(ino, lock_owner));
+        // A close does not wait for queued writes (other clients' opens are served only after
+        // they are written back); it ends the POSIX locks of the process on the file, and
+        // reports a failed write-back already known.
+        let result = self.release_locks(ino, lock_owner).and_then(|()| self.write_back_error(ino));
+        self.reply_empty(reply, result);
     }
 
     fn release(
@@ -519,8 +545,8 @@ impl Filesystem for BraidFs {
         self.reply_empty(reply, unlocked.and(result));
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        let result = self.check(self.client.commit()).map(|_| ());
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let result = self.check(self.client.sync()).and_then(|_| self.write_back_error(ino));
         self.reply_empty(reply, result);
     }
 
@@ -586,7 +612,7 @@ impl Filesystem for BraidFs {
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        let result = self.check(self.client.commit()).map(|_| ());
+        let result = self.check(self.client.sync()).map(|_| ());
         self.reply_empty(reply, result);
     }
 

@@ -294,6 +294,10 @@ pub enum Callback {
     /// Another client is about to change what these name: drop them from every cache, then
     /// acknowledge with `Request::CallbackDone`. The rights on them are gone.
     Recall(Vec<Invalidation>),
+    /// Another client is about to read these objects, which this client holds exclusively:
+    /// write back every change to them it has not sent yet, then acknowledge. Its rights on
+    /// them are shared from now on (what it caches stays valid).
+    Flush(Vec<Handle>),
 }
 
 /// One thing a recall takes back.
@@ -495,4 +499,8 @@ pub struct Response {
     /// `ExportInfo::lease_ms` from when it sent the request: it may cache them until then or
     /// until the server recalls them. `false`: nothing here may be cached.
     pub leased: bool,
+    /// The rights are exclusive (no other client holds any): the client may change these
+    /// objects in its cache and write the changes back later. Another client's read of them
+    /// first makes the server ask for them (`Callback::Flush`).
+    pub exclusive: bool,
 }

@@ -62,6 +62,9 @@ struct State {
     locks: LockTable,
     /// When expired rights are next swept out of `objects`.
     next_sweep: Option<Instant>,
+    /// Clients granted exclusive rights, and when the last of them ends: their reads and
+    /// changes cannot take the fast path.
+    exclusive_until: HashMap<ClientId, Instant>,
 }
 
 struct Subscriber {
@@ -77,10 +80,39 @@ struct Presence {
     gone_since: Option<Instant>,
 }
 
+/// One client's right on one object.
+#[derive(Debug, Clone, Copy)]
+struct Right {
+    until: Instant,
+    /// No other client holds a right: the holder may change the object in its cache.
+    exclusive: bool,
+}
+
+/// What a response may tell its client about the objects it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// Nothing may be cached.
+    None,
+    Shared,
+    Exclusive,
+}
+
+impl Grant {
+    pub fn leased(self) -> bool {
+        self != Grant::None
+    }
+
+    pub fn exclusive(self) -> bool {
+        self == Grant::Exclusive
+    }
+}
+
 #[derive(Default)]
 struct Object {
-    /// Client -> when its right ends.
-    holders: HashMap<ClientId, Instant>,
+    holders: HashMap<ClientId, Right>,
+    /// Until then no exclusive right is granted: several clients used the object lately, and
+    /// handing it back and forth would cost a recall per change.
+    contended_until: Option<Instant>,
     /// Clients with a change of this object in flight (a client may have several).
     busy: Vec<ClientId>,
     /// Epoch of the last change and who made it.
@@ -159,6 +191,7 @@ impl Coherence {
     pub fn unsubscribe(&self, client: ClientId) {
         let mut state = self.lock();
         state.subscribers.remove(&client);
+        state.exclusive_until.remove(&client);
         for object in state.objects.values_mut() {
             object.holders.remove(&client);
         }
@@ -197,45 +230,101 @@ impl Coherence {
         begin_read_locked(&mut self.lock())
     }
 
-    /// Grants `client` rights on `handles` unless something they name changed since `ticket`
-    /// was taken; returns whether it did.
-    pub fn grant<'h>(&self, ticket: ReadTicket, client: ClientId, handles: impl IntoIterator<Item = &'h Handle>) -> bool {
+    /// Grants `client` shared rights on `handles` unless something they name changed since
+    /// `ticket` was taken (an exclusive right the client holds stays exclusive).
+    pub fn grant<'h>(&self, ticket: ReadTicket, client: ClientId, handles: impl IntoIterator<Item = &'h Handle>) -> Grant {
         let mut state = self.lock();
-        let granted = self.grant_locked(&mut state, &ticket, client, handles);
+        let granted = self.grant_locked(&mut state, &ticket, client, handles, false);
         end_read(&mut state, ticket);
         granted
     }
 
+    /// Grants rights as [`Self::grant`]; exclusive ones if `exclusive` is wanted and nobody
+    /// else holds or lately used any of `handles`.
     fn grant_locked<'h>(
         &self,
         state: &mut State,
         ticket: &ReadTicket,
         client: ClientId,
         handles: impl IntoIterator<Item = &'h Handle>,
-    ) -> bool {
+        exclusive: bool,
+    ) -> Grant {
         if state.subscribers.get(&client).is_none_or(|s| s.since > ticket.epoch) {
-            return false;
+            return Grant::None;
         }
         let handles: Vec<&Handle> = handles.into_iter().collect();
         let stale = |o: &Object| o.busy.iter().any(|c| *c != client) || (o.changed_at > ticket.epoch && o.changed_by != Some(client));
         if handles.iter().any(|h| state.objects.get(*h).is_some_and(stale)) {
-            return false;
+            return Grant::None;
         }
         let now = Instant::now();
         let until = now + self.lease;
+        let alone = |o: &Object| {
+            o.contended_until.is_none_or(|t| t <= now) && o.holders.iter().all(|(c, right)| *c == client || right.until <= now)
+        };
+        let exclusive = exclusive && handles.iter().all(|h| state.objects.get(*h).is_none_or(alone));
         for handle in handles {
-            state.objects.entry(handle.clone()).or_default().holders.insert(client, until);
+            let holders = &mut state.objects.entry(handle.clone()).or_default().holders;
+            let held_exclusive = holders.get(&client).is_some_and(|r| r.exclusive && r.until > now);
+            holders.insert(client, Right { until, exclusive: exclusive || held_exclusive });
+        }
+        if exclusive {
+            state.exclusive_until.insert(client, until);
         }
         if state.next_sweep.is_none_or(|at| now >= at) {
             sweep(state, now);
             state.next_sweep = Some(now + self.lease);
         }
+        if exclusive {
+            Grant::Exclusive
+        } else {
+            Grant::Shared
+        }
+    }
+
+    /// Before `client` is told about `handles`: asks every other client holding one of them
+    /// exclusively to write its changes back, and waits until each has (or its lease ran out).
+    /// Their rights become shared. Returns whether anything was asked (the read must then be
+    /// done again).
+    pub fn flush_others(&self, client: ClientId, handles: &[Handle]) -> bool {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let mut flushes: HashMap<ClientId, (Vec<Handle>, Instant)> = HashMap::new();
+        for handle in handles {
+            let Some(object) = state.objects.get_mut(handle) else { continue };
+            let mut asked = false;
+            for (holder, right) in object.holders.iter_mut() {
+                if *holder != client && right.exclusive && right.until > now {
+                    right.exclusive = false;
+                    asked = true;
+                    let flush = flushes.entry(*holder).or_insert_with(|| (Vec::new(), right.until));
+                    flush.0.push(handle.clone());
+                    flush.1 = flush.1.max(right.until);
+                }
+            }
+            if asked {
+                object.contended_until = Some(now + self.lease);
+            }
+        }
+        if flushes.is_empty() {
+            return false;
+        }
+        let callbacks = flushes.into_iter().map(|(holder, (handles, until))| (holder, Callback::Flush(handles), until)).collect();
+        let waits = self.send_callbacks(&mut state, callbacks);
+        self.wait_for(state, waits);
         true
     }
 
-    /// Whether changes by `client` must name what they touch: someone else may hold rights.
+    /// Whether requests of `client` must name what they touch: someone else may hold rights.
     pub fn shared(&self, client: ClientId) -> bool {
         others_subscribed(&self.lock(), client)
+    }
+
+    /// Whether a client other than `client` may hold an exclusive right (a read by `client`
+    /// may then have to wait for it).
+    pub fn exclusive_elsewhere(&self, client: ClientId) -> bool {
+        let now = Instant::now();
+        self.lock().exclusive_until.iter().any(|(c, until)| *c != client && *until > now)
     }
 
     /// Starts a change by `client` without naming what it touches, if `client` is the only
@@ -272,11 +361,12 @@ impl Coherence {
             object.changed_at = epoch;
             object.changed_by = Some(client);
             busy.push(handle.clone());
-            object.holders.retain(|_, until| *until > now);
-            for (holder, until) in object.holders.iter().filter(|(c, _)| **c != client) {
-                let recall = recalls.entry(*holder).or_insert_with(|| (Vec::new(), *until));
+            object.holders.retain(|_, right| right.until > now);
+            for (holder, right) in object.holders.iter().filter(|(c, _)| **c != client) {
+                let recall = recalls.entry(*holder).or_insert_with(|| (Vec::new(), right.until));
                 recall.0.push(item.clone());
-                recall.1 = recall.1.max(*until);
+                recall.1 = recall.1.max(right.until);
+                object.contended_until = Some(now + self.lease);
             }
         }
         // Only now: several items may name the same object, and each must reach its holders.
@@ -286,25 +376,31 @@ impl Coherence {
             }
         }
         let ticket = begin_read_locked(&mut state);
-        let waits = self.send_recalls(&mut state, recalls);
+        let callbacks = recalls
+            .into_iter()
+            .map(|(holder, (mut items, until))| {
+                items.sort_by_key(|i| matches!(i, Invalidation::Object(_)));
+                items.dedup();
+                (holder, Callback::Recall(items), until)
+            })
+            .collect();
+        let waits = self.send_callbacks(&mut state, callbacks);
         self.wait_for(state, waits);
         Change { client, busy: Some(busy), ticket }
     }
 
-    /// Sends one recall per client; returns what to wait for: the callback id (if delivered)
-    /// and the end of the client's lease.
-    fn send_recalls(&self, state: &mut State, recalls: HashMap<ClientId, (Vec<Invalidation>, Instant)>) -> Vec<(Option<u64>, Instant)> {
-        let mut waits = Vec::with_capacity(recalls.len());
-        for (holder, (mut items, until)) in recalls {
-            items.sort_by_key(|i| matches!(i, Invalidation::Object(_)));
-            items.dedup();
+    /// Sends each callback to its client; returns what to wait for: the callback id (if
+    /// delivered) and the end of the client's lease.
+    fn send_callbacks(&self, state: &mut State, callbacks: Vec<(ClientId, Callback, Instant)>) -> Vec<(Option<u64>, Instant)> {
+        let mut waits = Vec::with_capacity(callbacks.len());
+        for (holder, callback, until) in callbacks {
             let id = state.next_callback;
             state.next_callback += 1;
-            let delivered = state.subscribers.get(&holder).is_some_and(|s| (s.sink)(id, &Callback::Recall(items)));
+            let delivered = state.subscribers.get(&holder).is_some_and(|s| (s.sink)(id, &callback));
             if delivered {
                 state.pending.insert(id);
             } else {
-                tracing::debug!(client = holder.0, "recall undeliverable; waiting for the lease to run out");
+                tracing::debug!(client = holder.0, "callback undeliverable; waiting for the lease to run out");
             }
             waits.push((delivered.then_some(id), until));
         }
@@ -329,8 +425,9 @@ impl Coherence {
         }
     }
 
-    /// Ends `change`, granting its client rights on `touched` (what its response names).
-    pub fn end_change<'h>(&self, change: Change, touched: impl IntoIterator<Item = &'h Handle>) -> bool {
+    /// Ends `change`, granting its client rights on `touched` (what its response names):
+    /// exclusive ones where nobody else holds or lately used them.
+    pub fn end_change<'h>(&self, change: Change, touched: impl IntoIterator<Item = &'h Handle>) -> Grant {
         let mut state = self.lock();
         match &change.busy {
             None => {
@@ -353,7 +450,7 @@ impl Coherence {
                 }
             }
         }
-        let granted = self.grant_locked(&mut state, &change.ticket, change.client, touched);
+        let granted = self.grant_locked(&mut state, &change.ticket, change.client, touched, true);
         if let Some(busy) = &change.busy {
             prune(&mut state, busy);
         }
@@ -401,9 +498,11 @@ impl Coherence {
     }
 }
 
-/// Whether a client other than `client` is subscribed (and so may hold rights).
+/// Whether a client other than `client` is subscribed (and so may hold rights) or holds an
+/// exclusive right (whose changes a read must wait for).
 fn others_subscribed(state: &State, client: ClientId) -> bool {
-    state.subscribers.keys().any(|c| *c != client)
+    let now = Instant::now();
+    state.subscribers.keys().any(|c| *c != client) || state.exclusive_until.iter().any(|(c, until)| *c != client && *until > now)
 }
 
 fn begin_read_locked(state: &mut State) -> ReadTicket {
@@ -439,6 +538,7 @@ fn prune(state: &mut State, handles: &[Handle]) {
 fn sweep(state: &mut State, now: Instant) {
     let oldest_read = oldest_read(state);
     state.objects.retain(|_, object| !forgettable(object, now, oldest_read));
+    state.exclusive_until.retain(|_, until| *until > now);
 }
 
 fn oldest_read(state: &State) -> u64 {
@@ -447,8 +547,11 @@ fn oldest_read(state: &State) -> u64 {
 
 /// Drops expired rights; true if nothing about the object is worth keeping.
 fn forgettable(object: &mut Object, now: Instant, oldest_read: u64) -> bool {
-    object.holders.retain(|_, until| *until > now);
-    object.holders.is_empty() && object.busy.is_empty() && (object.changed_by.is_none() || object.changed_at < oldest_read)
+    object.holders.retain(|_, right| right.until > now);
+    object.holders.is_empty()
+        && object.busy.is_empty()
+        && object.contended_until.is_none_or(|t| t <= now)
+        && (object.changed_by.is_none() || object.changed_at < oldest_read)
 }
 
 #[cfg(test)]
@@ -485,17 +588,57 @@ mod tests {
         let seen = Arc::new(AtomicUsize::new(0));
         c.subscribe(a, 1, acking_sink(&c, Duration::from_millis(50), seen.clone()));
         c.subscribe(b, 2, acking_sink(&c, Duration::ZERO, Arc::new(AtomicUsize::new(0))));
-        assert!(c.grant(c.begin_read(), a, [&h(1)]));
-        assert!(c.grant(c.begin_read(), b, [&h(1)]));
+        assert!(c.grant(c.begin_read(), a, [&h(1)]).leased());
+        assert!(c.grant(c.begin_read(), b, [&h(1)]).leased());
 
         let started = Instant::now();
         let change = c.begin_change(b, &[Invalidation::Object(h(1))]);
         let waited = started.elapsed();
         assert_eq!(seen.load(Ordering::SeqCst), 1, "A was recalled once");
         assert!(waited >= Duration::from_millis(50) && waited < Duration::from_secs(5), "waited {waited:?}");
-        assert!(c.end_change(change, [&h(1)]));
+        assert!(c.end_change(change, [&h(1)]).leased());
         assert!(!c.lock().objects[&h(1)].holders.contains_key(&a), "A's right is gone");
         assert!(c.lock().objects[&h(1)].holders.contains_key(&b), "B holds it now");
+    }
+
+    #[test]
+    fn a_lone_changer_holds_exclusively_until_another_client_reads() {
+        // Goal: the client that changed an object nobody else uses holds it exclusively; another
+        // client's read first makes it write back (and waits for that), then both share it, and
+        // the object stays shared for a lease (no exclusive ping-pong).
+        let c = Arc::new(Coherence::new(Duration::from_secs(30), false));
+        let (a, b) = (ClientId(1), ClientId(2));
+        let flushes = Arc::new(AtomicUsize::new(0));
+        c.subscribe(a, 1, acking_sink(&c, Duration::from_millis(50), flushes.clone()));
+        c.subscribe(b, 2, acking_sink(&c, Duration::ZERO, Arc::new(AtomicUsize::new(0))));
+        let change = c.begin_change(a, &[Invalidation::Object(h(1))]);
+        assert_eq!(c.end_change(change, [&h(1)]), Grant::Exclusive);
+        assert!(c.exclusive_elsewhere(b) && !c.exclusive_elsewhere(a));
+        assert_eq!(c.grant(c.begin_read(), a, [&h(1)]), Grant::Shared, "a read keeps A's right exclusive");
+        assert!(c.lock().objects[&h(1)].holders[&a].exclusive);
+        assert!(!c.flush_others(a, &[h(1)]), "A's own reads ask nothing");
+        let started = Instant::now();
+        assert!(c.flush_others(b, &[h(1)]), "B's read asks A to write back");
+        assert!(started.elapsed() >= Duration::from_millis(50), "and waits for A's acknowledgement");
+        assert_eq!(flushes.load(Ordering::SeqCst), 1);
+        assert!(!c.lock().objects[&h(1)].holders[&a].exclusive, "A's right is shared now");
+        assert!(!c.flush_others(b, &[h(1)]), "nothing more to ask");
+        assert_eq!(c.grant(c.begin_read(), b, [&h(1)]), Grant::Shared);
+        let change = c.begin_change(a, &[Invalidation::Object(h(1))]);
+        assert_eq!(c.end_change(change, [&h(1)]), Grant::Shared, "contended: no exclusive right for a lease");
+    }
+
+    #[test]
+    fn an_exclusive_holder_without_a_channel_delays_reads_by_its_lease_at_most() {
+        let c = Arc::new(Coherence::new(Duration::from_millis(200), false));
+        let (a, b) = (ClientId(1), ClientId(2));
+        c.subscribe(a, 1, Arc::new(|_, _: &Callback| false));
+        let change = c.begin_change(a, &[Invalidation::Object(h(1))]);
+        assert_eq!(c.end_change(change, [&h(1)]), Grant::Exclusive);
+        let started = Instant::now();
+        assert!(c.flush_others(b, &[h(1)]));
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(150) && waited < Duration::from_secs(2), "waited {waited:?}");
     }
 
     #[test]
@@ -510,13 +653,14 @@ mod tests {
             a,
             1,
             Arc::new(move |_, callback: &Callback| {
-                let Callback::Recall(items) = callback;
-                sink_got.lock().unwrap().extend(items.iter().cloned());
+                if let Callback::Recall(items) = callback {
+                    sink_got.lock().unwrap().extend(items.iter().cloned());
+                }
                 false
             }),
         );
         c.subscribe(b, 2, Arc::new(|_, _: &Callback| true));
-        assert!(c.grant(c.begin_read(), a, [&h(1)]));
+        assert!(c.grant(c.begin_read(), a, [&h(1)]).leased());
         let old = Invalidation::Entry { parent: h(1), name: b"old".to_vec() };
         let new = Invalidation::Entry { parent: h(1), name: b"new".to_vec() };
         let change = c.begin_change(b, &[Invalidation::Object(h(1)), old.clone(), Invalidation::Object(h(1)), new.clone()]);
@@ -535,15 +679,15 @@ mod tests {
         c.subscribe(b, 2, never);
         let ticket = c.begin_read();
         let change = c.begin_change(b, &[Invalidation::Object(h(7))]);
-        assert!(!c.grant(ticket, a, [&h(7)]), "read begun before, granted during the change");
+        assert!(!c.grant(ticket, a, [&h(7)]).leased(), "read begun before, granted during the change");
         let during = c.begin_read();
         let _ = c.end_change(change, [&h(7)]);
-        assert!(!c.grant(during, a, [&h(7)]), "read begun during the change (it may have read the old state)");
-        assert!(c.grant(c.begin_read(), a, [&h(7)]), "read begun after the change");
+        assert!(!c.grant(during, a, [&h(7)]).leased(), "read begun during the change (it may have read the old state)");
+        assert!(c.grant(c.begin_read(), a, [&h(7)]).leased(), "read begun after the change");
         let before = c.begin_read();
         let change = c.begin_change(b, &[Invalidation::Object(h(7))]);
         let _ = c.end_change(change, []);
-        assert!(!c.grant(before, a, [&h(7)]), "read begun before a change that is over");
+        assert!(!c.grant(before, a, [&h(7)]).leased(), "read begun before a change that is over");
     }
 
     #[test]
@@ -553,7 +697,7 @@ mod tests {
         let (a, b) = (ClientId(1), ClientId(2));
         c.subscribe(a, 1, Arc::new(|_, _: &Callback| true));
         c.subscribe(b, 2, Arc::new(|_, _: &Callback| true));
-        assert!(c.grant(c.begin_read(), a, [&h(3)]));
+        assert!(c.grant(c.begin_read(), a, [&h(3)]).leased());
         c.session_closed(a, 1);
         let started = Instant::now();
         let change = c.begin_change(b, &[Invalidation::Entry { parent: h(3), name: b"x".to_vec() }]);
@@ -569,10 +713,10 @@ mod tests {
         let a = ClientId(1);
         c.subscribe(a, 1, Arc::new(|_, _: &Callback| true));
         for n in 0..100 {
-            assert!(c.grant(c.begin_read(), a, [&h(n)]));
+            assert!(c.grant(c.begin_read(), a, [&h(n)]).leased());
         }
         std::thread::sleep(Duration::from_millis(60));
-        assert!(c.grant(c.begin_read(), a, [&h(200)]));
+        assert!(c.grant(c.begin_read(), a, [&h(200)]).leased());
         assert_eq!(c.lock().objects.len(), 1, "only the fresh right is left");
     }
 

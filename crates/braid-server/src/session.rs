@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::coherence::{Change, Sink};
+use crate::coherence::{Change, Grant, Sink};
 use crate::export::Export;
 use crate::locks::{Owner, Wanted};
 use crate::ServerState;
@@ -226,7 +226,7 @@ async fn read_requests(state: &Arc<ServerState>, reader: &mut Reader, tx: mpsc::
         let request: Request = frame.decode()?;
         if let Request::Subscribe = request {
             subscribe(state, who, &tx).await;
-            let done = Handled { result: Ok(Reply::Done), data: Vec::new(), leased: false };
+            let done = Handled { result: Ok(Reply::Done), data: Vec::new(), grant: Grant::None };
             if tx.send(outgoing(state, frame.header.request_id, done)).await.is_err() {
                 return Ok(());
             }
@@ -263,8 +263,8 @@ struct Outgoing {
 }
 
 fn outgoing(state: &ServerState, request_id: u64, handled: Handled) -> Outgoing {
-    let Handled { result, data, leased } = handled;
-    let response = Response { result, durable: state.committer.durable(), leased };
+    let Handled { result, data, grant } = handled;
+    let response = Response { result, durable: state.committer.durable(), leased: grant.leased(), exclusive: grant.exclusive() };
     let frame = encode_parts(FrameKind::Response, request_id, &response, &data).expect("responses stay within limits");
     Outgoing { frame, data }
 }
@@ -325,30 +325,34 @@ fn effective_creds(state: &ServerState, creds: braid_proto::Credentials) -> brai
 /// Requests that never wait for the disk or for other clients in the common case: metadata
 /// reads and small mutations (which only reach the page cache; durability is the committer's
 /// job) when no other client can hold rights to recall.
+/// A read may have to wait for another client to write back what it holds exclusively: that
+/// wait must not block the connection's task.
 fn is_quick(state: &ServerState, client: ClientId, request: &Request) -> bool {
     match request {
-        Request::Read { len, .. } => *len <= 128 * 1024,
+        Request::Read { len, .. } => *len <= 128 * 1024 && !state.coherence.exclusive_elsewhere(client),
         Request::Commit => false,
         Request::Txn(txn) => txn.commands.len() <= 16 && !state.coherence.shared(client) && !state.coherence.in_grace(),
-        _ => true,
+        Request::StatFs | Request::Release { .. } | Request::CallbackDone { .. } | Request::Unsubscribe => true,
+        Request::Lock(_) | Request::TestLock(_) | Request::Subscribe => true,
+        _ => !state.coherence.exclusive_elsewhere(client),
     }
 }
 
-/// A request's outcome: the reply, the bulk data that goes with it, and whether the client
-/// now holds rights on what it names.
+/// A request's outcome: the reply, the bulk data that goes with it, and the rights the client
+/// now holds on what it names.
 struct Handled {
     result: Result<Reply, WireError>,
     data: Vec<u8>,
-    leased: bool,
+    grant: Grant,
 }
 
 impl Handled {
     fn plain(result: Result<Reply, Errno>) -> Self {
-        Self { result: result.map_err(WireError::Errno), data: Vec::new(), leased: false }
+        Self { result: result.map_err(WireError::Errno), data: Vec::new(), grant: Grant::None }
     }
 
     fn failed(error: WireError) -> Self {
-        Self { result: Err(error), data: Vec::new(), leased: false }
+        Self { result: Err(error), data: Vec::new(), grant: Grant::None }
     }
 }
 
@@ -362,29 +366,49 @@ async fn handle_request(state: &Arc<ServerState>, client: ClientId, request: Req
         .unwrap_or_else(|e| Handled::failed(WireError::Malformed(format!("request handler failed: {e}"))))
 }
 
-/// Runs a read that grants `client` rights on the objects `named` lists in its reply.
+/// Reads done again at most this often because another client held what they named
+/// exclusively (and was asked to write it back); the last read's answer stands.
+const FLUSHED_READS_MAX: usize = 4;
+
+/// Runs a read that grants `client` rights on the objects `named` lists in its reply. If another
+/// client holds one of them exclusively, its changes are written back first and the read is
+/// done again, so that no client reads what another has changed in its cache.
 fn leased<T>(
     state: &ServerState,
     client: ClientId,
-    read: impl FnOnce() -> Result<T, Errno>,
-    named: impl FnOnce(&T) -> Vec<Handle>,
-) -> (Result<T, Errno>, bool) {
-    let ticket = state.coherence.begin_read();
-    match read() {
-        Ok(value) => {
-            let granted = state.coherence.grant(ticket, client, &named(&value));
-            (Ok(value), granted)
-        }
-        Err(e) => {
-            state.coherence.cancel_read(ticket);
-            (Err(e), false)
+    read: impl Fn() -> Result<T, Errno>,
+    named: impl Fn(&T) -> Vec<Handle>,
+) -> (Result<T, Errno>, Grant) {
+    for attempt in 1.. {
+        let ticket = state.coherence.begin_read();
+        match read() {
+            Ok(value) => {
+                let handles = named(&value);
+                if attempt < FLUSHED_READS_MAX && state.coherence.flush_others(client, &handles) {
+                    state.coherence.cancel_read(ticket);
+                    continue;
+                }
+                let granted = state.coherence.grant(ticket, client, &handles);
+                return (Ok(value), granted);
+            }
+            Err(e) => {
+                state.coherence.cancel_read(ticket);
+                return (Err(e), Grant::None);
+            }
         }
     }
+    unreachable!("the loop returns")
+}
+
+/// A read that grants nothing but must see what other clients changed in their caches.
+fn fresh<T>(state: &ServerState, client: ClientId, handle: &Handle, read: impl Fn() -> Result<T, Errno>) -> Result<T, Errno> {
+    state.coherence.flush_others(client, std::slice::from_ref(handle));
+    read()
 }
 
 fn handle_blocking(state: &ServerState, client: ClientId, request: Request, frame: Frame) -> Handled {
     let export = &state.export;
-    let granting = |(result, leased): (Result<Reply, Errno>, bool)| Handled { leased, ..Handled::plain(result) };
+    let granting = |(result, grant): (Result<Reply, Errno>, Grant)| Handled { grant, ..Handled::plain(result) };
     match request {
         Request::Lookup { parent, name } => {
             granting(leased(state, client, || export.lookup(&parent, &name).map(Reply::Entry), |r| reply_handles(&parent, r)))
@@ -398,7 +422,7 @@ fn handle_blocking(state: &ServerState, client: ClientId, request: Request, fram
         Request::Read { handle, offset, len } => {
             let len = len.min(braid_proto::limits::DATA_BYTES_MAX as u32);
             match leased(state, client, || export.read(&handle, offset, len), |_| vec![handle.clone()]) {
-                (Ok(data), leased) => Handled { result: Ok(Reply::Read), data, leased },
+                (Ok(data), grant) => Handled { result: Ok(Reply::Read), data, grant },
                 (Err(e), _) => Handled::plain(Err(e)),
             }
         }
@@ -410,8 +434,10 @@ fn handle_blocking(state: &ServerState, client: ClientId, request: Request, fram
         )),
         Request::StatFs => Handled::plain(export.statfs().map(Reply::StatFs)),
         Request::GetXattr { handle, name } => getxattr(state, client, &handle, &name),
-        Request::ListXattr { handle } => Handled::plain(export.listxattr(&handle).map(Reply::XattrList)),
-        Request::Lseek { handle, offset, whence } => Handled::plain(export.lseek(&handle, offset, whence).map(Reply::Lseek)),
+        Request::ListXattr { handle } => Handled::plain(fresh(state, client, &handle, || export.listxattr(&handle)).map(Reply::XattrList)),
+        Request::Lseek { handle, offset, whence } => {
+            Handled::plain(fresh(state, client, &handle, || export.lseek(&handle, offset, whence)).map(Reply::Lseek))
+        }
         Request::Open { handle, creds, access } => {
             let creds = effective_creds(state, creds);
             granting(leased(state, client, || export.open_checked(&handle, &creds, access).map(|()| Reply::Done), |_| vec![handle.clone()]))
@@ -431,8 +457,8 @@ fn handle_blocking(state: &ServerState, client: ClientId, request: Request, fram
                     _ => None,
                 }));
             }
-            let leased = state.coherence.end_change(change, touched);
-            Handled { result, data: Vec::new(), leased }
+            let grant = state.coherence.end_change(change, touched);
+            Handled { result, data: Vec::new(), grant }
         }
         Request::Lock(request) => Handled::plain(lock(state, client, &request)),
         Request::TestLock(request) => Handled::plain(
@@ -458,9 +484,9 @@ fn getxattr(state: &ServerState, client: ClientId, handle: &Handle, name: &[u8])
         Err(Errno(libc::ENODATA)) => Ok(None),
         Err(e) => Err(e),
     };
-    let (result, leased) = leased(state, client, read, |_| vec![handle.clone()]);
+    let (result, grant) = leased(state, client, read, |_| vec![handle.clone()]);
     let result = result.and_then(|value| value.ok_or(Errno(libc::ENODATA)));
-    Handled { leased, ..Handled::plain(result.map(Reply::Xattr)) }
+    Handled { grant, ..Handled::plain(result.map(Reply::Xattr)) }
 }
 
 /// The objects a lookup or readdir reply names: the directory and every entry in it.

@@ -1,0 +1,430 @@
+//! Write-back of changes made under exclusive rights.
+//!
+//! While this client holds an object exclusively (`Response::exclusive`), writes and simple
+//! attribute changes to it are queued here and answered at once, attributes from a shadow of
+//! the object's attributes kept up to date by the queued changes. The queue reaches the
+//! server, in order, in as few transactions as fit: from the flusher thread once the oldest
+//! change is [`FLUSH_DELAY`] old or a batch is full, ahead of (or with) any change that may
+//! depend on it, before any request naming an object with queued changes, on fsync, on a
+//! callback from the server and on unmount.
+//!
+//! # Correctness
+//! - Order: one shipment at a time (`shipping`), so queued changes reach the server in the
+//!   order they were made, and a change that is not queued goes after everything it may depend
+//!   on.
+//! - Freshness: an object stays `pending` until the transaction carrying its changes has its
+//!   reply; a request of this client naming it ships the queue first. Another client's read of
+//!   it makes the server ask for the queue first (`Callback::Flush`); another client's change
+//!   recalls it (`Callback::Recall`), which ships the queue before it is acknowledged.
+//! - Errors: a queued change the server refuses is remembered for its object, reported by the
+//!   next fsync or close of it (as a local file system reports a failed write-back), and the
+//!   kernel's view of the object is dropped.
+use std::collections::HashMap;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use braid_proto::limits::{DATA_BYTES_MAX, TXN_COMMANDS_MAX};
+use braid_proto::{Attr, AttrChanges, Command, CommandOk, Credentials, Errno, Handle, TimeSet, Timestamp};
+
+/// How long a change may wait in the queue for others to share its transaction.
+pub const FLUSH_DELAY: Duration = Duration::from_millis(25);
+
+/// Queued data beyond which writers wait for the queue to drain (the memory bound).
+pub const DIRTY_BYTES_MAX: usize = 64 << 20;
+
+/// An exclusive right is used for queueing only if it lasts at least this much longer: the
+/// queue must reach the server before the right ends.
+const RIGHT_MARGIN: Duration = Duration::from_secs(1);
+
+/// A change waiting to be sent.
+#[derive(Debug, Clone)]
+pub(crate) struct Queued {
+    pub creds: Credentials,
+    pub command: Command,
+    pub data: Vec<u8>,
+}
+
+impl Queued {
+    fn handle(&self) -> &Handle {
+        self.command.handles()[0]
+    }
+}
+
+#[derive(Default)]
+struct State {
+    queue: Vec<Queued>,
+    bytes: usize,
+    /// When the oldest queued change was queued.
+    oldest: Option<Instant>,
+    /// Objects with changes queued or on their way, and how many.
+    pending: HashMap<Handle, usize>,
+    /// Exclusive rights held, and until when.
+    exclusive: HashMap<Handle, Instant>,
+    /// Attributes of exclusively held objects, with the queued changes applied.
+    attrs: HashMap<Handle, Attr>,
+    /// Queued changes the server refused, by object, until reported.
+    errors: HashMap<Handle, Errno>,
+    shipping: bool,
+    stop: bool,
+}
+
+pub(crate) struct WriteBack {
+    state: Mutex<State>,
+    /// Signalled when the queue or `shipping` changes.
+    changed: Condvar,
+    root_squash: bool,
+}
+
+/// The right to send the queue: only one holder at a time, so that order is kept. Taken
+/// with what was queued; dropping it (after the sends) marks those changes as sent.
+pub(crate) struct Shipment<'w> {
+    writeback: &'w WriteBack,
+    pub ops: Vec<Queued>,
+    /// Whether this shipment holds `shipping` (an empty queue needs no turn).
+    holds_turn: bool,
+}
+
+impl Drop for Shipment<'_> {
+    fn drop(&mut self) {
+        if !self.holds_turn {
+            return;
+        }
+        let mut state = self.writeback.lock();
+        state.shipping = false;
+        drop(state);
+        self.writeback.changed.notify_all();
+    }
+}
+
+impl WriteBack {
+    pub(crate) fn new(root_squash: bool) -> Self {
+        Self { state: Mutex::new(State::default()), changed: Condvar::new(), root_squash }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("write-back lock")
+    }
+
+    /// Records the rights a response granted on `handles`.
+    pub(crate) fn granted<'h>(&self, handles: impl IntoIterator<Item = &'h Handle>, until: Option<Instant>, exclusive: bool) {
+        let mut state = self.lock();
+        for handle in handles {
+            match until {
+                Some(until) if exclusive => {
+                    state.exclusive.insert(handle.clone(), until);
+                }
+                _ => {
+                    state.exclusive.remove(handle);
+                    state.attrs.remove(handle);
+                }
+            }
+        }
+    }
+
+    /// Records attributes the server reported, for objects held exclusively.
+    pub(crate) fn attributes(&self, handle: &Handle, attr: &Attr) {
+        let mut state = self.lock();
+        if state.exclusive.contains_key(handle) && !state.pending.contains_key(handle) {
+            state.attrs.insert(handle.clone(), *attr);
+        }
+    }
+
+    /// The server took exclusivity on `handles` back (the queue has been sent).
+    pub(crate) fn downgraded(&self, handles: &[Handle]) {
+        let mut state = self.lock();
+        for handle in handles {
+            state.exclusive.remove(handle);
+            state.attrs.remove(handle);
+        }
+    }
+
+    /// Rights may have been recalled unseen: no object is held exclusively any more.
+    pub(crate) fn lost_rights(&self) {
+        let mut state = self.lock();
+        state.exclusive.clear();
+        state.attrs.clear();
+    }
+
+    /// Queues `command` if this client may make it in its cache, returning what the server
+    /// would have answered; `None`: it must be sent now.
+    pub(crate) fn queue(&self, creds: &Credentials, command: &Command, data: &[u8]) -> Option<CommandOk> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let handle = match command {
+            Command::Write { handle, .. } | Command::SetAttr { handle, .. } => handle,
+            _ => return None,
+        };
+        if state.stop || state.exclusive.get(handle).is_none_or(|until| *until < now + RIGHT_MARGIN) {
+            return None;
+        }
+        let ok = match command {
+            Command::Write { offset, len, .. } => {
+                if let Some(attr) = state.attrs.get_mut(handle) {
+                    written(attr, *offset, *len as u64);
+                }
+                CommandOk::Written(*len as u64)
+            }
+            Command::SetAttr { changes, .. } => {
+                let squashed = creds.uid == 0 && self.root_squash;
+                let attr = state.attrs.get_mut(handle).filter(|attr| !squashed && predictable(attr, changes))?;
+                set_attributes(attr, changes);
+                CommandOk::Attr(*attr)
+            }
+            _ => unreachable!("matched above"),
+        };
+        *state.pending.entry(handle.clone()).or_default() += 1;
+        state.bytes += data.len();
+        state.oldest.get_or_insert(now);
+        state.queue.push(Queued { creds: creds.clone(), command: command.clone(), data: data.to_vec() });
+        drop(state);
+        self.changed.notify_all();
+        Some(ok)
+    }
+
+    /// Whether queued data is beyond the memory bound (the writer should send the queue).
+    pub(crate) fn over_limit(&self) -> bool {
+        self.lock().bytes >= DIRTY_BYTES_MAX
+    }
+
+    /// Whether any of `handles` has changes queued or on their way.
+    pub(crate) fn pending<'h>(&self, handles: impl IntoIterator<Item = &'h Handle>) -> bool {
+        let state = self.lock();
+        !state.pending.is_empty() && handles.into_iter().any(|h| state.pending.contains_key(h))
+    }
+
+    /// Waits for the turn to send, and takes the queue. A caller that does not `depend` on
+    /// queued changes needs no turn, nor does one when nothing is queued or on its way.
+    pub(crate) fn begin_shipment(&self, depend: bool) -> Shipment<'_> {
+        let mut state = self.lock();
+        if !depend || (state.queue.is_empty() && !state.shipping) {
+            return Shipment { writeback: self, ops: Vec::new(), holds_turn: false };
+        }
+        while state.shipping {
+            state = self.changed.wait(state).expect("write-back lock");
+        }
+        state.shipping = true;
+        state.bytes = 0;
+        state.oldest = None;
+        let ops = std::mem::take(&mut state.queue);
+        Shipment { writeback: self, ops, holds_turn: true }
+    }
+
+    /// The server has applied (or refused) `ops`: they are no longer pending.
+    pub(crate) fn sent(&self, ops: &[Queued]) {
+        let mut state = self.lock();
+        for op in ops {
+            let handle = op.handle();
+            if let Some(count) = state.pending.get_mut(handle) {
+                *count -= 1;
+                if *count == 0 {
+                    state.pending.remove(handle);
+                }
+            }
+        }
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    /// The server refused `op`: the object's cached state is wrong from here on.
+    pub(crate) fn failed(&self, op: &Queued, errno: Errno) {
+        let mut state = self.lock();
+        let handle = op.handle().clone();
+        state.exclusive.remove(&handle);
+        state.attrs.remove(&handle);
+        state.errors.entry(handle).or_insert(errno);
+    }
+
+    /// Waits until no change to `handle` is queued or on its way.
+    pub(crate) fn wait_sent(&self, handle: &Handle) {
+        let mut state = self.lock();
+        while state.pending.contains_key(handle) {
+            state = self.changed.wait(state).expect("write-back lock");
+        }
+    }
+
+    /// The error of a queued change to `handle` not yet reported, if any.
+    pub(crate) fn take_error(&self, handle: &Handle) -> Option<Errno> {
+        self.lock().errors.remove(handle)
+    }
+
+    /// Waits until the queue should be sent: its oldest change is [`FLUSH_DELAY`] old or a
+    /// transaction's worth is waiting. `false` once stopped with nothing queued.
+    pub(crate) fn wait_for_work(&self) -> bool {
+        let mut state = self.lock();
+        loop {
+            let full = state.queue.len() >= TXN_COMMANDS_MAX || state.bytes >= DATA_BYTES_MAX;
+            match state.oldest {
+                Some(_) if full || state.stop => return true,
+                Some(oldest) => {
+                    let due = oldest + FLUSH_DELAY;
+                    let now = Instant::now();
+                    if now >= due {
+                        return true;
+                    }
+                    state = self.changed.wait_timeout(state, due - now).expect("write-back lock").0;
+                }
+                None if state.stop => return false,
+                None => state = self.changed.wait(state).expect("write-back lock"),
+            }
+        }
+    }
+
+    /// Changes are no longer queued; the flusher ends once the queue is empty.
+    pub(crate) fn stop(&self) {
+        self.lock().stop = true;
+        self.changed.notify_all();
+    }
+}
+
+/// Splits `ops` into transactions: consecutive changes of one caller, within the limits of
+/// one transaction.
+pub(crate) fn batches(ops: Vec<Queued>) -> Vec<Vec<Queued>> {
+    let mut batches: Vec<Vec<Queued>> = Vec::new();
+    let mut bytes = 0;
+    for op in ops {
+        let fits = batches
+            .last()
+            .is_some_and(|batch| batch.len() < TXN_COMMANDS_MAX && bytes + op.data.len() <= DATA_BYTES_MAX && batch[0].creds == op.creds);
+        if !fits {
+            batches.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += op.data.len();
+        batches.last_mut().expect("just pushed").push(op);
+    }
+    batches
+}
+
+/// Whether the server's answer to `changes` can be predicted from `attr` exactly: no change of
+/// owner (which may clear set-id bits) and no set-id bits set (which the server may refuse).
+fn predictable(attr: &Attr, changes: &AttrChanges) -> bool {
+    let setid = libc::S_ISUID | libc::S_ISGID;
+    let same_owner = changes.uid.is_none_or(|uid| uid == attr.uid) && changes.gid.is_none_or(|gid| gid == attr.gid);
+    same_owner && attr.mode & setid == 0 && changes.mode.is_none_or(|mode| mode & setid == 0)
+}
+
+fn set_attributes(attr: &mut Attr, changes: &AttrChanges) {
+    let now = now();
+    if let Some(mode) = changes.mode {
+        attr.mode = (attr.mode & libc::S_IFMT) | (mode & 0o7777);
+    }
+    if let Some(size) = changes.size {
+        attr.size = size;
+        attr.blocks = attr.blocks.min(size.div_ceil(512));
+        attr.mtime = now;
+    }
+    let at = |t: TimeSet| match t {
+        TimeSet::Now => now,
+        TimeSet::At(t) => t,
+    };
+    if let Some(t) = changes.atime {
+        attr.atime = at(t);
+    }
+    if let Some(t) = changes.mtime {
+        attr.mtime = at(t);
+    }
+    attr.ctime = now;
+}
+
+fn written(attr: &mut Attr, offset: u64, len: u64) {
+    let now = now();
+    attr.size = attr.size.max(offset + len);
+    attr.blocks = attr.blocks.max(attr.size.div_ceil(512));
+    attr.mtime = now;
+    attr.ctime = now;
+}
+
+fn now() -> Timestamp {
+    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    Timestamp { secs: d.as_secs() as i64, nanos: d.subsec_nanos() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(n: u8) -> Handle {
+        Handle(vec![n])
+    }
+
+    fn held(w: &WriteBack, handle: &Handle, attr: Attr) {
+        w.granted([handle], Some(Instant::now() + Duration::from_secs(10)), true);
+        w.attributes(handle, &attr);
+    }
+
+    #[test]
+    fn only_changes_to_objects_held_exclusively_are_queued() {
+        let w = WriteBack::new(true);
+        let creds = Credentials::default();
+        let write = |n| Command::Write { handle: h(n), offset: 0, len: 3 };
+        assert_eq!(w.queue(&creds, &write(1), b"abc"), None, "no right");
+        w.granted([&h(1)], Some(Instant::now() + Duration::from_secs(10)), false);
+        assert_eq!(w.queue(&creds, &write(1), b"abc"), None, "shared right");
+        w.granted([&h(1)], Some(Instant::now() + Duration::from_millis(100)), true);
+        assert_eq!(w.queue(&creds, &write(1), b"abc"), None, "right about to end");
+        held(&w, &h(1), Attr::default());
+        assert_eq!(w.queue(&creds, &write(1), b"abc"), Some(CommandOk::Written(3)));
+        assert!(w.pending([&h(1)]));
+        assert!(!w.pending([&h(2)]));
+        let append = Command::Append { handle: h(1), len: 3 };
+        assert_eq!(w.queue(&creds, &append, b"abc"), None, "appends land where the server says");
+        w.downgraded(&[h(1)]);
+        assert_eq!(w.queue(&creds, &write(1), b"abc"), None, "flushed and downgraded");
+    }
+
+    #[test]
+    fn queued_changes_update_the_shadow_attributes() {
+        let w = WriteBack::new(true);
+        let creds = Credentials { uid: 1000, gid: 1000, groups: vec![] };
+        let attr = Attr { mode: libc::S_IFREG | 0o644, uid: 1000, gid: 1000, size: 10, ..Attr::default() };
+        held(&w, &h(1), attr);
+        w.queue(&creds, &Command::Write { handle: h(1), offset: 8, len: 4 }, b"wxyz").expect("queued");
+        let changes = AttrChanges { mode: Some(0o600), mtime: Some(TimeSet::At(Timestamp { secs: 5, nanos: 6 })), ..Default::default() };
+        let Some(CommandOk::Attr(after)) = w.queue(&creds, &Command::SetAttr { handle: h(1), changes }, &[]) else { panic!("not queued") };
+        assert_eq!(after.size, 12, "the write extended the file");
+        assert_eq!(after.mode, libc::S_IFREG | 0o600);
+        assert_eq!(after.mtime, Timestamp { secs: 5, nanos: 6 });
+        let chown = AttrChanges { uid: Some(0), ..Default::default() };
+        assert_eq!(w.queue(&creds, &Command::SetAttr { handle: h(1), changes: chown }, &[]), None, "owner changes go to the server");
+        let setuid = AttrChanges { mode: Some(0o4755), ..Default::default() };
+        assert_eq!(w.queue(&creds, &Command::SetAttr { handle: h(1), changes: setuid }, &[]), None, "set-id bits go to the server");
+        let root = Credentials::default();
+        let touch = AttrChanges { atime: Some(TimeSet::Now), ..Default::default() };
+        assert_eq!(w.queue(&root, &Command::SetAttr { handle: h(1), changes: touch }, &[]), None, "squashed root");
+    }
+
+    #[test]
+    fn shipments_take_turns_and_keep_order() {
+        let w = WriteBack::new(false);
+        let creds = Credentials::default();
+        held(&w, &h(1), Attr::default());
+        for i in 0..3u64 {
+            w.queue(&creds, &Command::Write { handle: h(1), offset: i, len: 1 }, b"x").expect("queued");
+        }
+        assert!(w.begin_shipment(false).ops.is_empty(), "independent changes take nothing");
+        let first = w.begin_shipment(true);
+        assert_eq!(first.ops.len(), 3);
+        w.queue(&creds, &Command::Write { handle: h(1), offset: 9, len: 1 }, b"y").expect("queued");
+        std::thread::scope(|s| {
+            let second = s.spawn(|| w.begin_shipment(true).ops.len());
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(!second.is_finished(), "the second shipment waits for the first");
+            w.sent(&first.ops);
+            drop(first);
+            assert_eq!(second.join().unwrap(), 1);
+        });
+        assert!(w.pending([&h(1)]), "the fourth write is on its way");
+    }
+
+    #[test]
+    fn batches_split_by_caller_and_size() {
+        let op = |uid, len: usize| Queued {
+            creds: Credentials { uid, gid: 0, groups: vec![] },
+            command: Command::Write { handle: h(1), offset: 0, len: len as u32 },
+            data: vec![0; len],
+        };
+        let ops = vec![op(1, 10), op(1, 10), op(2, 10), op(2, DATA_BYTES_MAX), op(2, 1)];
+        let sizes: Vec<usize> = batches(ops).iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![2, 1, 1, 1]);
+    }
+}

@@ -1,0 +1,112 @@
+//! Write-back: changes to what a client holds exclusively land in its cache and return at
+//! local speed, reach the server later, and are never lost, never invisible to another client
+//! and never silently refused.
+mod common;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{plain_mount_args, Fixture};
+
+fn serving(extra: &[&str]) -> Fixture {
+    let mut args = ["--insecure", "--no-root-squash", "--lease", "30"].map(String::from).to_vec();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let mut fixture = Fixture::serving_with_args(|_| {}, args, plain_mount_args());
+    fixture.mount();
+    fixture
+}
+
+/// Runs `work` on a thread and waits at most `limit` for it.
+fn within<T: Send + 'static>(what: &str, limit: Duration, work: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(work());
+    });
+    rx.recv_timeout(limit).unwrap_or_else(|_| panic!("{what} did not finish within {limit:?}"))
+}
+
+#[test]
+fn changes_to_a_file_held_exclusively_return_while_the_server_is_stopped() {
+    // Goal: writes, truncates, chmods and utimes of a file this client created return without
+    // the server (they are queued), and all of them reach it afterwards.
+    let f = serving(&[]);
+    let mut file = File::create(f.m("f")).expect("create");
+    file.write_all(b"first").expect("first write");
+    f.signal_server(libc::SIGSTOP);
+    let file = within("changes with the server stopped", Duration::from_secs(10), move || {
+        file.write_all(&[b'x'; 100_000]).expect("write");
+        file.set_len(50_000).expect("truncate");
+        file.set_permissions(fs::Permissions::from_mode(0o600)).expect("chmod");
+        file.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_600_000_000)).expect("utime");
+        let meta = file.metadata().expect("fstat");
+        assert_eq!((meta.len(), meta.mode() & 0o777, meta.mtime()), (50_000, 0o600, 1_600_000_000), "as the cache shows it");
+        file
+    });
+    f.signal_server(libc::SIGCONT);
+    file.sync_all().expect("fsync");
+    let on_server = fs::metadata(f.e("f")).expect("stat in the export");
+    assert_eq!((on_server.len(), on_server.mode() & 0o777, on_server.mtime()), (50_000, 0o600, 1_600_000_000));
+    let mut expected = b"first".to_vec();
+    expected.resize(50_000, b'x');
+    assert_eq!(fs::read(f.e("f")).expect("read the export"), expected);
+}
+
+#[test]
+fn another_client_reads_what_was_not_written_back_yet() {
+    // Goal: B reads A's latest bytes and attributes while A keeps the file open and never
+    // closes or syncs it: the server has B wait for A's queued changes.
+    let f = serving(&[]);
+    let b = f.another_mount("mnt-b");
+    let mut on_a = OpenOptions::new().create(true).truncate(true).read(true).write(true).open(f.m("f")).expect("create on A");
+    for round in 0..20u8 {
+        let content = vec![b'a' + round; 4096 + round as usize];
+        on_a.seek(SeekFrom::Start(0)).expect("seek");
+        on_a.write_all(&content).expect("write on A");
+        on_a.set_permissions(fs::Permissions::from_mode(0o600 + round as u32 % 2)).expect("chmod on A");
+        let meta = fs::metadata(b.m("f")).expect("stat on B");
+        assert_eq!(meta.len(), content.len() as u64, "round {round}: size on B");
+        assert_eq!(meta.mode() & 0o777, 0o600 + round as u32 % 2, "round {round}: mode on B");
+        let mut seen = Vec::new();
+        File::open(b.m("f")).expect("open on B").read_to_end(&mut seen).expect("read on B");
+        assert_eq!(seen, content, "round {round}: B read stale bytes");
+    }
+}
+
+#[test]
+fn fsync_reports_a_change_the_server_refused() {
+    // Goal: a write the server refuses after it was queued (the export is full) is not
+    // swallowed: the write or the fsync fails with ENOSPC, and the export holds no more than
+    // its limit allows.
+    let f = serving(&["--max-size", "1M"]);
+    let mut file = File::create(f.m("big")).expect("create");
+    let outcome = (|| {
+        for _ in 0..8 {
+            file.write_all(&[7u8; 512 * 1024])?;
+        }
+        file.sync_all()
+    })();
+    let error = outcome.expect_err("4 MiB into a 1 MiB export must fail");
+    assert!(matches!(error.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)), "got {error}");
+    assert!(fs::metadata(f.e("big")).expect("stat in the export").len() <= 1 << 20);
+}
+
+#[test]
+fn a_clean_unmount_writes_everything_back() {
+    // Goal: changes queued when the mount goes away are on the server once unmount returns.
+    let f = serving(&[]);
+    let b = f.another_mount("mnt-b");
+    let mut content = Vec::new();
+    for i in 0..50u32 {
+        let mut file = File::create(b.m(&format!("f{i}"))).expect("create on B");
+        let bytes = format!("file {i}\n").repeat(i as usize + 1).into_bytes();
+        file.write_all(&bytes).expect("write on B");
+        content.push(bytes);
+    }
+    drop(b);
+    for (i, bytes) in content.iter().enumerate() {
+        assert_eq!(&fs::read(f.e(&format!("f{i}"))).expect("read the export"), bytes, "file {i}");
+    }
+}
