@@ -170,6 +170,9 @@ impl Client {
             (Reply::Entry(entry), lease) => Ok((entry, lease)),
             (other, _) => unexpected(other),
         };
+        if self.writeback.known_missing(parent, name) {
+            return Err(ClientError::Errno(Errno(libc::ENOENT)));
+        }
         self.settle([parent])?;
         let (entry, lease) = lookup()?;
         // Its attributes must show this client's queued changes.
@@ -405,10 +408,16 @@ impl Client {
             (Ok(other), ..) => unexpected(other),
             (Err(e), ..) => Err(e),
         }
+        .inspect_err(|_| {
+            // Whether it was applied is unknown: so is everything exclusivity let us know.
+            self.writeback.lost_rights();
+        })
     }
 
-    /// Keeps the attributes a transaction's results report, for objects held exclusively.
+    /// Keeps the attributes and names a transaction's results report, for objects held
+    /// exclusively.
     fn record_attributes(&self, commands: &[Command], results: &TxnResults) {
+        self.writeback.names_changed(commands, results);
         for (command, result) in commands.iter().zip(results) {
             match result {
                 Ok(CommandOk::Attr(attr)) => command.handles().into_iter().for_each(|h| self.writeback.attributes(h, attr)),

@@ -19,7 +19,7 @@
 //! - Errors: a queued change the server refuses is remembered for its object, reported by the
 //!   next fsync or close of it (as a local file system reports a failed write-back), and the
 //!   kernel's view of the object is dropped.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -64,8 +64,37 @@ struct State {
     attrs: HashMap<Handle, Attr>,
     /// Queued changes the server refused, by object, until reported.
     errors: HashMap<Handle, Errno>,
+    /// Every name in directories this client made and has held exclusively since: nobody else
+    /// can have added one, so a name not here does not exist (no lookup needed).
+    listings: HashMap<Handle, HashSet<Vec<u8>>>,
     shipping: bool,
     stop: bool,
+}
+
+impl State {
+    /// Forgets what only an exclusive right on `handle` let this client know.
+    fn not_exclusive(&mut self, handle: &Handle) {
+        self.exclusive.remove(handle);
+        self.attrs.remove(handle);
+        self.listings.remove(handle);
+    }
+
+    /// `name` in `parent` exists (`present`) after a command, if the command was `applied`;
+    /// a failed command leaves the listing unknown.
+    fn listed(&mut self, parent: &Handle, name: &[u8], applied: bool, present: bool) {
+        let Some(names) = self.listings.get_mut(parent) else { return };
+        match (applied, present) {
+            (false, _) => {
+                self.listings.remove(parent);
+            }
+            (true, true) => {
+                names.insert(name.to_vec());
+            }
+            (true, false) => {
+                names.remove(name);
+            }
+        }
+    }
 }
 
 pub(crate) struct WriteBack {
@@ -113,12 +142,45 @@ impl WriteBack {
                 Some(until) if exclusive => {
                     state.exclusive.insert(handle.clone(), until);
                 }
-                _ => {
-                    state.exclusive.remove(handle);
-                    state.attrs.remove(handle);
-                }
+                _ => state.not_exclusive(handle),
             }
         }
+    }
+
+    /// Keeps the listings of directories this client made up to date with a transaction's
+    /// applied commands (`results` holds one per command applied).
+    pub(crate) fn names_changed(&self, commands: &[Command], results: &[Result<CommandOk, Errno>]) {
+        let mut state = self.lock();
+        for (command, result) in commands.iter().zip(results) {
+            let applied = result.is_ok();
+            match (command, result) {
+                (Command::Mkdir { .. }, Ok(CommandOk::Entry(entry))) if state.exclusive.contains_key(&entry.handle) => {
+                    state.listings.insert(entry.handle.clone(), HashSet::new());
+                }
+                _ => {}
+            }
+            match command {
+                Command::Create { parent, name, .. } | Command::Mkdir { parent, name, .. } | Command::Symlink { parent, name, .. } => {
+                    state.listed(parent, name, applied, true)
+                }
+                Command::Link { new_parent, new_name, .. } => state.listed(new_parent, new_name, applied, true),
+                Command::Unlink { parent, name } | Command::Rmdir { parent, name } => state.listed(parent, name, applied, false),
+                Command::Rename { parent, name, new_parent, new_name, flags } => {
+                    let exchange = flags & libc::RENAME_EXCHANGE != 0;
+                    state.listed(parent, name, applied, exchange);
+                    state.listed(new_parent, new_name, applied, true);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Whether `name` is known not to exist in `parent` (a directory this client made and holds
+    /// exclusively, and never put that name in).
+    pub(crate) fn known_missing(&self, parent: &Handle, name: &[u8]) -> bool {
+        let state = self.lock();
+        let held = state.exclusive.get(parent).is_some_and(|until| *until > Instant::now());
+        held && state.listings.get(parent).is_some_and(|names| !names.contains(name))
     }
 
     /// Records attributes the server reported, for objects held exclusively.
@@ -133,8 +195,7 @@ impl WriteBack {
     pub(crate) fn downgraded(&self, handles: &[Handle]) {
         let mut state = self.lock();
         for handle in handles {
-            state.exclusive.remove(handle);
-            state.attrs.remove(handle);
+            state.not_exclusive(handle);
         }
     }
 
@@ -143,6 +204,7 @@ impl WriteBack {
         let mut state = self.lock();
         state.exclusive.clear();
         state.attrs.clear();
+        state.listings.clear();
     }
 
     /// Queues `command` if this client may make it in its cache, returning what the server
@@ -229,8 +291,7 @@ impl WriteBack {
     pub(crate) fn failed(&self, op: &Queued, errno: Errno) {
         let mut state = self.lock();
         let handle = op.handle().clone();
-        state.exclusive.remove(&handle);
-        state.attrs.remove(&handle);
+        state.not_exclusive(&handle);
         state.errors.entry(handle).or_insert(errno);
     }
 
@@ -414,6 +475,35 @@ mod tests {
             assert_eq!(second.join().unwrap(), 1);
         });
         assert!(w.pending([&h(1)]), "the fourth write is on its way");
+    }
+
+    #[test]
+    fn names_missing_from_a_directory_made_here_need_no_lookup() {
+        use braid_proto::Entry;
+        let w = WriteBack::new(false);
+        let (root, dir) = (h(1), h(2));
+        let mkdir = [Command::Mkdir { parent: root.clone(), name: b"d".to_vec(), mode: 0o755 }];
+        let made = [Ok(CommandOk::Entry(Entry { handle: dir.clone(), attr: Attr::default() }))];
+        w.granted([&root, &dir], Some(Instant::now() + Duration::from_secs(10)), true);
+        w.names_changed(&mkdir, &made);
+        assert!(w.known_missing(&dir, b"a"));
+        assert!(!w.known_missing(&root, b"a"), "the root was not made here");
+        let create =
+            |name: &[u8]| Command::Create { parent: dir.clone(), name: name.to_vec(), mode: 0o644, rdev: 0, exclusive: true, pin: false };
+        w.names_changed(&[create(b"a")], &[Ok(CommandOk::Done)]);
+        assert!(!w.known_missing(&dir, b"a"), "created");
+        let rename =
+            Command::Rename { parent: dir.clone(), name: b"a".to_vec(), new_parent: dir.clone(), new_name: b"b".to_vec(), flags: 0 };
+        w.names_changed(&[rename], &[Ok(CommandOk::Done)]);
+        assert!(w.known_missing(&dir, b"a") && !w.known_missing(&dir, b"b"), "renamed");
+        w.names_changed(&[Command::Unlink { parent: dir.clone(), name: b"b".to_vec() }], &[Ok(CommandOk::Done)]);
+        assert!(w.known_missing(&dir, b"b"), "unlinked");
+        w.names_changed(&[create(b"c")], &[Err(Errno(libc::ENOSPC))]);
+        assert!(!w.known_missing(&dir, b"z"), "a failed change leaves the listing unknown");
+        w.granted([&dir], Some(Instant::now() + Duration::from_secs(10)), true);
+        w.names_changed(&mkdir, &made);
+        w.downgraded(std::slice::from_ref(&dir));
+        assert!(!w.known_missing(&dir, b"z"), "another client read it");
     }
 
     #[test]

@@ -675,6 +675,9 @@ impl Filesystem for BraidFs {
         match entry {
             Ok((entry, lease)) => {
                 let attr = self.remember(&entry, lease);
+                // A new file has no file capabilities (the kernel asks before every write), and
+                // another client setting some would recall the lease first.
+                self.cache.note_xattr_missing(attr.ino.0, b"security.capability", lease);
                 reply.created(&KernelCache::ttl(lease), &attr, Generation(0), self.new_fh(), open_flags(false, flags))
             }
             Err(e) => reply.error(e),

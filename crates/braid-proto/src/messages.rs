@@ -404,10 +404,10 @@ pub enum Command {
     },
 }
 
-impl Command {
-    /// The objects this command names (not those it creates or removes by name).
-    pub fn handles(&self) -> Vec<&Handle> {
-        match self {
+/// The handles a command names, by reference or by mutable reference (match ergonomics).
+macro_rules! named_handles {
+    ($command:expr) => {
+        match $command {
             Command::Create { parent, .. }
             | Command::Mkdir { parent, .. }
             | Command::Symlink { parent, .. }
@@ -423,8 +423,40 @@ impl Command {
             | Command::RemoveXattr { handle, .. } => vec![handle],
             Command::CopyFileRange { source, target, .. } => vec![source, target],
         }
+    };
+}
+
+impl Command {
+    /// The objects this command names (not those it creates or removes by name).
+    pub fn handles(&self) -> Vec<&Handle> {
+        named_handles!(self)
+    }
+
+    pub fn handles_mut(&mut self) -> Vec<&mut Handle> {
+        named_handles!(self)
     }
 }
+
+impl Handle {
+    /// Names, inside one transaction, the object its command `index` creates: a client sends
+    /// a create and changes to the new object in one transaction, before it knows the handle.
+    pub fn created_by(index: u32) -> Handle {
+        let mut bytes = vec![CREATED_BY_FORMAT];
+        bytes.extend_from_slice(&index.to_le_bytes());
+        Handle(bytes)
+    }
+
+    /// The command index this handle refers to, if it is a [`Handle::created_by`] reference.
+    pub fn created_index(&self) -> Option<u32> {
+        match self.0.as_slice() {
+            [CREATED_BY_FORMAT, a, b, c, d] => Some(u32::from_le_bytes([*a, *b, *c, *d])),
+            _ => None,
+        }
+    }
+}
+
+/// First byte of [`Handle::created_by`] references; server handles never start with it.
+const CREATED_BY_FORMAT: u8 = 0;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct AttrChanges {

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use braid_proto::limits::TXN_COMMANDS_MAX;
-use braid_proto::{ClientId, Command, Errno, Lsn, Reply, Request, Txn, TxnOutcome, WireError};
+use braid_proto::{ClientId, Command, CommandOk, Errno, Handle, Lsn, Reply, Request, Txn, TxnOutcome, WireError};
 
 use crate::commit::Committer;
 use crate::dedup::{LoggedTxn, ReplyCache, Seen};
@@ -67,8 +67,17 @@ pub fn apply_txn(
     committer.segment.store(a.wal.segment(), Ordering::Release);
 
     let mut results = Vec::with_capacity(txn.commands.len());
+    let mut created: Vec<Option<Handle>> = Vec::with_capacity(txn.commands.len());
     for (command, slice) in txn.commands.iter().zip(slices) {
-        let result = export.apply(command, slice, &txn.creds, tolerant);
+        let result = match with_created(command, &created) {
+            Ok(Some(resolved)) => export.apply(&resolved, slice, &txn.creds, tolerant),
+            Ok(None) => export.apply(command, slice, &txn.creds, tolerant),
+            Err(errno) => Err(errno),
+        };
+        created.push(match &result {
+            Ok(CommandOk::Entry(entry)) => Some(entry.handle.clone()),
+            _ => None,
+        });
         let failed = result.is_err();
         results.push(result);
         if failed {
@@ -87,6 +96,21 @@ pub fn apply_txn(
     let previous = committer.applied.swap(lsn.0, Ordering::AcqRel);
     assert!(previous < lsn.0, "applied lsn not increasing: {previous} then {}", lsn.0);
     Ok(Reply::Txn(outcome))
+}
+
+/// `command` with its [`Handle::created_by`] references replaced by what the earlier commands
+/// created; `None` if it has none. A reference to no earlier creation names no object.
+fn with_created(command: &Command, created: &[Option<Handle>]) -> Result<Option<Command>, Errno> {
+    if command.handles().iter().all(|h| h.created_index().is_none()) {
+        return Ok(None);
+    }
+    let mut resolved = command.clone();
+    for handle in resolved.handles_mut() {
+        if let Some(index) = handle.created_index() {
+            *handle = created.get(index as usize).cloned().flatten().ok_or(Errno(libc::ESTALE))?;
+        }
+    }
+    Ok(Some(resolved))
 }
 
 /// A transaction made of one append, as the write it becomes: at the end of the file now (the
@@ -202,6 +226,40 @@ mod tests {
         let message = postcard::to_stdvec(&Request::Txn(resent.clone())).unwrap();
         apply_txn(&applier, &committer, &export, client, &resent, &message, b"xyz").unwrap();
         assert_eq!(std::fs::read(dir.path().join("data/f")).unwrap(), b"abcxyz", "the resent append was applied twice");
+    }
+
+    #[test]
+    fn later_commands_name_what_earlier_ones_of_the_transaction_created() {
+        // Goal: a client sends a create and the writes to the new file in one transaction,
+        // before it knows the file's handle; a reference to nothing created fails cleanly.
+        let dir = tempfile::tempdir().unwrap();
+        let (export, applier, committer, _) = setup(dir.path());
+        let root = export.root_entry().unwrap().handle;
+        let created = Handle::created_by(0);
+        let commands = vec![
+            Command::Create {
+                parent: root.clone(),
+                name: b"new".to_vec(),
+                mode: libc::S_IFREG | 0o600,
+                rdev: 0,
+                exclusive: true,
+                pin: false,
+            },
+            Command::Write { handle: created.clone(), offset: 0, len: 5 },
+            Command::SetAttr { handle: created, changes: braid_proto::AttrChanges { mode: Some(0o640), ..Default::default() } },
+            Command::Write { handle: Handle::created_by(1), offset: 0, len: 1 },
+        ];
+        let txn = Txn { seq: TxnSeq(1), replied_below: TxnSeq(1), creds: Credentials::default(), commands };
+        let message = postcard::to_stdvec(&Request::Txn(txn.clone())).unwrap();
+        let Ok(Reply::Txn(outcome)) = apply_txn(&applier, &committer, &export, ClientId(3), &txn, &message, b"hello!") else {
+            panic!("txn failed")
+        };
+        assert_eq!(outcome.results.len(), 4);
+        assert!(outcome.results[..3].iter().all(Result::is_ok), "{:?}", outcome.results);
+        assert_eq!(outcome.results[3], Err(Errno(libc::ESTALE)), "command 1 created nothing");
+        assert_eq!(std::fs::read(dir.path().join("data/new")).unwrap(), b"hello");
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.path().join("data/new")).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o640);
     }
 
     #[test]

@@ -450,7 +450,8 @@ fn handle_blocking(state: &ServerState, client: ClientId, request: Request, fram
             txn.creds = effective_creds(state, txn.creds);
             let change = begin_change(state, client, &txn.commands);
             let result = crate::applier::apply_txn(&state.applier, &state.committer, export, client, &txn, &frame.message, &frame.data);
-            let mut touched: Vec<&Handle> = txn.commands.iter().flat_map(Command::handles).collect();
+            let mut touched: Vec<&Handle> =
+                txn.commands.iter().flat_map(Command::handles).filter(|h| h.created_index().is_none()).collect();
             if let Ok(Reply::Txn(outcome)) = &result {
                 touched.extend(outcome.results.iter().filter_map(|r| match r {
                     Ok(CommandOk::Entry(entry)) => Some(&entry.handle),
@@ -540,6 +541,10 @@ fn invalidations(export: &Export, commands: &[Command]) -> Vec<Invalidation> {
             other => items.extend(other.handles().into_iter().map(|h| Invalidation::Object(h.clone()))),
         }
     }
+    // Objects created by this very transaction: nobody else can hold them.
+    items.retain(|item| match item {
+        Invalidation::Object(handle) | Invalidation::Entry { parent: handle, .. } => handle.created_index().is_none(),
+    });
     items
 }
 
