@@ -180,7 +180,8 @@ impl WriteBack {
     pub(crate) fn known_missing(&self, parent: &Handle, name: &[u8]) -> bool {
         let state = self.lock();
         let held = state.exclusive.get(parent).is_some_and(|until| *until > Instant::now());
-        held && state.listings.get(parent).is_some_and(|names| !names.contains(name))
+        // An overlong name gets its error from the server.
+        held && name.len() <= braid_proto::limits::NAME_BYTES_MAX && state.listings.get(parent).is_some_and(|names| !names.contains(name))
     }
 
     /// Records attributes the server reported, for objects held exclusively.
@@ -216,6 +217,7 @@ impl WriteBack {
             Command::Write { handle, .. } | Command::SetAttr { handle, .. } => handle,
             _ => return None,
         };
+        let mut sent_command = None;
         if state.stop || state.exclusive.get(handle).is_none_or(|until| *until < now + RIGHT_MARGIN) {
             return None;
         }
@@ -229,7 +231,17 @@ impl WriteBack {
             Command::SetAttr { changes, .. } => {
                 let squashed = creds.uid == 0 && self.root_squash;
                 let attr = state.attrs.get_mut(handle).filter(|attr| !squashed && predictable(attr, changes))?;
+                // "Now" is sent as the time predicted, so that the server's and the cache's
+                // agree; only the owner may set explicit times.
+                let now_times = [changes.atime, changes.mtime].contains(&Some(TimeSet::Now));
+                if now_times && creds.uid != 0 && creds.uid != attr.uid {
+                    return None;
+                }
                 set_attributes(attr, changes);
+                let exact = |t: Option<TimeSet>, value: Timestamp| t.map(|_| TimeSet::At(value));
+                let changes =
+                    AttrChanges { atime: exact(changes.atime, attr.atime), mtime: exact(changes.mtime, attr.mtime), ..changes.clone() };
+                sent_command = Some(Command::SetAttr { handle: handle.clone(), changes });
                 CommandOk::Attr(*attr)
             }
             _ => unreachable!("matched above"),
@@ -237,7 +249,8 @@ impl WriteBack {
         *state.pending.entry(handle.clone()).or_default() += 1;
         state.bytes += data.len();
         state.oldest.get_or_insert(now);
-        state.queue.push(Queued { creds: creds.clone(), command: command.clone(), data: data.to_vec() });
+        let command = sent_command.unwrap_or_else(|| command.clone());
+        state.queue.push(Queued { creds: creds.clone(), command, data: data.to_vec() });
         drop(state);
         self.changed.notify_all();
         Some(ok)
@@ -455,6 +468,23 @@ mod tests {
     }
 
     #[test]
+    fn now_is_sent_as_the_time_the_cache_shows() {
+        // Goal: the server sets the very times the cache answered with, not its own "now".
+        let w = WriteBack::new(false);
+        let creds = Credentials { uid: 1000, gid: 1000, groups: vec![] };
+        held(&w, &h(1), Attr { uid: 1000, gid: 1000, ..Attr::default() });
+        let touch = AttrChanges { mtime: Some(TimeSet::Now), ..Default::default() };
+        let Some(CommandOk::Attr(shown)) = w.queue(&creds, &Command::SetAttr { handle: h(1), changes: touch.clone() }, &[]) else {
+            panic!("not queued")
+        };
+        let ops = w.begin_shipment(true).ops.clone();
+        let Command::SetAttr { changes, .. } = &ops[0].command else { panic!("not a setattr") };
+        assert_eq!(changes.mtime, Some(TimeSet::At(shown.mtime)));
+        let stranger = Credentials { uid: 2000, gid: 2000, groups: vec![] };
+        assert_eq!(w.queue(&stranger, &Command::SetAttr { handle: h(1), changes: touch }, &[]), None, "only the owner sets explicit times");
+    }
+
+    #[test]
     fn shipments_take_turns_and_keep_order() {
         let w = WriteBack::new(false);
         let creds = Credentials::default();
@@ -487,6 +517,7 @@ mod tests {
         w.granted([&root, &dir], Some(Instant::now() + Duration::from_secs(10)), true);
         w.names_changed(&mkdir, &made);
         assert!(w.known_missing(&dir, b"a"));
+        assert!(!w.known_missing(&dir, &[b'n'; 256]), "an overlong name is the server's to refuse");
         assert!(!w.known_missing(&root, b"a"), "the root was not made here");
         let create =
             |name: &[u8]| Command::Create { parent: dir.clone(), name: name.to_vec(), mode: 0o644, rdev: 0, exclusive: true, pin: false };
