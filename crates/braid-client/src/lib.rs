@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use braid_proto::{
-    Attr, ClientId, Command, CommandOk, Credentials, DirEntry, Entry, Errno, ExportInfo, Handle, LockHeld, LockRequest, Lsn, Reply,
-    Request, StatFs, Txn, TxnSeq, Whence, WireError,
+    Attr, AttrChanges, ClientId, Command, CommandOk, Credentials, DirEntry, Entry, Errno, ExportInfo, Handle, LockHeld, LockRequest, Lsn,
+    Reply, Request, StatFs, Txn, TxnSeq, Whence, WireError,
 };
 
 pub use callbacks::CallbackHandler;
@@ -185,6 +185,9 @@ impl Client {
     }
 
     pub fn getattr(&self, handle: &Handle) -> Result<(Attr, Lease)> {
+        if let Some((attr, until)) = self.writeback.exact_attributes(handle) {
+            return Ok((attr, Some(until)));
+        }
         self.settle([handle])?;
         match self.call_leased(Request::GetAttr { handle: handle.clone() })? {
             (Reply::Attr(attr), lease) => {
@@ -298,15 +301,33 @@ impl Client {
     /// Applies `commands` as one transaction. `data` holds the bytes of the `Write` commands,
     /// in order. Returns one result per command applied; the last may be an error. Queued
     /// changes they may depend on go first, in the same transaction if they fit.
-    pub fn txn(&self, creds: Credentials, commands: Vec<Command>, data: Vec<u8>) -> Result<(TxnResults, Lease)> {
+    pub fn txn(&self, creds: Credentials, mut commands: Vec<Command>, data: Vec<u8>) -> Result<(TxnResults, Lease)> {
         // A new object depends on nothing queued, unless its directory has queued changes.
         let creates_only = commands.iter().all(|c| matches!(c, Command::Create { .. } | Command::Mkdir { .. } | Command::Symlink { .. }));
         let depends = !creates_only || self.writeback.pending(commands.iter().flat_map(Command::handles));
+        let asked = commands.len();
+        commands.extend(self.attribute_probes(&commands));
         let mut shipment = self.writeback.begin_shipment(depends);
         let queued = std::mem::take(&mut shipment.ops);
         let direct = self.ship(queued, Some(Direct { creds, commands, data }));
         drop(shipment);
-        direct.map(|done| done.expect("a direct change always has an outcome"))
+        let (mut results, lease) = direct?.expect("a direct change always has an outcome");
+        results.truncate(asked);
+        Ok((results, lease))
+    }
+
+    /// Empty setattrs (which only report attributes) of the directories `commands` change that
+    /// this client holds exclusively: the kernel asks for a directory's attributes after every
+    /// change in it, and they can then be answered here.
+    fn attribute_probes(&self, commands: &[Command]) -> Vec<Command> {
+        let mut directories: Vec<&Handle> = commands
+            .iter()
+            .filter(|c| matches!(c, Command::Create { .. } | Command::Mkdir { .. } | Command::Symlink { .. } | Command::Link { .. }))
+            .filter_map(|c| c.handles().last().copied())
+            .filter(|dir| self.writeback.holds(dir))
+            .collect();
+        directories.dedup();
+        directories.into_iter().map(|handle| Command::SetAttr { handle: handle.clone(), changes: AttrChanges::default() }).collect()
     }
 
     /// Queues `command` if this client holds what it changes exclusively, and returns what the
@@ -417,14 +438,7 @@ impl Client {
     /// Keeps the attributes and names a transaction's results report, for objects held
     /// exclusively.
     fn record_attributes(&self, commands: &[Command], results: &TxnResults) {
-        self.writeback.names_changed(commands, results);
-        for (command, result) in commands.iter().zip(results) {
-            match result {
-                Ok(CommandOk::Attr(attr)) => command.handles().into_iter().for_each(|h| self.writeback.attributes(h, attr)),
-                Ok(CommandOk::Entry(entry)) => self.writeback.attributes(&entry.handle, &entry.attr),
-                _ => {}
-            }
-        }
+        self.writeback.applied(commands, results);
     }
 
     fn write_back_failed(&self, op: &writeback::Queued, errno: Errno) {

@@ -62,6 +62,9 @@ struct State {
     exclusive: HashMap<Handle, Instant>,
     /// Attributes of exclusively held objects, with the queued changes applied.
     attrs: HashMap<Handle, Attr>,
+    /// Objects whose `attrs` are the server's own (no change since it reported them): the
+    /// kernel's requests for them are answered here.
+    exact: HashSet<Handle>,
     /// Queued changes the server refused, by object, until reported.
     errors: HashMap<Handle, Errno>,
     /// Every name in directories this client made and has held exclusively since: nobody else
@@ -72,10 +75,19 @@ struct State {
 }
 
 impl State {
+    /// The server reported `attr` for `handle`.
+    fn reported(&mut self, handle: &Handle, attr: &Attr) {
+        if self.exclusive.contains_key(handle) && !self.pending.contains_key(handle) {
+            self.attrs.insert(handle.clone(), *attr);
+            self.exact.insert(handle.clone());
+        }
+    }
+
     /// Forgets what only an exclusive right on `handle` let this client know.
     fn not_exclusive(&mut self, handle: &Handle) {
         self.exclusive.remove(handle);
         self.attrs.remove(handle);
+        self.exact.remove(handle);
         self.listings.remove(handle);
     }
 
@@ -186,10 +198,43 @@ impl WriteBack {
 
     /// Records attributes the server reported, for objects held exclusively.
     pub(crate) fn attributes(&self, handle: &Handle, attr: &Attr) {
+        self.lock().reported(handle, attr);
+    }
+
+    /// Records what a transaction's results tell about objects held exclusively: the names in
+    /// directories made here, and the attributes of objects whose last command reported them.
+    pub(crate) fn applied(&self, commands: &[Command], results: &[Result<CommandOk, Errno>]) {
+        self.names_changed(commands, results);
         let mut state = self.lock();
-        if state.exclusive.contains_key(handle) && !state.pending.contains_key(handle) {
-            state.attrs.insert(handle.clone(), *attr);
+        for (command, result) in commands.iter().zip(results) {
+            match (command, result) {
+                (_, Ok(CommandOk::Attr(attr))) => command.handles().into_iter().for_each(|h| state.reported(h, attr)),
+                // They change objects named only by their names (ctime, link count).
+                (Command::Unlink { .. } | Command::Rmdir { .. } | Command::Rename { .. }, _) => state.exact.clear(),
+                _ => command.handles().into_iter().for_each(|h| {
+                    state.exact.remove(h);
+                }),
+            }
+            if let Ok(CommandOk::Entry(entry)) = result {
+                state.reported(&entry.handle, &entry.attr);
+            }
         }
+    }
+
+    /// The server's attributes of `handle` and until when they hold, if this client holds it
+    /// exclusively and has not changed it since the server reported them.
+    pub(crate) fn exact_attributes(&self, handle: &Handle) -> Option<(Attr, Instant)> {
+        let state = self.lock();
+        let until = *state.exclusive.get(handle).filter(|until| **until > Instant::now())?;
+        if !state.exact.contains(handle) || state.pending.contains_key(handle) {
+            return None;
+        }
+        state.attrs.get(handle).map(|attr| (*attr, until))
+    }
+
+    /// Whether this client holds `handle` exclusively.
+    pub(crate) fn holds(&self, handle: &Handle) -> bool {
+        self.lock().exclusive.get(handle).is_some_and(|until| *until > Instant::now())
     }
 
     /// The server took exclusivity on `handles` back (the queue has been sent).
@@ -205,6 +250,7 @@ impl WriteBack {
         let mut state = self.lock();
         state.exclusive.clear();
         state.attrs.clear();
+        state.exact.clear();
         state.listings.clear();
     }
 
@@ -249,6 +295,7 @@ impl WriteBack {
         *state.pending.entry(handle.clone()).or_default() += 1;
         state.bytes += data.len();
         state.oldest.get_or_insert(now);
+        state.exact.remove(handle);
         let command = sent_command.unwrap_or_else(|| command.clone());
         state.queue.push(Queued { creds: creds.clone(), command, data: data.to_vec() });
         drop(state);
@@ -535,6 +582,28 @@ mod tests {
         w.names_changed(&mkdir, &made);
         w.downgraded(std::slice::from_ref(&dir));
         assert!(!w.known_missing(&dir, b"z"), "another client read it");
+    }
+
+    #[test]
+    fn attributes_are_answered_here_only_while_they_are_the_servers() {
+        use braid_proto::Entry;
+        let w = WriteBack::new(false);
+        let (dir, file) = (h(1), h(2));
+        let until = Some(Instant::now() + Duration::from_secs(10));
+        w.granted([&dir, &file], until, true);
+        let dir_attr = Attr { ino: 1, nlink: 2, ..Attr::default() };
+        let create = Command::Create { parent: dir.clone(), name: b"f".to_vec(), mode: 0o644, rdev: 0, exclusive: true, pin: false };
+        let probe = Command::SetAttr { handle: dir.clone(), changes: AttrChanges::default() };
+        let made = Ok(CommandOk::Entry(Entry { handle: file.clone(), attr: Attr { ino: 2, ..Attr::default() } }));
+        w.applied(std::slice::from_ref(&create), std::slice::from_ref(&made));
+        assert!(w.exact_attributes(&dir).is_none(), "the create changed the directory");
+        assert_eq!(w.exact_attributes(&file).map(|(a, _)| a.ino), Some(2), "the server reported the new file");
+        w.applied(&[create, probe], &[made, Ok(CommandOk::Attr(dir_attr))]);
+        assert_eq!(w.exact_attributes(&dir).map(|(a, _)| a.nlink), Some(2), "the probe reported the directory after it");
+        w.queue(&Credentials::default(), &Command::Write { handle: file.clone(), offset: 0, len: 1 }, b"x").expect("queued");
+        assert!(w.exact_attributes(&file).is_none(), "a queued write");
+        w.applied(&[Command::Unlink { parent: h(9), name: b"x".to_vec() }], &[Ok(CommandOk::Done)]);
+        assert!(w.exact_attributes(&dir).is_none(), "an unlink may change objects known by name only");
     }
 
     #[test]
