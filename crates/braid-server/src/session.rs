@@ -224,6 +224,7 @@ async fn read_requests(state: &Arc<ServerState>, reader: &mut Reader, tx: mpsc::
             return Err(SessionError::UnexpectedKind(frame.header.kind));
         }
         let request: Request = frame.decode()?;
+        tracing::trace!(client = who.client.0, ?request, "request");
         if let Request::Subscribe = request {
             subscribe(state, who, &tx).await;
             let done = Handled { result: Ok(Reply::Done), data: Vec::new(), grant: Grant::None };
@@ -370,32 +371,39 @@ async fn handle_request(state: &Arc<ServerState>, client: ClientId, request: Req
 /// exclusively (and was asked to write it back); the last read's answer stands.
 const FLUSHED_READS_MAX: usize = 4;
 
-/// Runs a read that grants `client` rights on the objects `named` lists in its reply. If another
-/// client holds one of them exclusively, its changes are written back first and the read is
-/// done again, so that no client reads what another has changed in its cache.
+/// Runs a read of `subject` that grants `client` rights on the objects `named` lists in its
+/// reply. If another client holds one of them exclusively, its changes are written back first
+/// and the read is done again, so that no client reads what another has changed in its cache.
+/// A failed read is done again the same way if another client holds `subject` exclusively: a
+/// name missing here may be one that client created in its cache.
 fn leased<T>(
     state: &ServerState,
     client: ClientId,
+    subject: &Handle,
     read: impl Fn() -> Result<T, Errno>,
     named: impl Fn(&T) -> Vec<Handle>,
 ) -> (Result<T, Errno>, Grant) {
     for attempt in 1.. {
         let ticket = state.coherence.begin_read();
-        match read() {
+        let result = read();
+        let flushed = match &result {
+            Ok(value) => named(value),
+            Err(_) => vec![subject.clone()],
+        };
+        if attempt < FLUSHED_READS_MAX && state.coherence.flush_others(client, &flushed) {
+            state.coherence.cancel_read(ticket);
+            continue;
+        }
+        return match result {
             Ok(value) => {
-                let handles = named(&value);
-                if attempt < FLUSHED_READS_MAX && state.coherence.flush_others(client, &handles) {
-                    state.coherence.cancel_read(ticket);
-                    continue;
-                }
-                let granted = state.coherence.grant(ticket, client, &handles);
-                return (Ok(value), granted);
+                let granted = state.coherence.grant(ticket, client, &flushed);
+                (Ok(value), granted)
             }
             Err(e) => {
                 state.coherence.cancel_read(ticket);
-                return (Err(e), Grant::None);
+                (Err(e), Grant::None)
             }
-        }
+        };
     }
     unreachable!("the loop returns")
 }
@@ -411,17 +419,17 @@ fn handle_blocking(state: &ServerState, client: ClientId, request: Request, fram
     let granting = |(result, grant): (Result<Reply, Errno>, Grant)| Handled { grant, ..Handled::plain(result) };
     match request {
         Request::Lookup { parent, name } => {
-            granting(leased(state, client, || export.lookup(&parent, &name).map(Reply::Entry), |r| reply_handles(&parent, r)))
+            granting(leased(state, client, &parent, || export.lookup(&parent, &name).map(Reply::Entry), |r| reply_handles(&parent, r)))
         }
         Request::GetAttr { handle } => {
-            granting(leased(state, client, || export.getattr(&handle).map(Reply::Attr), |_| vec![handle.clone()]))
+            granting(leased(state, client, &handle, || export.getattr(&handle).map(Reply::Attr), |_| vec![handle.clone()]))
         }
         Request::ReadLink { handle } => {
-            granting(leased(state, client, || export.readlink(&handle).map(Reply::ReadLink), |_| vec![handle.clone()]))
+            granting(leased(state, client, &handle, || export.readlink(&handle).map(Reply::ReadLink), |_| vec![handle.clone()]))
         }
         Request::Read { handle, offset, len } => {
             let len = len.min(braid_proto::limits::DATA_BYTES_MAX as u32);
-            match leased(state, client, || export.read(&handle, offset, len), |_| vec![handle.clone()]) {
+            match leased(state, client, &handle, || export.read(&handle, offset, len), |_| vec![handle.clone()]) {
                 (Ok(data), grant) => Handled { result: Ok(Reply::Read), data, grant },
                 (Err(e), _) => Handled::plain(Err(e)),
             }
@@ -429,6 +437,7 @@ fn handle_blocking(state: &ServerState, client: ClientId, request: Request, fram
         Request::ReadDir { handle, cookie, plus } => granting(leased(
             state,
             client,
+            &handle,
             || export.readdir(&handle, cookie, plus).map(|(entries, eof)| Reply::ReadDir { entries, eof }),
             |r| reply_handles(&handle, r),
         )),
@@ -440,7 +449,13 @@ fn handle_blocking(state: &ServerState, client: ClientId, request: Request, fram
         }
         Request::Open { handle, creds, access } => {
             let creds = effective_creds(state, creds);
-            granting(leased(state, client, || export.open_checked(&handle, &creds, access).map(|()| Reply::Done), |_| vec![handle.clone()]))
+            granting(leased(
+                state,
+                client,
+                &handle,
+                || export.open_checked(&handle, &creds, access).map(|()| Reply::Done),
+                |_| vec![handle.clone()],
+            ))
         }
         Request::Release { handle } => Handled::plain(export.unpin(&handle).map(|()| Reply::Done)),
         Request::Txn(mut txn) => {
@@ -485,7 +500,7 @@ fn getxattr(state: &ServerState, client: ClientId, handle: &Handle, name: &[u8])
         Err(Errno(libc::ENODATA)) => Ok(None),
         Err(e) => Err(e),
     };
-    let (result, grant) = leased(state, client, read, |_| vec![handle.clone()]);
+    let (result, grant) = leased(state, client, handle, read, |_| vec![handle.clone()]);
     let result = result.and_then(|value| value.ok_or(Errno(libc::ENODATA)));
     Handled { grant, ..Handled::plain(result.map(Reply::Xattr)) }
 }
