@@ -19,8 +19,13 @@ pub trait CallbackHandler: Send + Sync {
     /// The callback channel broke: rights may have been recalled without this client knowing.
     fn lost(&self);
     /// The server refused a queued change to `handle`: what the caches show of it is wrong.
-    /// Called from threads serving requests: must not wait for the kernel.
-    fn write_back_failed(&self, handle: &Handle);
+    /// `name`: the change was the create of `handle` as that name in that directory, which
+    /// therefore does not exist. Called from threads serving requests: must not wait for the
+    /// kernel.
+    fn write_back_failed(&self, handle: &Handle, name: Option<(&Handle, &[u8])>);
+    /// An object created in the cache under the handle `provisional` now exists on the server
+    /// as `real`, which recalls will name. Called from threads serving requests.
+    fn created(&self, provisional: &Handle, real: &Handle);
 }
 
 const BACKOFF_MAX: Duration = Duration::from_secs(1);

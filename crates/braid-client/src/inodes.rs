@@ -56,8 +56,13 @@ impl InodeTable {
     }
 
     /// Records one more kernel reference to the object, returning its node id. A new handle for
-    /// a known id means the inode number was reused by a new object: the old one is gone.
+    /// a known id means the inode number was reused by a new object: the old one is gone. A
+    /// known handle keeps its node (an object created in the cache keeps its provisional id).
     pub fn remember(&mut self, ino: u64, handle: &Handle) -> u64 {
+        if let Some(id) = self.by_handle.get(handle).copied() {
+            self.nodes.get_mut(&id).expect("by_handle names known nodes").lookups += 1;
+            return id;
+        }
         let id = self.node_id(ino);
         let node = self.nodes.entry(id).or_insert_with(|| {
             self.by_handle.insert(handle.clone(), id);
@@ -70,6 +75,17 @@ impl InodeTable {
         }
         node.lookups += 1;
         id
+    }
+
+    /// The object of node `node`, created in the cache as `provisional`, is `real` on the
+    /// server. The node keeps its id, so `stat` shows one inode number for as long as the
+    /// kernel knows the node.
+    pub fn created(&mut self, provisional: &Handle, real: &Handle) {
+        let Some(id) = self.by_handle.remove(provisional) else { return };
+        self.by_handle.insert(real.clone(), id);
+        if let Some(node) = self.nodes.get_mut(&id) {
+            node.handle = real.clone();
+        }
     }
 
     pub fn forget(&mut self, node: u64, count: u64) {
@@ -113,6 +129,20 @@ mod tests {
         assert_eq!(table.node_of(&h), None);
         table.forget(ROOT_ID, 100);
         assert!(table.handle(ROOT_ID).is_some(), "the root is never forgotten");
+    }
+
+    #[test]
+    fn an_object_created_in_the_cache_keeps_its_node_once_created_on_the_server() {
+        let mut table = InodeTable::new(2, Handle(vec![0]));
+        let (provisional, real) = (Handle(vec![0xfe, 1]), Handle(vec![1, 7]));
+        let id = table.remember(1 << 62, &provisional);
+        table.created(&provisional, &real);
+        assert_eq!(table.handle(id), Some(real.clone()));
+        assert_eq!(table.node_of(&real), Some(id), "recalls name the real handle");
+        assert_eq!(table.node_of(&provisional), None);
+        assert_eq!(table.remember(77, &real), id, "a lookup reporting the server's inode number finds the same node");
+        table.forget(id, 1);
+        assert_eq!(table.handle(id), Some(real), "two lookups were counted");
     }
 
     #[test]

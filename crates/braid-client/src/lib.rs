@@ -25,6 +25,7 @@ use braid_proto::{
 
 pub use callbacks::CallbackHandler;
 pub use connection::Connection;
+pub use writeback::{is_provisional, PROVISIONAL_INO};
 
 /// Until when the client may cache what a reply said; `None`: not at all.
 pub type Lease = Option<Instant>;
@@ -165,15 +166,15 @@ impl Client {
     }
 
     pub fn lookup(&self, parent: &Handle, name: &[u8]) -> Result<(Entry, Lease)> {
+        if self.writeback.known_missing(parent, name) {
+            return Err(ClientError::Errno(Errno(libc::ENOENT)));
+        }
+        let parent = &self.settled(parent)?;
         let request = Request::Lookup { parent: parent.clone(), name: name.to_vec() };
         let lookup = || match self.call_leased(request.clone())? {
             (Reply::Entry(entry), lease) => Ok((entry, lease)),
             (other, _) => unexpected(other),
         };
-        if self.writeback.known_missing(parent, name) {
-            return Err(ClientError::Errno(Errno(libc::ENOENT)));
-        }
-        self.settle([parent])?;
         let (entry, lease) = lookup()?;
         // Its attributes must show this client's queued changes.
         if self.writeback.pending([&entry.handle]) {
@@ -188,10 +189,10 @@ impl Client {
         if let Some((attr, until)) = self.writeback.exact_attributes(handle) {
             return Ok((attr, Some(until)));
         }
-        self.settle([handle])?;
+        let handle = self.settled(handle)?;
         match self.call_leased(Request::GetAttr { handle: handle.clone() })? {
             (Reply::Attr(attr), lease) => {
-                self.writeback.attributes(handle, &attr);
+                self.writeback.attributes(&handle, &attr);
                 Ok((attr, lease))
             }
             (other, _) => unexpected(other),
@@ -207,16 +208,24 @@ impl Client {
         Ok(())
     }
 
+    /// The server's handle of `handle` (which may be provisional), once queued changes naming
+    /// it have been sent.
+    fn settled(&self, handle: &Handle) -> Result<Handle> {
+        self.settle([handle])?;
+        self.writeback.server_handle(handle).map_err(ClientError::Errno)
+    }
+
     pub fn readlink(&self, handle: &Handle) -> Result<Vec<u8>> {
-        match self.call(Request::ReadLink { handle: handle.clone() })? {
+        let handle = self.settled(handle)?;
+        match self.call(Request::ReadLink { handle })? {
             Reply::ReadLink(target) => Ok(target),
             other => unexpected(other),
         }
     }
 
     pub fn read(&self, handle: &Handle, offset: u64, len: u32) -> Result<(Vec<u8>, Lease)> {
-        self.settle([handle])?;
-        let (reply, data, lease) = self.connection.call_leased(&Request::Read { handle: handle.clone(), offset, len }, &[])?;
+        let handle = self.settled(handle)?;
+        let (reply, data, lease) = self.connection.call_leased(&Request::Read { handle, offset, len }, &[])?;
         match reply {
             Reply::Read => Ok((data, lease)),
             other => unexpected(other),
@@ -225,11 +234,11 @@ impl Client {
 
     /// Entries after `cookie`, whether the listing ends there, and the lease on all of it.
     pub fn readdir(&self, handle: &Handle, cookie: u64, plus: bool) -> Result<(Vec<DirEntry>, bool, Lease)> {
+        let handle = &self.settled(handle)?;
         let readdir = || match self.call_leased(Request::ReadDir { handle: handle.clone(), cookie, plus })? {
             (Reply::ReadDir { entries, eof }, lease) => Ok((entries, eof, lease)),
             (other, _) => unexpected(other),
         };
-        self.settle([handle])?;
         let listed = readdir()?;
         // The entries' attributes must show this client's queued changes.
         if self.writeback.pending(listed.0.iter().filter_map(|e| e.entry.as_ref().map(|e| &e.handle))) {
@@ -249,8 +258,8 @@ impl Client {
     /// The value of an extended attribute, `None` if the object has no such attribute, and the
     /// lease on that answer.
     pub fn getxattr(&self, handle: &Handle, name: &[u8]) -> Result<(Option<Vec<u8>>, Lease)> {
-        self.settle([handle])?;
-        let (result, _, lease) = self.connection.call_outcome(&Request::GetXattr { handle: handle.clone(), name: name.to_vec() }, &[])?;
+        let handle = self.settled(handle)?;
+        let (result, _, lease) = self.connection.call_outcome(&Request::GetXattr { handle, name: name.to_vec() }, &[])?;
         match result {
             Ok(Reply::Xattr(value)) => Ok((Some(value), lease)),
             Ok(other) => unexpected(other),
@@ -260,16 +269,16 @@ impl Client {
     }
 
     pub fn listxattr(&self, handle: &Handle) -> Result<Vec<u8>> {
-        self.settle([handle])?;
-        match self.call(Request::ListXattr { handle: handle.clone() })? {
+        let handle = self.settled(handle)?;
+        match self.call(Request::ListXattr { handle })? {
             Reply::XattrList(names) => Ok(names),
             other => unexpected(other),
         }
     }
 
     pub fn lseek(&self, handle: &Handle, offset: u64, whence: Whence) -> Result<u64> {
-        self.settle([handle])?;
-        match self.call(Request::Lseek { handle: handle.clone(), offset, whence })? {
+        let handle = self.settled(handle)?;
+        match self.call(Request::Lseek { handle, offset, whence })? {
             Reply::Lseek(at) => Ok(at),
             other => unexpected(other),
         }
@@ -278,9 +287,9 @@ impl Client {
     /// Tells the server this mount has `handle` open (see `Request::Open`), for `access`
     /// (`R_OK`/`W_OK` bits) by `creds`. Pins are restored after a server restart.
     pub fn open(&self, handle: &Handle, creds: Credentials, access: u32) -> Result<Lease> {
-        self.settle([handle])?;
+        let handle = self.settled(handle)?;
         let (_, lease) = self.call_leased(Request::Open { handle: handle.clone(), creds, access })?;
-        self.connection.pin(handle, 1);
+        self.connection.pin(&handle, 1);
         Ok(lease)
     }
 
@@ -292,7 +301,6 @@ impl Client {
     /// Ends one open of `handle`. The server is told in the background: a close does not wait
     /// for a round trip (opens and releases only count, so their order does not matter).
     pub fn release(&self, handle: &Handle) {
-        self.connection.pin(handle, -1);
         if self.releases.send(ReleaseWork::Release(handle.clone())).is_err() {
             tracing::warn!("the release thread is gone; the server keeps a file open until it restarts");
         }
@@ -332,6 +340,15 @@ impl Client {
 
     /// Queues `command` if this client holds what it changes exclusively, and returns what the
     /// server would have answered; `None`: send it with [`Self::apply`].
+    /// Queues the create `command` (a regular file or directory) if this client may make it in
+    /// its cache, and returns the new object (its handle provisional until the create reaches
+    /// the server) and the lease on it; `None`: send it with [`Self::apply`].
+    pub fn create_in_cache(&self, creds: &Credentials, command: &Command) -> Option<(Entry, Lease)> {
+        let entry = self.writeback.queue_create(creds, command)?;
+        let lease = self.writeback.exact_attributes(&entry.handle).map(|(_, until)| until);
+        Some((entry, lease))
+    }
+
     pub fn write_back(&self, creds: &Credentials, command: &Command, data: &[u8]) -> Option<CommandOk> {
         let ok = self.writeback.queue(creds, command, data)?;
         if self.writeback.over_limit() {
@@ -367,14 +384,22 @@ impl Client {
     fn ship(&self, queued: Vec<writeback::Queued>, direct: Option<Direct>) -> Result<Option<(TxnResults, Lease)>> {
         let mut batches: VecDeque<Vec<writeback::Queued>> = writeback::batches(queued).into();
         while let Some(batch) = batches.pop_front() {
-            let joins = batches.is_empty() && direct.as_ref().is_some_and(|d| joins(&batch, d));
+            let batch = self.drop_lost(batch);
+            if batch.is_empty() {
+                continue;
+            }
+            let probes = writeback::WriteBack::probes(&batch);
+            let joins = batches.is_empty() && direct.as_ref().is_some_and(|d| joins(&batch, probes.len(), d));
             let mut commands: Vec<Command> = batch.iter().map(|op| op.command.clone()).collect();
             let mut data: Vec<u8> = batch.iter().flat_map(|op| op.data.iter().copied()).collect();
             if let (true, Some(d)) = (joins, &direct) {
                 commands.extend(d.commands.iter().cloned());
                 data.extend_from_slice(&d.data);
             }
-            let (mut results, lease) = match self.send_txn(batch[0].creds.clone(), commands.clone(), &data) {
+            commands.extend(probes);
+            let creates: Vec<(usize, Handle)> =
+                batch.iter().enumerate().filter_map(|(at, op)| op.creates.clone().map(|created| (at, created))).collect();
+            let (mut results, lease) = match self.send_txn(batch[0].creds.clone(), &commands, &data, &creates, batch.len()) {
                 Ok(done) => done,
                 Err(e) => {
                     // Nothing more will be tried: every change not sent is lost.
@@ -395,35 +420,58 @@ impl Client {
                 }
             }
             self.writeback.sent(&batch[..done]);
-            self.record_attributes(&commands, &results);
             if joins && refused.is_none() {
                 return Ok(Some((results.split_off(batch.len()), lease)));
             }
         }
         match direct {
-            Some(d) => {
-                let (results, lease) = self.send_txn(d.creds, d.commands.clone(), &d.data)?;
-                self.record_attributes(&d.commands, &results);
-                Ok(Some((results, lease)))
-            }
+            Some(d) => Ok(Some(self.send_txn(d.creds, &d.commands, &d.data, &[], 0)?)),
             None => Ok(None),
         }
     }
 
-    /// Sends one transaction and records the rights its response grants.
-    fn send_txn(&self, creds: Credentials, commands: Vec<Command>, data: &[u8]) -> Result<(TxnResults, Lease)> {
+    /// Fails the changes of `batch` that name an object whose create the server refused, and
+    /// returns the others.
+    fn drop_lost(&self, batch: Vec<writeback::Queued>) -> Vec<writeback::Queued> {
+        let (lost, kept): (Vec<_>, Vec<_>) = batch.into_iter().partition(|op| self.writeback.names_lost(op).is_some());
+        for op in &lost {
+            let errno = self.writeback.names_lost(op).expect("partitioned on it");
+            self.write_back_failed(op, errno);
+        }
+        self.writeback.sent(&lost);
+        kept
+    }
+
+    /// Sends one transaction of `commands` (the first `queued` of them from the queue, `creates`
+    /// the provisional handles their creates give), resolves what it created and records the
+    /// rights its response grants and the attributes and names its results report.
+    fn send_txn(
+        &self,
+        creds: Credentials,
+        commands: &[Command],
+        data: &[u8],
+        creates: &[(usize, Handle)],
+        queued: usize,
+    ) -> Result<(TxnResults, Lease)> {
+        let wire = self.writeback.on_the_wire(commands, creates).map_err(ClientError::Errno)?;
         let (seq, replied_below) = self.txns.begin();
-        let request = Request::Txn(Txn { seq, replied_below, creds, commands });
+        let request = Request::Txn(Txn { seq, replied_below, creds, commands: wire });
         let result = self.connection.call_granted(&request, data);
         self.txns.end(seq);
-        let Request::Txn(txn) = request else { unreachable!("built above") };
         match result? {
             (Ok(Reply::Txn(outcome)), _, lease, exclusive) => {
+                for (at, provisional) in creates {
+                    if let Some(Ok(CommandOk::Entry(entry))) = outcome.results.get(*at) {
+                        self.resolve(&commands[*at], provisional, &entry.handle);
+                    }
+                }
+                let commands = self.writeback.canonical(commands);
                 let created = outcome.results.iter().filter_map(|r| match r {
                     Ok(CommandOk::Entry(entry)) => Some(&entry.handle),
                     _ => None,
                 });
-                self.writeback.granted(txn.commands.iter().flat_map(Command::handles).chain(created), lease, exclusive);
+                self.writeback.granted(commands.iter().flat_map(Command::handles).chain(created), lease, exclusive);
+                self.writeback.applied(&commands, &outcome.results, queued);
                 Ok((outcome.results, lease))
             }
             (Ok(other), ..) => unexpected(other),
@@ -435,17 +483,29 @@ impl Client {
         })
     }
 
-    /// Keeps the attributes and names a transaction's results report, for objects held
-    /// exclusively.
-    fn record_attributes(&self, commands: &[Command], results: &TxnResults) {
-        self.writeback.applied(commands, results);
+    /// The create `command` of the provisional object `provisional` made it `real` on the
+    /// server: every cache learns the real handle, and the pin it took is counted.
+    fn resolve(&self, command: &Command, provisional: &Handle, real: &Handle) {
+        self.writeback.resolve(provisional, real);
+        if let Command::Create { pin: true, .. } = command {
+            self.connection.pin(real, 1);
+        }
+        if let Some(handler) = self.handler.get() {
+            handler.created(provisional, real);
+        }
     }
 
     fn write_back_failed(&self, op: &writeback::Queued, errno: Errno) {
         tracing::warn!(errno = errno.0, command = ?op.command, "the server refused a change written back");
         self.writeback.failed(op, errno);
         if let Some(handler) = self.handler.get() {
-            handler.write_back_failed(op.command.handles()[0]);
+            match (&op.creates, &op.command) {
+                (Some(created), Command::Create { parent, name, .. } | Command::Mkdir { parent, name, .. }) => {
+                    handler.write_back_failed(created, Some((parent, name)));
+                    handler.write_back_failed(parent, None);
+                }
+                _ => handler.write_back_failed(op.command.handles()[0], None),
+            }
         }
     }
 
@@ -471,7 +531,10 @@ impl Client {
     }
 
     /// Sends a lock request; both kinds are answered with the conflicting lock, if any.
-    fn lock_call(&self, request: Request) -> Result<Option<LockHeld>> {
+    fn lock_call(&self, mut request: Request) -> Result<Option<LockHeld>> {
+        if let Request::Lock(lock) | Request::TestLock(lock) = &mut request {
+            lock.handle = self.settled(&lock.handle)?;
+        }
         match self.call(request)? {
             Reply::LockTest(held) => Ok(held),
             other => unexpected(other),
@@ -507,6 +570,9 @@ fn start_release_thread(
             match work {
                 ReleaseWork::Release(handle) => {
                     writeback.wait_sent(&handle);
+                    // A file whose create never reached the server has nothing to release.
+                    let Ok(handle) = writeback.server_handle(&handle) else { continue };
+                    connection.pin(&handle, -1);
                     if let Err(e) = connection.call(&Request::Release { handle }, &[]) {
                         tracing::warn!(error = %e, "cannot release a closed file on the server");
                     }
@@ -520,10 +586,10 @@ fn start_release_thread(
     Ok(tx)
 }
 
-/// Whether `direct` can share the transaction of `batch`.
-fn joins(batch: &[writeback::Queued], direct: &Direct) -> bool {
+/// Whether `direct` can share the transaction of `batch` and its `probes`.
+fn joins(batch: &[writeback::Queued], probes: usize, direct: &Direct) -> bool {
     batch.first().is_none_or(|op| op.creds == direct.creds)
-        && batch.len() + direct.commands.len() <= braid_proto::limits::TXN_COMMANDS_MAX
+        && batch.len() + probes + direct.commands.len() <= braid_proto::limits::TXN_COMMANDS_MAX
         && batch.iter().map(|op| op.data.len()).sum::<usize>() + direct.data.len() <= braid_proto::limits::DATA_BYTES_MAX
 }
 

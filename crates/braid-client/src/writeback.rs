@@ -2,7 +2,10 @@
 //!
 //! While this client holds an object exclusively (`Response::exclusive`), writes and simple
 //! attribute changes to it are queued here and answered at once, attributes from a shadow of
-//! the object's attributes kept up to date by the queued changes. The queue reaches the
+//! the object's attributes kept up to date by the queued changes. Files and directories created
+//! in a directory whose every name this client knows are queued too: the new object gets a
+//! *provisional* handle and inode number at once, and its server handle when the create has
+//! reached the server (`resolve`); from then on the provisional handle stands for the real one. The queue reaches the
 //! server, in order, in as few transactions as fit: from the flusher thread once the oldest
 //! change is [`FLUSH_DELAY`] old or a batch is full, ahead of (or with) any change that may
 //! depend on it, before any request naming an object with queued changes, on fsync, on a
@@ -18,13 +21,16 @@
 //!   recalls it (`Callback::Recall`), which ships the queue before it is acknowledged.
 //! - Errors: a queued change the server refuses is remembered for its object, reported by the
 //!   next fsync or close of it (as a local file system reports a failed write-back), and the
-//!   kernel's view of the object is dropped.
+//!   kernel's view of the object is dropped. A refused create loses the object: the changes
+//!   queued for it fail too.
+//! - Keys: every map here is keyed by the object's *canonical* handle (the server's once it is
+//!   known); every entry point canonicalizes the handles it is given.
 use std::collections::{HashMap, HashSet};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use braid_proto::limits::{DATA_BYTES_MAX, TXN_COMMANDS_MAX};
-use braid_proto::{Attr, AttrChanges, Command, CommandOk, Credentials, Errno, Handle, TimeSet, Timestamp};
+use braid_proto::limits::{DATA_BYTES_MAX, NAME_BYTES_MAX, TXN_COMMANDS_MAX};
+use braid_proto::{Attr, AttrChanges, Command, CommandOk, Credentials, Entry, Errno, Handle, TimeSet, Timestamp};
 
 /// How long a change may wait in the queue for others to share its transaction.
 pub const FLUSH_DELAY: Duration = Duration::from_millis(25);
@@ -36,17 +42,45 @@ pub const DIRTY_BYTES_MAX: usize = 64 << 20;
 /// queue must reach the server before the right ends.
 const RIGHT_MARGIN: Duration = Duration::from_secs(1);
 
+/// First byte of the handles of objects created in the cache whose create has not reached the
+/// server yet. Server handles start with their format (1), `Handle::created_by` references
+/// with 0: neither can be mistaken for one.
+const PROVISIONAL_FORMAT: u8 = 0xfe;
+
+/// Inode numbers of objects created in the cache are this plus a counter: far above those of
+/// the exported file systems (ext4: 32 bits), so they never name another object.
+pub const PROVISIONAL_INO: u64 = 1 << 62;
+
+/// Whether `handle` is a provisional handle given by this client.
+pub fn is_provisional(handle: &Handle) -> bool {
+    handle.0.first() == Some(&PROVISIONAL_FORMAT)
+}
+
+fn provisional(id: u64) -> Handle {
+    let mut bytes = vec![PROVISIONAL_FORMAT];
+    bytes.extend_from_slice(&id.to_le_bytes());
+    Handle(bytes)
+}
+
 /// A change waiting to be sent.
 #[derive(Debug, Clone)]
 pub(crate) struct Queued {
     pub creds: Credentials,
     pub command: Command,
     pub data: Vec<u8>,
+    /// The provisional handle of the object this command creates, if it is a queued create.
+    pub creates: Option<Handle>,
 }
 
 impl Queued {
+    /// The object changed: the file written or set, the directory of a create.
     fn handle(&self) -> &Handle {
         self.command.handles()[0]
+    }
+
+    /// Every object whose state this change is part of.
+    fn objects(&self) -> impl Iterator<Item = &Handle> {
+        self.command.handles().into_iter().chain(self.creates.as_ref())
     }
 }
 
@@ -70,11 +104,60 @@ struct State {
     /// Every name in directories this client made and has held exclusively since: nobody else
     /// can have added one, so a name not here does not exist (no lookup needed).
     listings: HashMap<Handle, HashSet<Vec<u8>>>,
+    /// Provisional handles whose create has reached the server, and the server's handles.
+    resolved: HashMap<Handle, Handle>,
+    /// Provisional handles whose create the server refused: the object never existed.
+    lost: HashMap<Handle, Errno>,
+    next_provisional: u64,
     shipping: bool,
     stop: bool,
 }
 
 impl State {
+    /// The handle `handle` stands for now.
+    fn canonical(&self, handle: &Handle) -> Handle {
+        self.resolved.get(handle).unwrap_or(handle).clone()
+    }
+
+    fn canonicalize(&self, command: &mut Command) {
+        for handle in command.handles_mut() {
+            if let Some(real) = self.resolved.get(handle) {
+                *handle = real.clone();
+            }
+        }
+    }
+
+    /// The create of `provisional` reached the server as `real`: everything known of the
+    /// object moves to its real handle.
+    fn resolve(&mut self, provisional: &Handle, real: &Handle) {
+        assert!(is_provisional(provisional) && !is_provisional(real), "resolve maps a provisional handle to a server handle");
+        self.resolved.insert(provisional.clone(), real.clone());
+        fn rekey<V>(map: &mut HashMap<Handle, V>, from: &Handle, to: &Handle) {
+            if let Some(value) = map.remove(from) {
+                map.insert(to.clone(), value);
+            }
+        }
+        rekey(&mut self.exclusive, provisional, real);
+        rekey(&mut self.attrs, provisional, real);
+        rekey(&mut self.listings, provisional, real);
+        rekey(&mut self.errors, provisional, real);
+        if let Some(count) = self.pending.remove(provisional) {
+            *self.pending.entry(real.clone()).or_default() += count;
+        }
+        if self.exact.remove(provisional) {
+            self.exact.insert(real.clone());
+        }
+        let resolved = std::mem::take(&mut self.resolved);
+        for op in &mut self.queue {
+            for handle in op.command.handles_mut() {
+                if let Some(real) = resolved.get(handle) {
+                    *handle = real.clone();
+                }
+            }
+        }
+        self.resolved = resolved;
+    }
+
     /// The server reported `attr` for `handle`.
     fn reported(&mut self, handle: &Handle, attr: &Attr) {
         if self.exclusive.contains_key(handle) && !self.pending.contains_key(handle) {
@@ -150,11 +233,12 @@ impl WriteBack {
     pub(crate) fn granted<'h>(&self, handles: impl IntoIterator<Item = &'h Handle>, until: Option<Instant>, exclusive: bool) {
         let mut state = self.lock();
         for handle in handles {
+            let handle = state.canonical(handle);
             match until {
                 Some(until) if exclusive => {
-                    state.exclusive.insert(handle.clone(), until);
+                    state.exclusive.insert(handle, until);
                 }
-                _ => state.not_exclusive(handle),
+                _ => state.not_exclusive(&handle),
             }
         }
     }
@@ -167,7 +251,8 @@ impl WriteBack {
             let applied = result.is_ok();
             match (command, result) {
                 (Command::Mkdir { .. }, Ok(CommandOk::Entry(entry))) if state.exclusive.contains_key(&entry.handle) => {
-                    state.listings.insert(entry.handle.clone(), HashSet::new());
+                    // A directory made in the cache already lists what was queued in it.
+                    state.listings.entry(entry.handle.clone()).or_default();
                 }
                 _ => {}
             }
@@ -191,6 +276,7 @@ impl WriteBack {
     /// exclusively, and never put that name in).
     pub(crate) fn known_missing(&self, parent: &Handle, name: &[u8]) -> bool {
         let state = self.lock();
+        let parent = &state.canonical(parent);
         let held = state.exclusive.get(parent).is_some_and(|until| *until > Instant::now());
         // An overlong name gets its error from the server.
         held && name.len() <= braid_proto::limits::NAME_BYTES_MAX && state.listings.get(parent).is_some_and(|names| !names.contains(name))
@@ -198,17 +284,22 @@ impl WriteBack {
 
     /// Records attributes the server reported, for objects held exclusively.
     pub(crate) fn attributes(&self, handle: &Handle, attr: &Attr) {
-        self.lock().reported(handle, attr);
+        let mut state = self.lock();
+        let handle = state.canonical(handle);
+        state.reported(&handle, attr);
     }
 
     /// Records what a transaction's results tell about objects held exclusively: the names in
     /// directories made here, and the attributes of objects whose last command reported them.
-    pub(crate) fn applied(&self, commands: &[Command], results: &[Result<CommandOk, Errno>]) {
+    /// `commands` are canonical; the first `queued` of them were queued here, so the shadow
+    /// attributes already show what they did.
+    pub(crate) fn applied(&self, commands: &[Command], results: &[Result<CommandOk, Errno>], queued: usize) {
         self.names_changed(commands, results);
         let mut state = self.lock();
-        for (command, result) in commands.iter().zip(results) {
+        for (index, (command, result)) in commands.iter().zip(results).enumerate() {
             match (command, result) {
                 (_, Ok(CommandOk::Attr(attr))) => command.handles().into_iter().for_each(|h| state.reported(h, attr)),
+                _ if index < queued => {}
                 // They change objects named only by their names (ctime, link count).
                 (Command::Unlink { .. } | Command::Rmdir { .. } | Command::Rename { .. }, _) => state.exact.clear(),
                 _ => command.handles().into_iter().for_each(|h| {
@@ -223,10 +314,13 @@ impl WriteBack {
 
     /// The server's attributes of `handle` and until when they hold, if this client holds it
     /// exclusively and has not changed it since the server reported them.
+    /// Queued changes included: the server has them once the queue is sent, and nobody else
+    /// can change the object meanwhile.
     pub(crate) fn exact_attributes(&self, handle: &Handle) -> Option<(Attr, Instant)> {
         let state = self.lock();
+        let handle = &state.canonical(handle);
         let until = *state.exclusive.get(handle).filter(|until| **until > Instant::now())?;
-        if !state.exact.contains(handle) || state.pending.contains_key(handle) {
+        if !state.exact.contains(handle) {
             return None;
         }
         state.attrs.get(handle).map(|attr| (*attr, until))
@@ -234,15 +328,84 @@ impl WriteBack {
 
     /// Whether this client holds `handle` exclusively.
     pub(crate) fn holds(&self, handle: &Handle) -> bool {
-        self.lock().exclusive.get(handle).is_some_and(|until| *until > Instant::now())
+        let state = self.lock();
+        state.exclusive.get(&state.canonical(handle)).is_some_and(|until| *until > Instant::now())
     }
 
     /// The server took exclusivity on `handles` back (the queue has been sent).
     pub(crate) fn downgraded(&self, handles: &[Handle]) {
         let mut state = self.lock();
         for handle in handles {
-            state.not_exclusive(handle);
+            let handle = state.canonical(handle);
+            state.not_exclusive(&handle);
         }
+    }
+
+    /// The handle the server knows `handle` by; an error if it is provisional and its create
+    /// never reached the server.
+    pub(crate) fn server_handle(&self, handle: &Handle) -> Result<Handle, Errno> {
+        let state = self.lock();
+        let canonical = state.canonical(handle);
+        if is_provisional(&canonical) {
+            return Err(state.lost.get(&canonical).copied().unwrap_or(Errno(libc::ESTALE)));
+        }
+        Ok(canonical)
+    }
+
+    /// `commands` as the server must see them: handles of objects created earlier in the same
+    /// transaction become `Handle::created_by` references (`creates`: the index of each
+    /// provisional handle's create), others their server handle. An error if a command names
+    /// an object whose create failed.
+    pub(crate) fn on_the_wire(&self, commands: &[Command], creates: &[(usize, Handle)]) -> Result<Vec<Command>, Errno> {
+        let state = self.lock();
+        let mut wire = commands.to_vec();
+        for (index, command) in wire.iter_mut().enumerate() {
+            for handle in command.handles_mut() {
+                *handle = state.canonical(handle);
+                if !is_provisional(handle) {
+                    continue;
+                }
+                match creates.iter().find(|(at, created)| *at < index && created == handle) {
+                    Some((at, _)) => *handle = Handle::created_by(*at as u32),
+                    None => return Err(state.lost.get(handle).copied().unwrap_or(Errno(libc::ESTALE))),
+                }
+            }
+        }
+        Ok(wire)
+    }
+
+    /// `commands` with every handle canonical (after the creates they depend on resolved).
+    pub(crate) fn canonical(&self, commands: &[Command]) -> Vec<Command> {
+        let state = self.lock();
+        let mut commands = commands.to_vec();
+        commands.iter_mut().for_each(|c| state.canonicalize(c));
+        commands
+    }
+
+    /// The create of `provisional` reached the server: the object is `real` from now on.
+    pub(crate) fn resolve(&self, provisional: &Handle, real: &Handle) {
+        self.lock().resolve(provisional, real);
+        self.changed.notify_all();
+    }
+
+    /// Whether `op` names an object whose create the server refused, and the error.
+    pub(crate) fn names_lost(&self, op: &Queued) -> Option<Errno> {
+        let state = self.lock();
+        op.command.handles().into_iter().find_map(|h| state.lost.get(&state.canonical(h)).copied())
+    }
+
+    /// Empty setattrs of every object `batch` changes or creates, to be sent after it: their
+    /// results are the server's attributes, which the shadow then takes (blocks, times).
+    pub(crate) fn probes(batch: &[Queued]) -> Vec<Command> {
+        let mut objects: Vec<&Handle> = Vec::new();
+        for op in batch {
+            for handle in op.objects() {
+                if !objects.contains(&handle) {
+                    objects.push(handle);
+                }
+            }
+        }
+        objects.into_iter().map(|handle| Command::SetAttr { handle: handle.clone(), changes: AttrChanges::default() }).collect()
     }
 
     /// Rights may have been recalled unseen: no object is held exclusively any more.
@@ -254,10 +417,80 @@ impl WriteBack {
         state.listings.clear();
     }
 
+    /// Queues the create of a regular file (`Command::Create`) or directory (`Command::Mkdir`)
+    /// if this client holds the directory exclusively and knows every name in it (so the name
+    /// is free on the server too), and returns the new object as the server would have: with a
+    /// provisional handle and inode number. `None`: it must be sent now.
+    pub(crate) fn queue_create(&self, creds: &Credentials, command: &Command) -> Option<Entry> {
+        let mut state = self.lock();
+        let mut command = command.clone();
+        state.canonicalize(&mut command);
+        let now = Instant::now();
+        let (parent, name, mode) = match &command {
+            Command::Create { parent, name, mode, rdev: 0, .. } if mode & libc::S_IFMT == libc::S_IFREG => (parent, name, *mode),
+            Command::Mkdir { parent, name, mode } => (parent, name, libc::S_IFDIR | (mode & 0o7777)),
+            _ => return None,
+        };
+        let setid = libc::S_ISUID | libc::S_ISGID;
+        // A squashed root's objects belong to someone else; set-id bits may be dropped by the
+        // server: those outcomes are the server's to tell.
+        if state.stop || (creds.uid == 0 && self.root_squash) || mode & setid != 0 || name.len() > NAME_BYTES_MAX {
+            return None;
+        }
+        let until = *state.exclusive.get(parent).filter(|until| **until >= now + RIGHT_MARGIN)?;
+        if !state.listings.get(parent).is_some_and(|names| !names.contains(name)) {
+            return None;
+        }
+        // A set-group-id directory gives its group (and, to directories, the bit): the server's.
+        let blksize = state.attrs.get(parent).filter(|dir| dir.mode & libc::S_ISGID == 0)?.blksize;
+        let id = state.next_provisional;
+        state.next_provisional += 1;
+        let handle = provisional(id);
+        let directory = mode & libc::S_IFMT == libc::S_IFDIR;
+        let t = self::now();
+        let attr = Attr {
+            ino: PROVISIONAL_INO + id,
+            size: if directory { u64::from(blksize) } else { 0 },
+            blocks: if directory { u64::from(blksize) / 512 } else { 0 },
+            atime: t,
+            mtime: t,
+            ctime: t,
+            mode,
+            nlink: if directory { 2 } else { 1 },
+            uid: creds.uid,
+            gid: creds.gid,
+            rdev: 0,
+            blksize,
+        };
+        let (parent, name) = (parent.clone(), name.clone());
+        if let Some(dir) = state.attrs.get_mut(&parent) {
+            dir.mtime = t;
+            dir.ctime = t;
+            dir.nlink += u32::from(directory);
+        }
+        state.listings.get_mut(&parent).expect("checked above").insert(name);
+        if directory {
+            state.listings.insert(handle.clone(), HashSet::new());
+        }
+        state.exclusive.insert(handle.clone(), until);
+        state.attrs.insert(handle.clone(), attr);
+        state.exact.insert(handle.clone());
+        *state.pending.entry(parent).or_default() += 1;
+        *state.pending.entry(handle.clone()).or_default() += 1;
+        state.oldest.get_or_insert(now);
+        state.queue.push(Queued { creds: creds.clone(), command, data: Vec::new(), creates: Some(handle.clone()) });
+        drop(state);
+        self.changed.notify_all();
+        Some(Entry { handle, attr })
+    }
+
     /// Queues `command` if this client may make it in its cache, returning what the server
     /// would have answered; `None`: it must be sent now.
     pub(crate) fn queue(&self, creds: &Credentials, command: &Command, data: &[u8]) -> Option<CommandOk> {
         let mut state = self.lock();
+        let mut command = command.clone();
+        state.canonicalize(&mut command);
+        let command = &command;
         let now = Instant::now();
         let handle = match command {
             Command::Write { handle, .. } | Command::SetAttr { handle, .. } => handle,
@@ -295,9 +528,8 @@ impl WriteBack {
         *state.pending.entry(handle.clone()).or_default() += 1;
         state.bytes += data.len();
         state.oldest.get_or_insert(now);
-        state.exact.remove(handle);
         let command = sent_command.unwrap_or_else(|| command.clone());
-        state.queue.push(Queued { creds: creds.clone(), command, data: data.to_vec() });
+        state.queue.push(Queued { creds: creds.clone(), command, data: data.to_vec(), creates: None });
         drop(state);
         self.changed.notify_all();
         Some(ok)
@@ -311,7 +543,7 @@ impl WriteBack {
     /// Whether any of `handles` has changes queued or on their way.
     pub(crate) fn pending<'h>(&self, handles: impl IntoIterator<Item = &'h Handle>) -> bool {
         let state = self.lock();
-        !state.pending.is_empty() && handles.into_iter().any(|h| state.pending.contains_key(h))
+        !state.pending.is_empty() && handles.into_iter().any(|h| state.pending.contains_key(&state.canonical(h)))
     }
 
     /// Waits for the turn to send, and takes the queue. A caller that does not `depend` on
@@ -335,11 +567,13 @@ impl WriteBack {
     pub(crate) fn sent(&self, ops: &[Queued]) {
         let mut state = self.lock();
         for op in ops {
-            let handle = op.handle();
-            if let Some(count) = state.pending.get_mut(handle) {
-                *count -= 1;
-                if *count == 0 {
-                    state.pending.remove(handle);
+            for handle in op.objects() {
+                let handle = state.canonical(handle);
+                if let Some(count) = state.pending.get_mut(&handle) {
+                    *count -= 1;
+                    if *count == 0 {
+                        state.pending.remove(&handle);
+                    }
                 }
             }
         }
@@ -348,24 +582,32 @@ impl WriteBack {
     }
 
     /// The server refused `op`: the object's cached state is wrong from here on.
+    /// A refused create loses its object: what was queued for it fails too.
     pub(crate) fn failed(&self, op: &Queued, errno: Errno) {
         let mut state = self.lock();
-        let handle = op.handle().clone();
+        let handle = state.canonical(op.handle());
         state.not_exclusive(&handle);
         state.errors.entry(handle).or_insert(errno);
+        if let Some(created) = op.creates.as_ref().filter(|h| !state.resolved.contains_key(*h)) {
+            state.not_exclusive(created);
+            state.lost.insert(created.clone(), errno);
+            state.errors.entry(created.clone()).or_insert(errno);
+        }
     }
 
     /// Waits until no change to `handle` is queued or on its way.
     pub(crate) fn wait_sent(&self, handle: &Handle) {
         let mut state = self.lock();
-        while state.pending.contains_key(handle) {
+        while state.pending.contains_key(&state.canonical(handle)) {
             state = self.changed.wait(state).expect("write-back lock");
         }
     }
 
     /// The error of a queued change to `handle` not yet reported, if any.
     pub(crate) fn take_error(&self, handle: &Handle) -> Option<Errno> {
-        self.lock().errors.remove(handle)
+        let mut state = self.lock();
+        let handle = state.canonical(handle);
+        state.errors.remove(&handle)
     }
 
     /// Waits until the queue should be sent: its oldest change is [`FLUSH_DELAY`] old or a
@@ -373,7 +615,7 @@ impl WriteBack {
     pub(crate) fn wait_for_work(&self) -> bool {
         let mut state = self.lock();
         loop {
-            let full = state.queue.len() >= TXN_COMMANDS_MAX || state.bytes >= DATA_BYTES_MAX;
+            let full = state.queue.len() >= BATCH_COMMANDS_MAX || state.bytes >= DATA_BYTES_MAX;
             match state.oldest {
                 Some(_) if full || state.stop => return true,
                 Some(oldest) => {
@@ -397,20 +639,28 @@ impl WriteBack {
     }
 }
 
+/// A transaction's worth of queued changes (the flusher sends the queue once it holds that many).
+pub(crate) const BATCH_COMMANDS_MAX: usize = TXN_COMMANDS_MAX / 2;
+
 /// Splits `ops` into transactions: consecutive changes of one caller, within the limits of
-/// one transaction.
+/// one transaction once the probes ([`WriteBack::probes`], one per object) are added.
 pub(crate) fn batches(ops: Vec<Queued>) -> Vec<Vec<Queued>> {
     let mut batches: Vec<Vec<Queued>> = Vec::new();
-    let mut bytes = 0;
+    let (mut bytes, mut objects) = (0, HashSet::new());
     for op in ops {
-        let fits = batches
-            .last()
-            .is_some_and(|batch| batch.len() < TXN_COMMANDS_MAX && bytes + op.data.len() <= DATA_BYTES_MAX && batch[0].creds == op.creds);
+        let new_objects = op.objects().filter(|h| !objects.contains(*h)).count();
+        let fits = batches.last().is_some_and(|batch| {
+            batch.len() + 1 + objects.len() + new_objects <= TXN_COMMANDS_MAX
+                && bytes + op.data.len() <= DATA_BYTES_MAX
+                && batch[0].creds == op.creds
+        });
         if !fits {
             batches.push(Vec::new());
             bytes = 0;
+            objects.clear();
         }
         bytes += op.data.len();
+        objects.extend(op.objects().cloned());
         batches.last_mut().expect("just pushed").push(op);
     }
     batches
@@ -595,14 +845,18 @@ mod tests {
         let create = Command::Create { parent: dir.clone(), name: b"f".to_vec(), mode: 0o644, rdev: 0, exclusive: true, pin: false };
         let probe = Command::SetAttr { handle: dir.clone(), changes: AttrChanges::default() };
         let made = Ok(CommandOk::Entry(Entry { handle: file.clone(), attr: Attr { ino: 2, ..Attr::default() } }));
-        w.applied(std::slice::from_ref(&create), std::slice::from_ref(&made));
+        w.applied(std::slice::from_ref(&create), std::slice::from_ref(&made), 0);
         assert!(w.exact_attributes(&dir).is_none(), "the create changed the directory");
         assert_eq!(w.exact_attributes(&file).map(|(a, _)| a.ino), Some(2), "the server reported the new file");
-        w.applied(&[create, probe], &[made, Ok(CommandOk::Attr(dir_attr))]);
+        w.applied(&[create, probe], &[made, Ok(CommandOk::Attr(dir_attr))], 0);
         assert_eq!(w.exact_attributes(&dir).map(|(a, _)| a.nlink), Some(2), "the probe reported the directory after it");
         w.queue(&Credentials::default(), &Command::Write { handle: file.clone(), offset: 0, len: 1 }, b"x").expect("queued");
-        assert!(w.exact_attributes(&file).is_none(), "a queued write");
-        w.applied(&[Command::Unlink { parent: h(9), name: b"x".to_vec() }], &[Ok(CommandOk::Done)]);
+        assert_eq!(w.exact_attributes(&file).map(|(a, _)| a.size), Some(1), "a queued write shows at once");
+        w.applied(&[Command::Write { handle: file.clone(), offset: 0, len: 1 }], &[Ok(CommandOk::Written(1))], 1);
+        assert!(w.exact_attributes(&file).is_some(), "a queued write, sent: the shadow had it already");
+        w.applied(&[Command::Write { handle: file.clone(), offset: 0, len: 1 }], &[Ok(CommandOk::Written(1))], 0);
+        assert!(w.exact_attributes(&file).is_none(), "a write sent directly changed the file behind the shadow");
+        w.applied(&[Command::Unlink { parent: h(9), name: b"x".to_vec() }], &[Ok(CommandOk::Done)], 0);
         assert!(w.exact_attributes(&dir).is_none(), "an unlink may change objects known by name only");
     }
 
@@ -612,9 +866,92 @@ mod tests {
             creds: Credentials { uid, gid: 0, groups: vec![] },
             command: Command::Write { handle: h(1), offset: 0, len: len as u32 },
             data: vec![0; len],
+            creates: None,
         };
         let ops = vec![op(1, 10), op(1, 10), op(2, 10), op(2, DATA_BYTES_MAX), op(2, 1)];
         let sizes: Vec<usize> = batches(ops).iter().map(Vec::len).collect();
         assert_eq!(sizes, vec![2, 1, 1, 1]);
+    }
+
+    /// A directory this client made and holds exclusively, with its attributes known.
+    fn made_here(w: &WriteBack, dir: &Handle) {
+        held(w, dir, Attr { mode: libc::S_IFDIR | 0o755, nlink: 2, blksize: 4096, ..Attr::default() });
+        let mkdir = [Command::Mkdir { parent: h(9), name: b"d".to_vec(), mode: 0o755 }];
+        w.names_changed(&mkdir, &[Ok(CommandOk::Entry(Entry { handle: dir.clone(), attr: Attr::default() }))]);
+    }
+
+    fn create(parent: &Handle, name: &[u8]) -> Command {
+        Command::Create { parent: parent.clone(), name: name.to_vec(), mode: libc::S_IFREG | 0o640, rdev: 0, exclusive: true, pin: true }
+    }
+
+    #[test]
+    fn creates_in_a_directory_made_here_are_queued_with_provisional_handles() {
+        let w = WriteBack::new(true);
+        let creds = Credentials { uid: 1000, gid: 100, groups: vec![] };
+        let dir = h(1);
+        assert!(w.queue_create(&creds, &create(&dir, b"f")).is_none(), "no right on the directory");
+        made_here(&w, &dir);
+        let file = w.queue_create(&creds, &create(&dir, b"f")).expect("queued");
+        assert!(is_provisional(&file.handle));
+        assert!(file.attr.ino >= PROVISIONAL_INO);
+        assert_eq!((file.attr.mode, file.attr.uid, file.attr.gid, file.attr.nlink), (libc::S_IFREG | 0o640, 1000, 100, 1));
+        assert!(!w.known_missing(&dir, b"f"), "the name is taken");
+        assert!(w.queue_create(&creds, &create(&dir, b"f")).is_none(), "a name taken is the server's to refuse");
+        let sub = w.queue_create(&creds, &Command::Mkdir { parent: dir.clone(), name: b"s".to_vec(), mode: 0o700 }).expect("queued");
+        assert_eq!(w.exact_attributes(&dir).map(|(a, _)| a.nlink), Some(3), "the new directory's `..`");
+        assert!(w.known_missing(&sub.handle, b"x"), "a new directory is empty");
+        w.queue_create(&creds, &create(&sub.handle, b"x")).expect("queued in the new directory too");
+        assert!(w.queue(&creds, &Command::Write { handle: file.handle.clone(), offset: 0, len: 2 }, b"hi").is_some());
+        assert_eq!(w.exact_attributes(&file.handle).map(|(a, _)| a.size), Some(2));
+        assert!(w.pending([&file.handle]) && w.pending([&dir]));
+        let root = Credentials::default();
+        assert!(w.queue_create(&root, &create(&dir, b"r")).is_none(), "a squashed root's files are the server's to make");
+        let setuid =
+            Command::Create { parent: dir.clone(), name: b"u".to_vec(), mode: libc::S_IFREG | 0o4755, rdev: 0, exclusive: true, pin: true };
+        assert!(w.queue_create(&creds, &setuid).is_none());
+    }
+
+    #[test]
+    fn a_transaction_names_what_it_creates_by_index_and_what_was_created_before_by_handle() {
+        let w = WriteBack::new(false);
+        let creds = Credentials { uid: 1000, gid: 100, groups: vec![] };
+        let dir = h(1);
+        made_here(&w, &dir);
+        let sub = w.queue_create(&creds, &Command::Mkdir { parent: dir.clone(), name: b"s".to_vec(), mode: 0o700 }).expect("queued");
+        let file = w.queue_create(&creds, &create(&sub.handle, b"f")).expect("queued");
+        w.queue(&creds, &Command::Write { handle: file.handle.clone(), offset: 0, len: 1 }, b"x").expect("queued");
+        let ops = w.begin_shipment(true).ops.clone();
+        let commands: Vec<Command> = ops.iter().map(|op| op.command.clone()).collect();
+        let creates: Vec<(usize, Handle)> = ops.iter().enumerate().filter_map(|(i, op)| op.creates.clone().map(|c| (i, c))).collect();
+        let wire = w.on_the_wire(&commands, &creates).expect("every handle known");
+        assert_eq!(wire[1].handles(), vec![&Handle::created_by(0)], "the file's directory is made by command 0");
+        assert_eq!(wire[2].handles(), vec![&Handle::created_by(1)], "the write names the file made by command 1");
+        assert!(w.on_the_wire(&commands[1..], &[]).is_err(), "a provisional handle nobody creates");
+        // The first two reach the server; the write is sent on its own.
+        w.resolve(&sub.handle, &h(20));
+        w.resolve(&file.handle, &h(21));
+        assert_eq!(w.on_the_wire(&commands[2..], &[]).expect("resolved")[0].handles(), vec![&h(21)]);
+        assert_eq!(w.server_handle(&file.handle), Ok(h(21)));
+        assert!(w.pending([&file.handle]) && w.pending([&h(21)]), "pending under both names until sent");
+        w.sent(&ops);
+        assert!(!w.pending([&h(21)]) && !w.pending([&dir]));
+        assert!(w.known_missing(&h(20), b"g") && !w.known_missing(&h(20), b"f"), "the listing moved to the real handle");
+        assert_eq!(w.exact_attributes(&file.handle).map(|(a, _)| a.size), Some(1), "and the shadow");
+    }
+
+    #[test]
+    fn a_refused_create_loses_the_object_and_what_was_queued_for_it() {
+        let w = WriteBack::new(false);
+        let creds = Credentials { uid: 1000, gid: 100, groups: vec![] };
+        let dir = h(1);
+        made_here(&w, &dir);
+        let file = w.queue_create(&creds, &create(&dir, b"f")).expect("queued");
+        w.queue(&creds, &Command::Write { handle: file.handle.clone(), offset: 0, len: 1 }, b"x").expect("queued");
+        let ops = w.begin_shipment(true).ops.clone();
+        w.failed(&ops[0], Errno(libc::ENOSPC));
+        assert_eq!(w.names_lost(&ops[1]), Some(Errno(libc::ENOSPC)), "the write names a file that never existed");
+        assert_eq!(w.server_handle(&file.handle), Err(Errno(libc::ENOSPC)));
+        assert_eq!(w.take_error(&file.handle), Some(Errno(libc::ENOSPC)), "reported by its fsync or close");
+        assert!(w.queue(&creds, &Command::Write { handle: file.handle.clone(), offset: 1, len: 1 }, b"y").is_none());
     }
 }

@@ -262,12 +262,23 @@ impl CallbackHandler for KernelCache {
         nodes.into_iter().for_each(|node| self.invalidate(Notice::Node(node)));
     }
 
-    fn write_back_failed(&self, handle: &Handle) {
-        let Some(node) = self.inodes.lock().expect("inode lock").node_of(handle) else { return };
-        self.drop_node_state(node);
+    fn write_back_failed(&self, handle: &Handle, name: Option<(&Handle, &[u8])>) {
+        let (node, parent) = {
+            let inodes = self.inodes.lock().expect("inode lock");
+            (inodes.node_of(handle), name.and_then(|(parent, name)| Some((inodes.node_of(parent)?, name.to_vec()))))
+        };
+        let mut notices: Vec<Notice> = parent.map(|(parent, name)| Notice::Entry { parent, name }).into_iter().collect();
+        if let Some(node) = node {
+            self.drop_node_state(node);
+            notices.push(Notice::Node(node));
+        }
         // Never from here: the caller may serve a request the notification would wait for.
-        self.deferred.lock().expect("deferred lock").push(Notice::Node(node));
+        self.deferred.lock().expect("deferred lock").extend(notices);
         self.idle.notify_all();
+    }
+
+    fn created(&self, provisional: &Handle, real: &Handle) {
+        self.inodes.lock().expect("inode lock").created(provisional, real);
     }
 }
 

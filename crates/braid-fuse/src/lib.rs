@@ -155,6 +155,13 @@ impl BraidFs {
         self.cache.inodes.lock().expect("inode lock").node_id(ino)
     }
 
+    /// The node id of `entry`: the one the kernel knows its object by, if it does (an object
+    /// created in the cache keeps its provisional number), else from its inode number.
+    fn node_of(&self, entry: &Entry) -> u64 {
+        let inodes = self.cache.inodes.lock().expect("inode lock");
+        inodes.node_of(&entry.handle).unwrap_or_else(|| inodes.node_id(entry.attr.ino))
+    }
+
     fn reply_entry(&self, reply: ReplyEntry, entry: Result<(Entry, Lease), Errno>) {
         match entry {
             Ok((entry, lease)) => reply.entry(&KernelCache::ttl(lease), &self.remember(&entry, lease), Generation(0)),
@@ -169,10 +176,12 @@ impl BraidFs {
         file_attr(node, &entry.attr)
     }
 
-    fn reply_attr(&self, reply: ReplyAttr, attr: Result<(Attr, Lease), Errno>) {
+    /// Replies with the attributes of `node` (whose inode number may be provisional: the one
+    /// the kernel knows it by stands).
+    fn reply_attr(&self, reply: ReplyAttr, node: INodeNo, attr: Result<(Attr, Lease), Errno>) {
         match attr {
             Ok((attr, lease)) => {
-                let node = self.node_id(attr.ino);
+                let node = node.0;
                 self.cache.leased(node, lease);
                 reply.attr(&KernelCache::ttl(lease), &file_attr(node, &attr))
             }
@@ -216,6 +225,11 @@ impl BraidFs {
     }
 
     fn apply_entry(&self, req: &Request, nodes: &[INodeNo], command: Command) -> Result<(Entry, Lease), Errno> {
+        if !self.read_only {
+            if let Some(created) = self.client.create_in_cache(&credentials(req), &command) {
+                return Ok(created);
+            }
+        }
         match self.apply(req, nodes, command, Vec::new())? {
             (CommandOk::Entry(entry), lease) => Ok((entry, lease)),
             _ => Err(Errno::EIO),
@@ -357,7 +371,7 @@ impl Filesystem for BraidFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.reply_attr(reply, self.handle(ino).and_then(|h| self.check(self.client.getattr(&h))));
+        self.reply_attr(reply, ino, self.handle(ino).and_then(|h| self.check(self.client.getattr(&h))));
     }
 
     fn setattr(
@@ -392,7 +406,7 @@ impl Filesystem for BraidFs {
                 _ => Err(Errno::EIO),
             }
         });
-        self.reply_attr(reply, result);
+        self.reply_attr(reply, ino, result);
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -583,7 +597,7 @@ impl Filesystem for BraidFs {
             let name = OsStr::from_bytes(&e.name);
             match &e.entry {
                 Some(entry) => {
-                    let node = self.node_id(entry.attr.ino);
+                    let node = self.node_of(entry);
                     let ttl = KernelCache::ttl(lease);
                     let full = reply.add(INodeNo(node), e.cookie, name, &ttl, &file_attr(node, &entry.attr), Generation(0));
                     // The kernel takes a lookup reference on every entry it was given.
@@ -669,7 +683,10 @@ impl Filesystem for BraidFs {
         let exclusive = flags & libc::O_EXCL != 0;
         let entry = self.child(parent, name).and_then(|(p, name)| {
             let created = self.apply_entry(req, &[parent], Command::Create { parent: p, name, mode, rdev: 0, exclusive, pin: true })?;
-            self.client.pinned(&created.0.handle);
+            // A create made in the cache counts its pin when it reaches the server.
+            if !braid_client::is_provisional(&created.0.handle) {
+                self.client.pinned(&created.0.handle);
+            }
             Ok(created)
         });
         match entry {
