@@ -30,6 +30,9 @@ pub trait CallbackHandler: Send + Sync {
 
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+/// How long a new mount waits for its first subscription before it starts serving anyway.
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
+
 /// The running callback thread; `stop` ends it.
 pub(crate) struct CallbackThread {
     stop: Arc<AtomicBool>,
@@ -38,13 +41,20 @@ pub(crate) struct CallbackThread {
 }
 
 impl CallbackThread {
+    /// Starts the thread and waits (at most [`SUBSCRIBE_WAIT`]) until the server has taken the
+    /// subscription: requests made before it get no rights, so a mount that starts serving
+    /// before then would cache nothing at first.
     pub(crate) fn start(client: Client, handler: Arc<dyn CallbackHandler>) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let socket = Arc::new(Mutex::new(None));
         let (thread_stop, thread_socket) = (stop.clone(), socket.clone());
+        let (subscribed, first_subscription) = std::sync::mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name("braid-callbacks".into())
-            .spawn(move || run(&client, handler.as_ref(), &thread_stop, &thread_socket))?;
+            .spawn(move || run(&client, handler.as_ref(), &thread_stop, &thread_socket, subscribed))?;
+        if first_subscription.recv_timeout(SUBSCRIBE_WAIT).is_err() {
+            tracing::warn!("the server has not taken this mount's subscription yet: nothing is cached until it does");
+        }
         Ok(Self { stop, socket })
     }
 
@@ -56,7 +66,13 @@ impl CallbackThread {
     }
 }
 
-fn run(client: &Client, handler: &dyn CallbackHandler, stop: &AtomicBool, socket: &Mutex<Option<std::net::TcpStream>>) {
+fn run(
+    client: &Client,
+    handler: &dyn CallbackHandler,
+    stop: &AtomicBool,
+    socket: &Mutex<Option<std::net::TcpStream>>,
+    subscribed: std::sync::mpsc::SyncSender<()>,
+) {
     let mut backoff = Duration::from_millis(10);
     let next_id = AtomicU64::new(1);
     while !stop.load(Ordering::Acquire) {
@@ -64,7 +80,7 @@ fn run(client: &Client, handler: &dyn CallbackHandler, stop: &AtomicBool, socket
             Ok(mut channel) => {
                 *socket.lock().expect("callback socket lock") = channel.socket.try_clone().ok();
                 backoff = Duration::from_millis(10);
-                let error = serve(&mut channel, client, handler, &next_id);
+                let error = serve(&mut channel, client, handler, &next_id, &subscribed);
                 if !stop.load(Ordering::Acquire) {
                     tracing::warn!(%error, "callback channel lost; dropping every cached object and subscribing again");
                 }
@@ -82,7 +98,13 @@ fn run(client: &Client, handler: &dyn CallbackHandler, stop: &AtomicBool, socket
 }
 
 /// Subscribes, then carries out callbacks until the channel fails; returns why it failed.
-fn serve(channel: &mut Channel, client: &Client, handler: &dyn CallbackHandler, next_id: &AtomicU64) -> String {
+fn serve(
+    channel: &mut Channel,
+    client: &Client,
+    handler: &dyn CallbackHandler,
+    next_id: &AtomicU64,
+    subscribed: &std::sync::mpsc::SyncSender<()>,
+) -> String {
     let send = |channel: &mut Channel, request: &Request| {
         let frame = encode_parts(FrameKind::Request, next_id.fetch_add(1, Ordering::Relaxed), request, &[]).map_err(|e| e.to_string())?;
         channel.send(&frame)
@@ -96,8 +118,11 @@ fn serve(channel: &mut Channel, client: &Client, handler: &dyn CallbackHandler, 
             Err(e) => return e,
         };
         match frame.header.kind {
-            // Acknowledgements of Subscribe and of CallbackDone: nothing to do.
-            FrameKind::Response => continue,
+            // Acknowledgements of Subscribe (the first) and of CallbackDone.
+            FrameKind::Response => {
+                let _ = subscribed.try_send(());
+                continue;
+            }
             FrameKind::Callback => {}
             other => return format!("unexpected {other:?} frame on the callback channel"),
         }

@@ -460,6 +460,7 @@ impl Client {
         self.txns.end(seq);
         match result? {
             (Ok(Reply::Txn(outcome)), _, lease, exclusive) => {
+                tracing::trace!(?lease, exclusive, commands = commands.len(), "txn applied");
                 for (at, provisional) in creates {
                     if let Some(Ok(CommandOk::Entry(entry))) = outcome.results.get(*at) {
                         self.resolve(&commands[*at], provisional, &entry.handle);

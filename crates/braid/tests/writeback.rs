@@ -110,3 +110,95 @@ fn a_clean_unmount_writes_everything_back() {
         assert_eq!(&fs::read(f.e(&format!("f{i}"))).expect("read the export"), bytes, "file {i}");
     }
 }
+
+#[test]
+fn a_tree_created_in_the_cache_returns_while_the_server_is_stopped_and_reaches_it() {
+    // Goal: mkdir, create, write and chmod inside a directory this client made return without
+    // the server (they are queued, with provisional inode numbers), reach it once it runs
+    // again, and the inode numbers the mount showed do not change when they do.
+    let f = serving(&[]);
+    fs::create_dir(f.m("d")).expect("mkdir d");
+    // The kernel asks for the attributes of the directory the mkdir changed; the mount's root
+    // was not made here, so the server answers (from then on the cache does).
+    fs::metadata(f.m("")).expect("stat the root");
+    f.signal_server(libc::SIGSTOP);
+    let (d, inodes) = (f.m("d"), Vec::new());
+    let inodes = within("creates with the server stopped", Duration::from_secs(10), move || {
+        let mut inodes = inodes;
+        fs::create_dir(d.join("sub")).expect("mkdir sub");
+        for i in 0..100u32 {
+            let path = d.join("sub").join(format!("f{i}"));
+            let mut file = File::create(&path).expect("create");
+            file.write_all(format!("content {i}\n").repeat(i as usize).as_bytes()).expect("write");
+            file.set_permissions(fs::Permissions::from_mode(0o600 + i % 8)).expect("chmod");
+            inodes.push(fs::metadata(&path).expect("stat").ino());
+        }
+        assert!(fs::metadata(d.join("sub/missing")).is_err(), "a name never created");
+        inodes
+    });
+    let mut sorted = inodes.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), inodes.len(), "every new file has its own inode number");
+    f.signal_server(libc::SIGCONT);
+    File::open(f.m("d/sub/f1")).expect("open").sync_all().expect("fsync");
+    for i in 0..100u32 {
+        let on_server = fs::metadata(f.e(&format!("d/sub/f{i}"))).expect("in the export");
+        assert_eq!(on_server.mode() & 0o777, 0o600 + i % 8, "f{i}: mode");
+        let expected = format!("content {i}\n").repeat(i as usize);
+        assert_eq!(fs::read(f.e(&format!("d/sub/f{i}"))).expect("read the export"), expected.as_bytes(), "f{i}");
+        assert_eq!(fs::metadata(f.m(&format!("d/sub/f{i}"))).expect("stat").ino(), inodes[i as usize], "f{i}: inode number kept");
+    }
+    let listed = fs::read_dir(f.m("d/sub")).expect("readdir").count();
+    assert_eq!(listed, 100);
+}
+
+#[test]
+fn another_client_sees_files_created_in_the_cache_at_once() {
+    // Goal: files A creates in its cache (never closed, never synced) are visible on B with
+    // their bytes, by name and in listings; once B reads the directory, A's later creates
+    // there are visible too. Method: B looks names up for the first time (no negative entry).
+    let f = serving(&[]);
+    let b = f.another_mount("mnt-b");
+    fs::create_dir(f.m("d")).expect("mkdir on A");
+    let mut first = File::create(f.m("d/first")).expect("create on A");
+    first.write_all(b"hello").expect("write on A");
+    assert_eq!(fs::read(b.m("d/first")).expect("B reads A's new file"), b"hello");
+    let mut later = File::create(f.m("d/later")).expect("create on A");
+    later.write_all(b"again").expect("write on A");
+    let mut names: Vec<String> =
+        fs::read_dir(b.m("d")).expect("B lists").map(|e| e.expect("entry").file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["first", "later"]);
+    assert_eq!(fs::read(b.m("d/later")).expect("B reads the later file"), b"again");
+    drop((first, later));
+}
+
+#[test]
+fn links_renames_and_unlinks_of_files_still_in_the_cache() {
+    // Goal: changes sent directly that name objects created in the cache (link, rename,
+    // unlink) go after those creates and name the right objects.
+    let f = serving(&[]);
+    fs::create_dir(f.m("d")).expect("mkdir");
+    fs::write(f.m("d/a"), b"bytes of a").expect("create a");
+    fs::hard_link(f.m("d/a"), f.m("d/b")).expect("link a b");
+    fs::rename(f.m("d/a"), f.m("d/c")).expect("rename a c");
+    fs::remove_file(f.m("d/b")).expect("unlink b");
+    fs::write(f.m("d/gone"), b"x").expect("create gone");
+    fs::remove_file(f.m("d/gone")).expect("unlink gone");
+    fs::create_dir_all(f.m("d/x/y/z")).expect("mkdir -p");
+    fs::write(f.m("d/x/y/z/deep"), b"deep").expect("create deep");
+    fs::rename(f.m("d/x"), f.m("d/moved")).expect("rename a new directory");
+    let c = fs::metadata(f.m("d/c")).expect("stat c");
+    assert_eq!((c.len(), c.nlink()), (10, 1));
+    File::open(f.m("d/c")).expect("open").sync_all().expect("fsync");
+    let mut names: Vec<String> =
+        fs::read_dir(f.e("d")).expect("list the export").map(|e| e.expect("entry").file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["c", "moved"]);
+    assert_eq!(fs::read(f.e("d/c")).expect("c in the export"), b"bytes of a");
+    assert_eq!(fs::read(f.e("d/moved/y/z/deep")).expect("deep in the export"), b"deep");
+    assert_eq!(fs::metadata(f.e("d/c")).expect("stat c in the export").nlink(), 1);
+    fs::remove_dir_all(f.m("d")).expect("rm -rf");
+    assert!(!f.e("d").exists());
+}
