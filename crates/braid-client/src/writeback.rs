@@ -438,7 +438,7 @@ impl WriteBack {
             return None;
         }
         let until = *state.exclusive.get(parent).filter(|until| **until >= now + RIGHT_MARGIN)?;
-        if !state.listings.get(parent).is_some_and(|names| !names.contains(name)) {
+        if state.listings.get(parent).is_none_or(|names| names.contains(name)) {
             return None;
         }
         // A set-group-id directory gives its group (and, to directories, the bit): the server's.
