@@ -7,12 +7,13 @@
 //! Mutations run with the caller's file-system credentials (`sys::as_caller`) so that the
 //! exported file system itself decides ownership and permissions; descriptors are opened
 //! beforehand with the server's own credentials.
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use braid_proto::limits::{NAME_BYTES_MAX, READDIR_ENTRIES_MAX, XATTR_NAME_BYTES_MAX, XATTR_VALUE_BYTES_MAX};
 use braid_proto::{Attr, AttrChanges, Command, CommandOk, Credentials, DirEntry, Entry, Errno, Handle, StatFs, TimeSet, Timestamp, Whence};
@@ -25,6 +26,13 @@ use crate::sys::{self, KernelHandle, XattrTarget};
 /// Descriptors kept open for handles, so that most requests cost no `open_by_handle_at`.
 /// Pinned entries (objects a client has open) are never evicted.
 const FD_CACHE_ENTRIES_MAX: usize = 8192;
+
+/// How long the descriptor of an object that lost its last name stays open. A client may have
+/// looked the name up just before the removal and open it just after, as a process on a local
+/// file system may: with the descriptor gone that open would fail with ESTALE (a reader of a
+/// file replaced by rename, the usual way to update a file atomically). Space is freed at
+/// once when a change would otherwise run out of it.
+const REMOVED_LINGER: Duration = Duration::from_secs(1);
 
 pub type OpResult<T> = Result<T, Errno>;
 
@@ -49,6 +57,9 @@ pub struct Export {
     root_handle: Handle,
     sealer: HandleSealer,
     fds: Mutex<HashMap<KernelHandle, CachedFd>>,
+    /// Objects that lost a name, oldest first, whose descriptors are closed after
+    /// [`REMOVED_LINGER`] unless a client has them open.
+    removed: Mutex<VecDeque<(KernelHandle, Instant)>>,
     quota: Option<Quota>,
 }
 
@@ -75,7 +86,7 @@ impl Export {
             }
             None => None,
         };
-        Ok(Self { root, root_handle, sealer, fds: Mutex::new(HashMap::new()), quota })
+        Ok(Self { root, root_handle, sealer, fds: Mutex::new(HashMap::new()), removed: Mutex::new(VecDeque::new()), quota })
     }
 
     pub fn max_bytes(&self) -> Option<u64> {
@@ -155,6 +166,7 @@ impl Export {
     }
 
     pub fn statfs(&self) -> OpResult<StatFs> {
+        self.close_removed(Instant::now() - REMOVED_LINGER);
         let s = rustix::fs::fstatvfs(&self.root).map_err(from_rustix)?;
         // With a size limit the export looks like a file system of that size.
         let (blocks, blocks_free, blocks_available) = match &self.quota {
@@ -233,6 +245,8 @@ impl Export {
         if let Some(cached) = fds.get_mut(&kernel) {
             cached.pins = cached.pins.saturating_sub(1);
         }
+        drop(fds);
+        self.close_removed(Instant::now() - REMOVED_LINGER);
         Ok(())
     }
 
@@ -242,6 +256,18 @@ impl Export {
     /// `tolerant` is set when the command's transaction may already have been partly applied
     /// before a crash: then "already exists" and "already gone" count as success.
     pub fn apply(&self, command: &Command, data: &[u8], creds: &Credentials, tolerant: bool) -> OpResult<CommandOk> {
+        self.close_removed(Instant::now() - REMOVED_LINGER);
+        match self.apply_limited(command, data, creds, tolerant) {
+            // Space held by removed files is freed first.
+            Err(Errno(libc::ENOSPC | libc::EDQUOT)) if self.close_removed(Instant::now()) => {
+                self.apply_limited(command, data, creds, tolerant)
+            }
+            result => result,
+        }
+    }
+
+    /// Applies one command within the export's size limit.
+    fn apply_limited(&self, command: &Command, data: &[u8], creds: &Credentials, tolerant: bool) -> OpResult<CommandOk> {
         let Some(quota) = &self.quota else { return self.apply_unlimited(command, data, creds, tolerant) };
         match self.allocation_target(command)? {
             Some((fd, growth)) => {
@@ -602,13 +628,32 @@ impl Export {
         fds.entry(kernel).or_insert(CachedFd { fd, pins: 0 }).fd.clone()
     }
 
-    /// Drops the cached descriptor of an object that lost a name, unless a client holds it
-    /// open, so that the space of a deleted file is freed at once.
+    /// The cached descriptor of an object that lost a name is closed after [`REMOVED_LINGER`],
+    /// unless a client has it open, so that the space of a deleted file is freed.
     fn forget_if_unpinned(&self, kernel: &KernelHandle) {
-        let mut fds = self.fds.lock().expect("fd cache lock");
-        if fds.get(kernel).is_some_and(|c| c.pins == 0) {
-            fds.remove(kernel);
+        self.removed.lock().expect("removed lock").push_back((kernel.clone(), Instant::now()));
+    }
+
+    /// Closes the descriptors of objects removed before `cutoff` that no client has open (those
+    /// still open are looked at again later); returns whether there were any.
+    fn close_removed(&self, cutoff: Instant) -> bool {
+        let mut removed = self.removed.lock().expect("removed lock");
+        if removed.front().is_none_or(|(_, at)| *at > cutoff) {
+            return false;
         }
+        let mut fds = self.fds.lock().expect("fd cache lock");
+        let mut still_open = Vec::new();
+        while let Some((kernel, _)) = removed.pop_front_if(|(_, at)| *at <= cutoff) {
+            match fds.get(&kernel) {
+                Some(cached) if cached.pins > 0 => still_open.push((kernel, Instant::now())),
+                Some(_) => {
+                    fds.remove(&kernel);
+                }
+                None => {}
+            }
+        }
+        removed.extend(still_open);
+        true
     }
 }
 

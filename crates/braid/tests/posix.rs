@@ -706,3 +706,49 @@ fn list_with_offsets(path: &Path) -> Vec<(String, libc::c_long)> {
     let dir = OpenDir::open(path);
     std::iter::from_fn(|| dir.next()).collect()
 }
+
+#[test]
+fn a_file_replaced_by_rename_never_fails_to_open() {
+    // Goal: the atomic update of a file (write a temporary file, rename it over the target)
+    // never makes a concurrent open of the target fail, as on a local file system: not with
+    // ENOENT, and not with ESTALE when the open names the object the rename just replaced.
+    // A lease long enough for creates to be queued: the writer then runs at local speed.
+    let args = ["--insecure", "--no-root-squash", "--lease", "30"].map(String::from).to_vec();
+    let mut fx = Fixture::serving_with_args(|_| {}, args, common::plain_mount_args());
+    fx.mount();
+    let dir = fx.m("d");
+    fs::create_dir(&dir).expect("mkdir");
+    let target = dir.join("target");
+    fs::write(&target, b"v0").expect("first version");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (target, stop) = (target.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut failures = Vec::new();
+            let mut reads = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match fs::read(&target) {
+                    Ok(bytes) if bytes.first() == Some(&b'v') => reads += 1,
+                    Ok(bytes) => failures.push(format!("garbled {bytes:?}")),
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            (reads, failures)
+        })
+    };
+    for n in 0..2000u32 {
+        let tmp = dir.join(format!("tmp{}", n % 4));
+        fs::write(&tmp, format!("v{n}")).expect("write the new version");
+        fs::rename(&tmp, &target).expect("rename over the target");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (reads, failures) = reader.join().expect("reader");
+    assert!(reads > 0, "the reader never read");
+    assert!(
+        failures.is_empty(),
+        "{} of {} opens failed, e.g. {:?}",
+        failures.len(),
+        reads as usize + failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+}
