@@ -861,6 +861,23 @@ mod tests {
     }
 
     #[test]
+    fn batches_leave_room_for_a_probe_of_every_object() {
+        let creates: Vec<Queued> = (0..1000u64)
+            .map(|i| Queued {
+                creds: Credentials::default(),
+                command: create(&h(1), format!("f{i}").as_bytes()),
+                data: Vec::new(),
+                creates: Some(provisional(i)),
+            })
+            .collect();
+        for batch in batches(creates) {
+            let probes = WriteBack::probes(&batch).len();
+            assert!(batch.len() + probes <= TXN_COMMANDS_MAX, "{} commands and {probes} probes", batch.len());
+            assert_eq!(probes, batch.len() + 1, "each new file and the directory");
+        }
+    }
+
+    #[test]
     fn batches_split_by_caller_and_size() {
         let op = |uid, len: usize| Queued {
             creds: Credentials { uid, gid: 0, groups: vec![] },
