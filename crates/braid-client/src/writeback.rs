@@ -147,15 +147,7 @@ impl State {
         if self.exact.remove(provisional) {
             self.exact.insert(real.clone());
         }
-        let resolved = std::mem::take(&mut self.resolved);
-        for op in &mut self.queue {
-            for handle in op.command.handles_mut() {
-                if let Some(real) = resolved.get(handle) {
-                    *handle = real.clone();
-                }
-            }
-        }
-        self.resolved = resolved;
+        // Queued commands keep naming `provisional`: they are canonicalized when they are sent.
     }
 
     /// The server reported `attr` for `handle`.
