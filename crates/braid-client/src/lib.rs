@@ -299,8 +299,13 @@ impl Client {
     }
 
     /// Ends one open of `handle`. The server is told in the background: a close does not wait
-    /// for a round trip (opens and releases only count, so their order does not matter).
+    /// for a round trip (opens and releases only count, so their order does not matter). A
+    /// file created in the cache and closed before its create was sent is never opened on the
+    /// server at all.
     pub fn release(&self, handle: &Handle) {
+        if self.writeback.closed_before_created(handle) {
+            return;
+        }
         if self.releases.send(ReleaseWork::Release(handle.clone())).is_err() {
             tracing::warn!("the release thread is gone; the server keeps a file open until it restarts");
         }

@@ -527,6 +527,23 @@ impl WriteBack {
         Some(ok)
     }
 
+    /// The last open of `handle` ended. If its create is still queued, the create no longer
+    /// asks the server to keep it open, and nothing is left to release: returns `true`.
+    pub(crate) fn closed_before_created(&self, handle: &Handle) -> bool {
+        let mut state = self.lock();
+        if !is_provisional(handle) || state.resolved.contains_key(handle) {
+            return false;
+        }
+        let create = state.queue.iter_mut().find(|op| op.creates.as_ref() == Some(handle));
+        match create.map(|op| &mut op.command) {
+            Some(Command::Create { pin, .. }) => {
+                *pin = false;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Whether queued data is beyond the memory bound (the writer should send the queue).
     pub(crate) fn over_limit(&self) -> bool {
         self.lock().bytes >= DIRTY_BYTES_MAX
@@ -946,6 +963,23 @@ mod tests {
         assert!(!w.pending([&h(21)]) && !w.pending([&dir]));
         assert!(w.known_missing(&h(20), b"g") && !w.known_missing(&h(20), b"f"), "the listing moved to the real handle");
         assert_eq!(w.exact_attributes(&file.handle).map(|(a, _)| a.size), Some(1), "and the shadow");
+    }
+
+    #[test]
+    fn a_file_closed_before_its_create_is_sent_is_not_opened_on_the_server() {
+        let w = WriteBack::new(false);
+        let creds = Credentials { uid: 1000, gid: 100, groups: vec![] };
+        let dir = h(1);
+        made_here(&w, &dir);
+        let (closed, open) =
+            (w.queue_create(&creds, &create(&dir, b"a")).expect("queued"), w.queue_create(&creds, &create(&dir, b"b")).expect("queued"));
+        assert!(w.closed_before_created(&closed.handle));
+        let ops = w.begin_shipment(true).ops.clone();
+        assert!(matches!(ops[0].command, Command::Create { pin: false, .. }), "no pin to release");
+        assert!(matches!(ops[1].command, Command::Create { pin: true, .. }));
+        assert!(!w.closed_before_created(&open.handle), "on its way: the server pins it, the release must follow");
+        w.resolve(&open.handle, &h(30));
+        assert!(!w.closed_before_created(&open.handle));
     }
 
     #[test]
