@@ -329,22 +329,28 @@ impl Client {
         Ok((results, lease))
     }
 
-    /// Empty setattrs (which only report attributes) of the directories `commands` change that
-    /// this client holds exclusively: the kernel asks for a directory's attributes after every
-    /// change in it, and they can then be answered here.
+    /// Empty setattrs (which only report attributes) of the directories whose entries `commands`
+    /// change that this client holds exclusively: the kernel asks for a directory's attributes
+    /// after every change in it, and they can then be answered here.
     fn attribute_probes(&self, commands: &[Command]) -> Vec<Command> {
         let mut directories: Vec<&Handle> = commands
             .iter()
-            .filter(|c| matches!(c, Command::Create { .. } | Command::Mkdir { .. } | Command::Symlink { .. } | Command::Link { .. }))
-            .filter_map(|c| c.handles().last().copied())
+            .flat_map(|c| match c {
+                Command::Create { parent, .. }
+                | Command::Mkdir { parent, .. }
+                | Command::Symlink { parent, .. }
+                | Command::Unlink { parent, .. }
+                | Command::Rmdir { parent, .. } => vec![parent],
+                Command::Link { new_parent, .. } => vec![new_parent],
+                Command::Rename { parent, new_parent, .. } => vec![parent, new_parent],
+                _ => vec![],
+            })
             .filter(|dir| self.writeback.holds(dir))
             .collect();
         directories.dedup();
         directories.into_iter().map(|handle| Command::SetAttr { handle: handle.clone(), changes: AttrChanges::default() }).collect()
     }
 
-    /// Queues `command` if this client holds what it changes exclusively, and returns what the
-    /// server would have answered; `None`: send it with [`Self::apply`].
     /// Queues the create `command` (a regular file or directory) if this client may make it in
     /// its cache, and returns the new object (its handle provisional until the create reaches
     /// the server) and the lease on it; `None`: send it with [`Self::apply`].
@@ -354,6 +360,8 @@ impl Client {
         Some((entry, lease))
     }
 
+    /// Queues `command` if this client holds what it changes exclusively, and returns what the
+    /// server would have answered; `None`: send it with [`Self::apply`].
     pub fn write_back(&self, creds: &Credentials, command: &Command, data: &[u8]) -> Option<CommandOk> {
         let ok = self.writeback.queue(creds, command, data)?;
         if self.writeback.over_limit() {
