@@ -360,6 +360,12 @@ impl Client {
         Some((entry, lease))
     }
 
+    /// Queues the removal `command` (an unlink or rmdir) if this client may make it in its
+    /// cache; `false`: send it with [`Self::apply`].
+    pub fn remove_in_cache(&self, creds: &Credentials, command: &Command) -> bool {
+        self.writeback.queue_remove(creds, command)
+    }
+
     /// Queues `command` if this client holds what it changes exclusively, and returns what the
     /// server would have answered; `None`: send it with [`Self::apply`].
     pub fn write_back(&self, creds: &Credentials, command: &Command, data: &[u8]) -> Option<CommandOk> {

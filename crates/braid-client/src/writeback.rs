@@ -101,9 +101,10 @@ struct State {
     exact: HashSet<Handle>,
     /// Queued changes the server refused, by object, until reported.
     errors: HashMap<Handle, Errno>,
-    /// Every name in directories this client made and has held exclusively since: nobody else
-    /// can have added one, so a name not here does not exist (no lookup needed).
-    listings: HashMap<Handle, HashSet<Vec<u8>>>,
+    /// Every name in directories this client made and has held exclusively since, with the
+    /// object it names when known: nobody else can have added one, so a name not here does not
+    /// exist (no lookup needed).
+    listings: HashMap<Handle, HashMap<Vec<u8>, Option<Handle>>>,
     /// Provisional handles whose create has reached the server, and the server's handles.
     resolved: HashMap<Handle, Handle>,
     /// Provisional handles whose create the server refused: the object never existed.
@@ -166,21 +167,28 @@ impl State {
         self.listings.remove(handle);
     }
 
-    /// `name` in `parent` exists (`present`) after a command, if the command was `applied`;
-    /// a failed command leaves the listing unknown.
-    fn listed(&mut self, parent: &Handle, name: &[u8], applied: bool, present: bool) {
+    /// `name` in `parent` names `object` (`Some`: the object if known) or nothing (`None`)
+    /// after a command, if the command was `applied`; a failed command leaves the listing
+    /// unknown.
+    fn listed(&mut self, parent: &Handle, name: &[u8], applied: bool, object: Option<Option<Handle>>) {
         let Some(names) = self.listings.get_mut(parent) else { return };
-        match (applied, present) {
+        match (applied, object) {
             (false, _) => {
                 self.listings.remove(parent);
             }
-            (true, true) => {
-                names.insert(name.to_vec());
+            (true, Some(object)) => {
+                names.insert(name.to_vec(), object);
             }
-            (true, false) => {
+            (true, None) => {
                 names.remove(name);
             }
         }
+    }
+
+    /// The object `name` in `parent` names, if the listing knows it.
+    fn listed_object(&self, parent: &Handle, name: &[u8]) -> Option<Handle> {
+        let object = self.listings.get(parent)?.get(name)?.as_ref()?;
+        Some(self.canonical(object))
     }
 }
 
@@ -236,28 +244,36 @@ impl WriteBack {
     }
 
     /// Keeps the listings of directories this client made up to date with a transaction's
-    /// applied commands (`results` holds one per command applied).
-    pub(crate) fn names_changed(&self, commands: &[Command], results: &[Result<CommandOk, Errno>]) {
+    /// applied commands (`results` holds one per command applied). The first `queued` commands
+    /// were queued here: the listings have shown them since; only their failure matters.
+    pub(crate) fn names_changed(&self, commands: &[Command], results: &[Result<CommandOk, Errno>], queued: usize) {
         let mut state = self.lock();
-        for (command, result) in commands.iter().zip(results) {
+        for (index, (command, result)) in commands.iter().zip(results).enumerate() {
             let applied = result.is_ok();
-            match (command, result) {
-                (Command::Mkdir { .. }, Ok(CommandOk::Entry(entry))) if state.exclusive.contains_key(&entry.handle) => {
+            let made = match result {
+                Ok(CommandOk::Entry(entry)) => Some(entry.handle.clone()),
+                _ => None,
+            };
+            if let (Command::Mkdir { .. }, Some(dir)) = (command, &made) {
+                if state.exclusive.contains_key(dir) {
                     // A directory made in the cache already lists what was queued in it.
-                    state.listings.entry(entry.handle.clone()).or_default();
+                    state.listings.entry(dir.clone()).or_default();
                 }
-                _ => {}
+            }
+            if index < queued && applied {
+                continue;
             }
             match command {
                 Command::Create { parent, name, .. } | Command::Mkdir { parent, name, .. } | Command::Symlink { parent, name, .. } => {
-                    state.listed(parent, name, applied, true)
+                    state.listed(parent, name, applied, Some(made))
                 }
-                Command::Link { new_parent, new_name, .. } => state.listed(new_parent, new_name, applied, true),
-                Command::Unlink { parent, name } | Command::Rmdir { parent, name } => state.listed(parent, name, applied, false),
+                Command::Link { handle, new_parent, new_name } => state.listed(new_parent, new_name, applied, Some(Some(handle.clone()))),
+                Command::Unlink { parent, name } | Command::Rmdir { parent, name } => state.listed(parent, name, applied, None),
                 Command::Rename { parent, name, new_parent, new_name, flags } => {
+                    let (moved, replaced) = (state.listed_object(parent, name), state.listed_object(new_parent, new_name));
                     let exchange = flags & libc::RENAME_EXCHANGE != 0;
-                    state.listed(parent, name, applied, exchange);
-                    state.listed(new_parent, new_name, applied, true);
+                    state.listed(parent, name, applied, exchange.then_some(replaced));
+                    state.listed(new_parent, new_name, applied, Some(moved));
                 }
                 _ => {}
             }
@@ -271,7 +287,8 @@ impl WriteBack {
         let parent = &state.canonical(parent);
         let held = state.exclusive.get(parent).is_some_and(|until| *until > Instant::now());
         // An overlong name gets its error from the server.
-        held && name.len() <= braid_proto::limits::NAME_BYTES_MAX && state.listings.get(parent).is_some_and(|names| !names.contains(name))
+        held && name.len() <= braid_proto::limits::NAME_BYTES_MAX
+            && state.listings.get(parent).is_some_and(|names| !names.contains_key(name))
     }
 
     /// Records attributes the server reported, for objects held exclusively.
@@ -286,7 +303,7 @@ impl WriteBack {
     /// `commands` are canonical; the first `queued` of them were queued here, so the shadow
     /// attributes already show what they did.
     pub(crate) fn applied(&self, commands: &[Command], results: &[Result<CommandOk, Errno>], queued: usize) {
-        self.names_changed(commands, results);
+        self.names_changed(commands, results, queued);
         let mut state = self.lock();
         for (index, (command, result)) in commands.iter().zip(results).enumerate() {
             match (command, result) {
@@ -430,7 +447,7 @@ impl WriteBack {
             return None;
         }
         let until = *state.exclusive.get(parent).filter(|until| **until >= now + RIGHT_MARGIN)?;
-        if state.listings.get(parent).is_none_or(|names| names.contains(name)) {
+        if state.listings.get(parent).is_none_or(|names| names.contains_key(name)) {
             return None;
         }
         // A set-group-id directory gives its group (and, to directories, the bit): the server's.
@@ -460,9 +477,9 @@ impl WriteBack {
             dir.ctime = t;
             dir.nlink += u32::from(directory);
         }
-        state.listings.get_mut(&parent).expect("checked above").insert(name);
+        state.listings.get_mut(&parent).expect("checked above").insert(name, Some(handle.clone()));
         if directory {
-            state.listings.insert(handle.clone(), HashSet::new());
+            state.listings.insert(handle.clone(), HashMap::new());
         }
         state.exclusive.insert(handle.clone(), until);
         state.attrs.insert(handle.clone(), attr);
@@ -542,6 +559,60 @@ impl WriteBack {
             }
             _ => false,
         }
+    }
+
+    /// Queues the removal of a name (`Command::Unlink`, `Command::Rmdir`) from a directory held
+    /// exclusively whose every name this client knows, when the outcome is known: the name
+    /// exists and names an object held exclusively, a file for an unlink, an empty directory
+    /// for an rmdir (the kernel has checked the caller's permissions). `false`: it must be
+    /// sent now.
+    pub(crate) fn queue_remove(&self, creds: &Credentials, command: &Command) -> bool {
+        let mut state = self.lock();
+        let mut command = command.clone();
+        state.canonicalize(&mut command);
+        let now = Instant::now();
+        let (parent, name, rmdir) = match &command {
+            Command::Unlink { parent, name } => (parent.clone(), name.clone(), false),
+            Command::Rmdir { parent, name } => (parent.clone(), name.clone(), true),
+            _ => return false,
+        };
+        // A squashed root may not remove what the kernel let it: the server is to say.
+        if state.stop || (creds.uid == 0 && self.root_squash) {
+            return false;
+        }
+        let held = |state: &State, h: &Handle| state.exclusive.get(h).is_some_and(|until| *until >= now + RIGHT_MARGIN);
+        let Some(victim) = state.listed_object(&parent, &name) else { return false };
+        if !held(&state, &parent) || !held(&state, &victim) || !state.exact.contains(&victim) {
+            return false;
+        }
+        let Some(kind) = state.attrs.get(&victim).map(|a| a.mode & libc::S_IFMT) else { return false };
+        let removable = match rmdir {
+            false => kind != libc::S_IFDIR,
+            true => kind == libc::S_IFDIR && state.listings.get(&victim).is_some_and(HashMap::is_empty),
+        };
+        if !removable {
+            return false;
+        }
+        let t = self::now();
+        if let Some(dir) = state.attrs.get_mut(&parent) {
+            dir.mtime = t;
+            dir.ctime = t;
+            dir.nlink -= u32::from(rmdir);
+        }
+        if let Some(object) = state.attrs.get_mut(&victim) {
+            object.nlink = if rmdir { 0 } else { object.nlink.saturating_sub(1) };
+            object.ctime = t;
+        }
+        state.listings.get_mut(&parent).expect("listed_object found it").remove(&name);
+        if rmdir {
+            state.listings.remove(&victim);
+        }
+        *state.pending.entry(parent).or_default() += 1;
+        state.oldest.get_or_insert(now);
+        state.queue.push(Queued { creds: creds.clone(), command, data: Vec::new(), creates: None });
+        drop(state);
+        self.changed.notify_all();
+        true
     }
 
     /// Whether queued data is beyond the memory bound (the writer should send the queue).
@@ -821,24 +892,24 @@ mod tests {
         let mkdir = [Command::Mkdir { parent: root.clone(), name: b"d".to_vec(), mode: 0o755 }];
         let made = [Ok(CommandOk::Entry(Entry { handle: dir.clone(), attr: Attr::default() }))];
         w.granted([&root, &dir], Some(Instant::now() + Duration::from_secs(10)), true);
-        w.names_changed(&mkdir, &made);
+        w.names_changed(&mkdir, &made, 0);
         assert!(w.known_missing(&dir, b"a"));
         assert!(!w.known_missing(&dir, &[b'n'; 256]), "an overlong name is the server's to refuse");
         assert!(!w.known_missing(&root, b"a"), "the root was not made here");
         let create =
             |name: &[u8]| Command::Create { parent: dir.clone(), name: name.to_vec(), mode: 0o644, rdev: 0, exclusive: true, pin: false };
-        w.names_changed(&[create(b"a")], &[Ok(CommandOk::Done)]);
+        w.names_changed(&[create(b"a")], &[Ok(CommandOk::Done)], 0);
         assert!(!w.known_missing(&dir, b"a"), "created");
         let rename =
             Command::Rename { parent: dir.clone(), name: b"a".to_vec(), new_parent: dir.clone(), new_name: b"b".to_vec(), flags: 0 };
-        w.names_changed(&[rename], &[Ok(CommandOk::Done)]);
+        w.names_changed(&[rename], &[Ok(CommandOk::Done)], 0);
         assert!(w.known_missing(&dir, b"a") && !w.known_missing(&dir, b"b"), "renamed");
-        w.names_changed(&[Command::Unlink { parent: dir.clone(), name: b"b".to_vec() }], &[Ok(CommandOk::Done)]);
+        w.names_changed(&[Command::Unlink { parent: dir.clone(), name: b"b".to_vec() }], &[Ok(CommandOk::Done)], 0);
         assert!(w.known_missing(&dir, b"b"), "unlinked");
-        w.names_changed(&[create(b"c")], &[Err(Errno(libc::ENOSPC))]);
+        w.names_changed(&[create(b"c")], &[Err(Errno(libc::ENOSPC))], 0);
         assert!(!w.known_missing(&dir, b"z"), "a failed change leaves the listing unknown");
         w.granted([&dir], Some(Instant::now() + Duration::from_secs(10)), true);
-        w.names_changed(&mkdir, &made);
+        w.names_changed(&mkdir, &made, 0);
         w.downgraded(std::slice::from_ref(&dir));
         assert!(!w.known_missing(&dir, b"z"), "another client read it");
     }
@@ -903,7 +974,41 @@ mod tests {
     fn made_here(w: &WriteBack, dir: &Handle) {
         held(w, dir, Attr { mode: libc::S_IFDIR | 0o755, nlink: 2, blksize: 4096, ..Attr::default() });
         let mkdir = [Command::Mkdir { parent: h(9), name: b"d".to_vec(), mode: 0o755 }];
-        w.names_changed(&mkdir, &[Ok(CommandOk::Entry(Entry { handle: dir.clone(), attr: Attr::default() }))]);
+        w.names_changed(&mkdir, &[Ok(CommandOk::Entry(Entry { handle: dir.clone(), attr: Attr::default() }))], 0);
+    }
+
+    #[test]
+    fn removals_of_names_this_client_knows_are_queued() {
+        let w = WriteBack::new(false);
+        let creds = Credentials { uid: 1000, gid: 100, groups: vec![] };
+        let dir = h(1);
+        made_here(&w, &dir);
+        let unlink = |name: &[u8]| Command::Unlink { parent: dir.clone(), name: name.to_vec() };
+        let rmdir = |name: &[u8]| Command::Rmdir { parent: dir.clone(), name: name.to_vec() };
+        assert!(!w.queue_remove(&creds, &unlink(b"nothing")), "a name not there is the server's to refuse");
+        let file = w.queue_create(&creds, &create(&dir, b"f")).expect("queued");
+        let sub = w.queue_create(&creds, &Command::Mkdir { parent: dir.clone(), name: b"s".to_vec(), mode: 0o755 }).expect("queued");
+        w.queue_create(&creds, &create(&sub.handle, b"inner")).expect("queued");
+        assert!(!w.queue_remove(&creds, &unlink(b"s")), "unlink of a directory");
+        assert!(!w.queue_remove(&creds, &rmdir(b"f")), "rmdir of a file");
+        assert!(!w.queue_remove(&creds, &rmdir(b"s")), "rmdir of a directory with a name in it");
+        assert!(w.queue_remove(&creds, &unlink(b"f")));
+        assert!(w.known_missing(&dir, b"f"), "the name is gone");
+        assert_eq!(w.exact_attributes(&file.handle).map(|(a, _)| a.nlink), Some(0), "an open file shows it has no name left");
+        assert!(w.queue_remove(&creds, &Command::Unlink { parent: sub.handle.clone(), name: b"inner".to_vec() }));
+        assert!(w.queue_remove(&creds, &rmdir(b"s")), "empty now");
+        assert_eq!(w.exact_attributes(&dir).map(|(a, _)| a.nlink), Some(2), "the subdirectory's `..` is gone");
+        let ops = w.begin_shipment(true).ops.clone();
+        assert_eq!(ops.len(), 6, "creates and removals go out in order");
+        // Sent and applied, the removals do not bring the names back.
+        let commands: Vec<Command> = ops.iter().map(|op| op.command.clone()).collect();
+        let results: Vec<Result<CommandOk, Errno>> = commands.iter().map(|_| Ok(CommandOk::Done)).collect();
+        w.sent(&ops);
+        w.names_changed(&commands, &results, commands.len());
+        assert!(w.known_missing(&dir, b"f") && w.known_missing(&dir, b"s"));
+        let root = Credentials::default();
+        w.queue_create(&creds, &create(&dir, b"g")).expect("queued");
+        assert!(!WriteBack::new(true).queue_remove(&root, &unlink(b"g")), "a squashed root");
     }
 
     fn create(parent: &Handle, name: &[u8]) -> Command {

@@ -237,6 +237,9 @@ impl BraidFs {
     }
 
     fn apply_done(&self, req: &Request, nodes: &[INodeNo], command: Command) -> Result<(), Errno> {
+        if !self.read_only && self.client.remove_in_cache(&credentials(req), &command) {
+            return Ok(());
+        }
         self.apply(req, nodes, command, Vec::new()).map(|_| ())
     }
 

@@ -113,7 +113,7 @@ fn a_clean_unmount_writes_everything_back() {
 
 #[test]
 fn a_tree_created_in_the_cache_returns_while_the_server_is_stopped_and_reaches_it() {
-    // Goal: mkdir, create, write and chmod inside a directory this client made return without
+    // Goal: mkdir, create, write, chmod, unlink and rmdir inside a directory this client made return without
     // the server (they are queued, with provisional inode numbers), reach it once it runs
     // again, and the inode numbers the mount showed do not change when they do.
     let f = serving(&[]);
@@ -151,6 +151,20 @@ fn a_tree_created_in_the_cache_returns_while_the_server_is_stopped_and_reaches_i
     }
     let listed = fs::read_dir(f.m("d/sub")).expect("readdir").count();
     assert_eq!(listed, 100);
+    // Removals of names this client knows are queued too.
+    f.signal_server(libc::SIGSTOP);
+    let d = f.m("d");
+    within("removals with the server stopped", Duration::from_secs(10), move || {
+        for i in 0..100u32 {
+            fs::remove_file(d.join(format!("sub/f{i}"))).expect("unlink");
+        }
+        fs::remove_dir(d.join("sub")).expect("rmdir");
+        assert!(fs::metadata(d.join("sub")).is_err(), "gone from the cache at once");
+    });
+    f.signal_server(libc::SIGCONT);
+    File::open(f.m("d")).expect("open d").sync_all().expect("fsync d");
+    assert!(!f.e("d/sub").exists(), "the removals reached the server");
+    assert_eq!(fs::read_dir(f.e("d")).expect("list d in the export").count(), 0);
 }
 
 #[test]
@@ -163,7 +177,10 @@ fn another_client_sees_files_created_in_the_cache_at_once() {
     fs::create_dir(f.m("d")).expect("mkdir on A");
     let mut first = File::create(f.m("d/first")).expect("create on A");
     first.write_all(b"hello").expect("write on A");
+    fs::write(f.m("d/gone"), b"x").expect("create on A");
+    fs::remove_file(f.m("d/gone")).expect("unlink on A");
     assert_eq!(fs::read(b.m("d/first")).expect("B reads A's new file"), b"hello");
+    assert!(fs::metadata(b.m("d/gone")).is_err(), "B sees A's unlink");
     let mut later = File::create(f.m("d/later")).expect("create on A");
     later.write_all(b"again").expect("write on A");
     let mut names: Vec<String> =
