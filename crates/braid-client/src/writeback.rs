@@ -979,10 +979,7 @@ mod tests {
 
     #[test]
     fn removals_of_names_this_client_knows_are_queued() {
-        let w = WriteBack::new(false);
-        let creds = Credentials { uid: 1000, gid: 100, groups: vec![] };
-        let dir = h(1);
-        made_here(&w, &dir);
+        let (w, creds, dir) = user_in_a_directory_made_here();
         let unlink = |name: &[u8]| Command::Unlink { parent: dir.clone(), name: name.to_vec() };
         let rmdir = |name: &[u8]| Command::Rmdir { parent: dir.clone(), name: name.to_vec() };
         assert!(!w.queue_remove(&creds, &unlink(b"nothing")), "a name not there is the server's to refuse");
@@ -1009,6 +1006,13 @@ mod tests {
         let root = Credentials::default();
         w.queue_create(&creds, &create(&dir, b"g")).expect("queued");
         assert!(!WriteBack::new(true).queue_remove(&root, &unlink(b"g")), "a squashed root");
+    }
+
+    /// A write-back state, a user, and a directory that user made here.
+    fn user_in_a_directory_made_here() -> (WriteBack, Credentials, Handle) {
+        let w = WriteBack::new(false);
+        made_here(&w, &h(1));
+        (w, Credentials { uid: 1000, gid: 100, groups: vec![] }, h(1))
     }
 
     fn create(parent: &Handle, name: &[u8]) -> Command {
@@ -1044,10 +1048,7 @@ mod tests {
 
     #[test]
     fn a_transaction_names_what_it_creates_by_index_and_what_was_created_before_by_handle() {
-        let w = WriteBack::new(false);
-        let creds = Credentials { uid: 1000, gid: 100, groups: vec![] };
-        let dir = h(1);
-        made_here(&w, &dir);
+        let (w, creds, dir) = user_in_a_directory_made_here();
         let sub = w.queue_create(&creds, &Command::Mkdir { parent: dir.clone(), name: b"s".to_vec(), mode: 0o700 }).expect("queued");
         let file = w.queue_create(&creds, &create(&sub.handle, b"f")).expect("queued");
         w.queue(&creds, &Command::Write { handle: file.handle.clone(), offset: 0, len: 1 }, b"x").expect("queued");
@@ -1072,10 +1073,7 @@ mod tests {
 
     #[test]
     fn a_file_closed_before_its_create_is_sent_is_not_opened_on_the_server() {
-        let w = WriteBack::new(false);
-        let creds = Credentials { uid: 1000, gid: 100, groups: vec![] };
-        let dir = h(1);
-        made_here(&w, &dir);
+        let (w, creds, dir) = user_in_a_directory_made_here();
         let (closed, open) =
             (w.queue_create(&creds, &create(&dir, b"a")).expect("queued"), w.queue_create(&creds, &create(&dir, b"b")).expect("queued"));
         assert!(w.closed_before_created(&closed.handle));
@@ -1089,10 +1087,7 @@ mod tests {
 
     #[test]
     fn a_refused_create_loses_the_object_and_what_was_queued_for_it() {
-        let w = WriteBack::new(false);
-        let creds = Credentials { uid: 1000, gid: 100, groups: vec![] };
-        let dir = h(1);
-        made_here(&w, &dir);
+        let (w, creds, dir) = user_in_a_directory_made_here();
         let file = w.queue_create(&creds, &create(&dir, b"f")).expect("queued");
         w.queue(&creds, &Command::Write { handle: file.handle.clone(), offset: 0, len: 1 }, b"x").expect("queued");
         let ops = w.begin_shipment(true).ops.clone();
