@@ -169,6 +169,9 @@ impl Client {
         if self.writeback.known_missing(parent, name) {
             return Err(ClientError::Errno(Errno(libc::ENOENT)));
         }
+        if let Some((entry, until)) = self.writeback.known_entry(parent, name) {
+            return Ok((entry, Some(until)));
+        }
         let parent = &self.settled(parent)?;
         let request = Request::Lookup { parent: parent.clone(), name: name.to_vec() };
         let lookup = || match self.call_leased(request.clone())? {
@@ -360,10 +363,13 @@ impl Client {
         Some((entry, lease))
     }
 
-    /// Queues the removal `command` (an unlink or rmdir) if this client may make it in its
-    /// cache; `false`: send it with [`Self::apply`].
-    pub fn remove_in_cache(&self, creds: &Credentials, command: &Command) -> bool {
-        self.writeback.queue_remove(creds, command)
+    /// Queues the change of names `command` (an unlink, rmdir or rename) if this client may
+    /// make it in its cache; `false`: send it with [`Self::apply`].
+    pub fn rename_or_remove_in_cache(&self, creds: &Credentials, command: &Command) -> bool {
+        match command {
+            Command::Rename { .. } => self.writeback.queue_rename(creds, command),
+            _ => self.writeback.queue_remove(creds, command),
+        }
     }
 
     /// Queues `command` if this client holds what it changes exclusively, and returns what the
@@ -392,9 +398,11 @@ impl Client {
         self.commit()
     }
 
-    /// The error of a queued change to `handle` the server refused and nobody was told of yet.
-    pub fn take_write_back_error(&self, handle: &Handle) -> Option<Errno> {
-        self.writeback.take_error(handle)
+    /// The error of a queued change to `handle` the server refused, not yet reported by an
+    /// fsync. `fsync`: it is reported now, and forgotten; a close reports it and leaves it for
+    /// the fsync (as NFS does: the close may be another process's, e.g. a child's exec).
+    pub fn write_back_error(&self, handle: &Handle, fsync: bool) -> Option<Errno> {
+        self.writeback.error(handle, fsync)
     }
 
     /// Sends `queued` in batches, then `direct` (with the last batch if it fits); returns the

@@ -291,6 +291,19 @@ impl WriteBack {
             && state.listings.get(parent).is_some_and(|names| !names.contains_key(name))
     }
 
+    /// The entry `name` in `parent` names, and until when that holds, if this client holds both
+    /// exclusively, the directory is one whose names it knows and the object's shadow is exact.
+    pub(crate) fn known_entry(&self, parent: &Handle, name: &[u8]) -> Option<(Entry, Instant)> {
+        let state = self.lock();
+        let now = Instant::now();
+        let parent = state.canonical(parent);
+        let parent_until = *state.exclusive.get(&parent).filter(|until| **until > now)?;
+        let handle = state.listed_object(&parent, name)?;
+        let until = *state.exclusive.get(&handle).filter(|until| **until > now)?;
+        let attr = *state.attrs.get(&handle).filter(|_| state.exact.contains(&handle))?;
+        Some((Entry { handle, attr }, until.min(parent_until)))
+    }
+
     /// Records attributes the server reported, for objects held exclusively.
     pub(crate) fn attributes(&self, handle: &Handle, attr: &Attr) {
         let mut state = self.lock();
@@ -615,6 +628,69 @@ impl WriteBack {
         true
     }
 
+    /// Queues a rename (`Command::Rename`, no flags or `RENAME_NOREPLACE`) between directories
+    /// held exclusively whose every name this client knows, when the outcome is known: the
+    /// source names an object held exclusively, and the target is free or names a file held
+    /// exclusively that a file replaces. `false`: it must be sent now.
+    pub(crate) fn queue_rename(&self, creds: &Credentials, command: &Command) -> bool {
+        let mut state = self.lock();
+        let mut command = command.clone();
+        state.canonicalize(&mut command);
+        let now = Instant::now();
+        let Command::Rename { parent, name, new_parent, new_name, flags } = &command else { return false };
+        if state.stop || (creds.uid == 0 && self.root_squash) || *flags & !libc::RENAME_NOREPLACE != 0 {
+            return false;
+        }
+        let held = |state: &State, h: &Handle| state.exclusive.get(h).is_some_and(|until| *until >= now + RIGHT_MARGIN);
+        let known = |state: &State, h: &Handle| held(state, h) && state.exact.contains(h);
+        let Some(moved) = state.listed_object(parent, name) else { return false };
+        if !held(&state, parent) || !held(&state, new_parent) || !known(&state, &moved) || !state.listings.contains_key(new_parent) {
+            return false;
+        }
+        let kind = |state: &State, h: &Handle| state.attrs.get(h).map(|a| a.mode & libc::S_IFMT);
+        let moved_kind = kind(&state, &moved);
+        let replaced = state.listed_object(new_parent, new_name);
+        if replaced.as_ref() == Some(&moved) {
+            // Two names of one file: the server's to answer (nothing happens).
+            return false;
+        }
+        if let Some(replaced) = &replaced {
+            // Replacing is predictable for a file over a file, and only without NOREPLACE.
+            let files = moved_kind.is_some_and(|k| k != libc::S_IFDIR) && kind(&state, replaced).is_some_and(|k| k != libc::S_IFDIR);
+            if *flags != 0 || !files || !known(&state, replaced) {
+                return false;
+            }
+        }
+        let directory = moved_kind == Some(libc::S_IFDIR);
+        let t = self::now();
+        let (parent, name, new_parent, new_name) = (parent.clone(), name.clone(), new_parent.clone(), new_name.clone());
+        for (dir, links) in [(&parent, -1i64), (&new_parent, 1)] {
+            if let Some(attr) = state.attrs.get_mut(dir) {
+                attr.mtime = t;
+                attr.ctime = t;
+                if directory {
+                    attr.nlink = (i64::from(attr.nlink) + links) as u32;
+                }
+            }
+        }
+        if let Some(attr) = state.attrs.get_mut(&moved) {
+            attr.ctime = t;
+        }
+        if let Some(attr) = replaced.as_ref().and_then(|r| state.attrs.get_mut(r)) {
+            attr.nlink = attr.nlink.saturating_sub(1);
+            attr.ctime = t;
+        }
+        let entry = state.listings.get_mut(&parent).expect("listed_object found it").remove(&name).flatten();
+        state.listings.get_mut(&new_parent).expect("checked above").insert(new_name, entry);
+        *state.pending.entry(parent.clone()).or_default() += 1;
+        *state.pending.entry(new_parent.clone()).or_default() += 1;
+        state.oldest.get_or_insert(now);
+        state.queue.push(Queued { creds: creds.clone(), command, data: Vec::new(), creates: None });
+        drop(state);
+        self.changed.notify_all();
+        true
+    }
+
     /// Whether queued data is beyond the memory bound (the writer should send the queue).
     pub(crate) fn over_limit(&self) -> bool {
         self.lock().bytes >= DIRTY_BYTES_MAX
@@ -683,11 +759,15 @@ impl WriteBack {
         }
     }
 
-    /// The error of a queued change to `handle` not yet reported, if any.
-    pub(crate) fn take_error(&self, handle: &Handle) -> Option<Errno> {
+    /// The error of a queued change to `handle` not yet reported by an fsync, if any; `take`:
+    /// it is reported now.
+    pub(crate) fn error(&self, handle: &Handle, take: bool) -> Option<Errno> {
         let mut state = self.lock();
         let handle = state.canonical(handle);
-        state.errors.remove(&handle)
+        match take {
+            true => state.errors.remove(&handle),
+            false => state.errors.get(&handle).copied(),
+        }
     }
 
     /// Waits until the queue should be sent: its oldest change is [`FLUSH_DELAY`] old or a
@@ -978,6 +1058,37 @@ mod tests {
     }
 
     #[test]
+    fn renames_between_directories_this_client_knows_are_queued() {
+        let (w, creds, dir) = user_in_a_directory_made_here();
+        let rename = |from: &Handle, name: &[u8], to: &Handle, new_name: &[u8], flags| Command::Rename {
+            parent: from.clone(),
+            name: name.to_vec(),
+            new_parent: to.clone(),
+            new_name: new_name.to_vec(),
+            flags,
+        };
+        let file = w.queue_create(&creds, &create(&dir, b"tmp")).expect("queued");
+        let old = w.queue_create(&creds, &create(&dir, b"target")).expect("queued");
+        let sub = w.queue_create(&creds, &Command::Mkdir { parent: dir.clone(), name: b"s".to_vec(), mode: 0o755 }).expect("queued");
+        assert!(!w.queue_rename(&creds, &rename(&dir, b"none", &dir, b"x", 0)), "a source not there");
+        assert!(!w.queue_rename(&creds, &rename(&dir, b"tmp", &dir, b"target", libc::RENAME_NOREPLACE)), "EEXIST is the server's");
+        assert!(!w.queue_rename(&creds, &rename(&dir, b"tmp", &dir, b"s", 0)), "a file over a directory");
+        assert!(!w.queue_rename(&creds, &rename(&dir, b"tmp", &dir, b"t", libc::RENAME_EXCHANGE)));
+        assert!(w.queue_rename(&creds, &rename(&dir, b"tmp", &dir, b"target", 0)), "the atomic update of a file");
+        assert!(w.known_missing(&dir, b"tmp") && !w.known_missing(&dir, b"target"));
+        assert_eq!(w.exact_attributes(&old.handle).map(|(a, _)| a.nlink), Some(0), "the replaced file has no name left");
+        assert!(w.queue_rename(&creds, &rename(&dir, b"target", &sub.handle, b"moved", 0)), "into another directory");
+        assert!(!w.known_missing(&sub.handle, b"moved") && w.known_missing(&dir, b"target"));
+        assert!(w.queue_rename(&creds, &rename(&dir, b"s", &dir, b"s2", 0)), "a directory");
+        assert!(!w.known_missing(&sub.handle, b"moved"), "its listing moves with it");
+        assert!(
+            w.queue_remove(&creds, &Command::Unlink { parent: sub.handle.clone(), name: b"moved".to_vec() }),
+            "the name knows its object"
+        );
+        assert_eq!(w.exact_attributes(&file.handle).map(|(a, _)| a.nlink), Some(0));
+    }
+
+    #[test]
     fn removals_of_names_this_client_knows_are_queued() {
         let (w, creds, dir) = user_in_a_directory_made_here();
         let unlink = |name: &[u8]| Command::Unlink { parent: dir.clone(), name: name.to_vec() };
@@ -1094,7 +1205,9 @@ mod tests {
         w.failed(&ops[0], Errno(libc::ENOSPC));
         assert_eq!(w.names_lost(&ops[1]), Some(Errno(libc::ENOSPC)), "the write names a file that never existed");
         assert_eq!(w.server_handle(&file.handle), Err(Errno(libc::ENOSPC)));
-        assert_eq!(w.take_error(&file.handle), Some(Errno(libc::ENOSPC)), "reported by its fsync or close");
+        assert_eq!(w.error(&file.handle, false), Some(Errno(libc::ENOSPC)), "reported by a close");
+        assert_eq!(w.error(&file.handle, true), Some(Errno(libc::ENOSPC)), "and by the fsync after it");
+        assert_eq!(w.error(&file.handle, true), None, "once");
         assert!(w.queue(&creds, &Command::Write { handle: file.handle.clone(), offset: 1, len: 1 }, b"y").is_none());
     }
 }

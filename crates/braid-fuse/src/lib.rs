@@ -216,9 +216,10 @@ impl BraidFs {
         self.client.write_back(&credentials(req), command, data)
     }
 
-    /// The error of a queued change to `ino` the server refused, not reported yet.
-    fn write_back_error(&self, ino: INodeNo) -> Result<(), Errno> {
-        match self.handle(ino).ok().and_then(|h| self.client.take_write_back_error(&h)) {
+    /// The error of a queued change to `ino` the server refused, not reported by an fsync yet
+    /// (`fsync`: reported now; see `Client::write_back_error`).
+    fn write_back_error(&self, ino: INodeNo, fsync: bool) -> Result<(), Errno> {
+        match self.handle(ino).ok().and_then(|h| self.client.write_back_error(&h, fsync)) {
             Some(errno) => Err(Errno::from_i32(errno.0)),
             None => Ok(()),
         }
@@ -237,7 +238,7 @@ impl BraidFs {
     }
 
     fn apply_done(&self, req: &Request, nodes: &[INodeNo], command: Command) -> Result<(), Errno> {
-        if !self.read_only && self.client.remove_in_cache(&credentials(req), &command) {
+        if !self.read_only && self.client.rename_or_remove_in_cache(&credentials(req), &command) {
             return Ok(());
         }
         self.apply(req, nodes, command, Vec::new()).map(|_| ())
@@ -540,7 +541,7 @@ impl Filesystem for BraidFs {
         // A close does not wait for queued writes (other clients' opens are served only after
         // they are written back); it ends the POSIX locks of the process on the file, and
         // reports a failed write-back already known.
-        let result = self.release_locks(ino, lock_owner).and_then(|()| self.write_back_error(ino));
+        let result = self.release_locks(ino, lock_owner).and_then(|()| self.write_back_error(ino, false));
         self.reply_empty(reply, result);
     }
 
@@ -563,7 +564,7 @@ impl Filesystem for BraidFs {
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        let result = self.check(self.client.sync()).and_then(|_| self.write_back_error(ino));
+        let result = self.check(self.client.sync()).and_then(|_| self.write_back_error(ino, true));
         self.reply_empty(reply, result);
     }
 

@@ -78,17 +78,24 @@ fn another_client_reads_what_was_not_written_back_yet() {
 #[test]
 fn fsync_reports_a_change_the_server_refused() {
     // Goal: a write the server refuses after it was queued (the export is full) is not
-    // swallowed: the write or the fsync fails with ENOSPC, and the export holds no more than
-    // its limit allows.
+    // swallowed: the write or the fsync fails with ENOSPC, even after another close of the
+    // file, and the export holds no more than its limit allows.
     let f = serving(&["--max-size", "1M"]);
     let mut file = File::create(f.m("big")).expect("create");
     let outcome = (|| {
         for _ in 0..8 {
             file.write_all(&[7u8; 512 * 1024])?;
         }
+        // Another close of the same open file (here a dup; a child's exec closes the ones it
+        // inherited) must not take the error from the fsync.
+        std::thread::sleep(Duration::from_millis(200));
+        drop(file.try_clone()?);
         file.sync_all()
     })();
-    let error = outcome.expect_err("4 MiB into a 1 MiB export must fail");
+    let Err(error) = outcome else {
+        let size = fs::metadata(f.e("big")).map(|m| m.len());
+        panic!("4 MiB into a 1 MiB export must fail; the export holds {size:?} bytes\n{}", f.logs_tail())
+    };
     assert!(matches!(error.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)), "got {error}");
     assert!(fs::metadata(f.e("big")).expect("stat in the export").len() <= 1 << 20);
 }
@@ -113,7 +120,7 @@ fn a_clean_unmount_writes_everything_back() {
 
 #[test]
 fn a_tree_created_in_the_cache_returns_while_the_server_is_stopped_and_reaches_it() {
-    // Goal: mkdir, create, write, chmod, unlink and rmdir inside a directory this client made return without
+    // Goal: mkdir, create, write, chmod, rename, unlink and rmdir inside a directory this client made return without
     // the server (they are queued, with provisional inode numbers), reach it once it runs
     // again, and the inode numbers the mount showed do not change when they do.
     let f = serving(&[]);
@@ -154,17 +161,22 @@ fn a_tree_created_in_the_cache_returns_while_the_server_is_stopped_and_reaches_i
     // Removals of names this client knows are queued too.
     f.signal_server(libc::SIGSTOP);
     let d = f.m("d");
-    within("removals with the server stopped", Duration::from_secs(10), move || {
-        for i in 0..100u32 {
+    within("renames and removals with the server stopped", Duration::from_secs(10), move || {
+        fs::rename(d.join("sub/f0"), d.join("sub/f1")).expect("rename over another file");
+        fs::rename(d.join("sub/f2"), d.join("kept")).expect("rename to another directory");
+        for i in 3..100u32 {
             fs::remove_file(d.join(format!("sub/f{i}"))).expect("unlink");
         }
+        fs::remove_file(d.join("sub/f1")).expect("unlink the replaced name");
         fs::remove_dir(d.join("sub")).expect("rmdir");
         assert!(fs::metadata(d.join("sub")).is_err(), "gone from the cache at once");
     });
     f.signal_server(libc::SIGCONT);
     File::open(f.m("d")).expect("open d").sync_all().expect("fsync d");
     assert!(!f.e("d/sub").exists(), "the removals reached the server");
-    assert_eq!(fs::read_dir(f.e("d")).expect("list d in the export").count(), 0);
+    let names: Vec<_> = fs::read_dir(f.e("d")).expect("list d in the export").map(|e| e.expect("entry").file_name()).collect();
+    assert_eq!(names, ["kept"]);
+    assert_eq!(fs::read(f.e("d/kept")).expect("read the export"), "content 2\n".repeat(2).as_bytes());
 }
 
 #[test]
