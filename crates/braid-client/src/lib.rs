@@ -76,6 +76,8 @@ pub struct Client {
     /// Work for the release thread.
     releases: std::sync::mpsc::Sender<ReleaseWork>,
     writeback: Arc<writeback::WriteBack>,
+    /// The server answers `DurableTxn` (protocol version 2).
+    durable_txns: bool,
 }
 
 /// Changes not queued, sent after the queued ones they may depend on.
@@ -121,8 +123,15 @@ impl Client {
         let writeback = Arc::new(writeback::WriteBack::new(info.root_squash));
         let thread_error = |e: std::io::Error| ClientError::Protocol(format!("cannot start a client thread: {e}"));
         let releases = start_release_thread(connection.clone(), writeback.clone()).map_err(thread_error)?;
-        let client =
-            Self { connection, txns, callbacks: Arc::new(Mutex::new(None)), handler: Arc::new(OnceLock::new()), releases, writeback };
+        let client = Self {
+            connection,
+            txns,
+            callbacks: Arc::new(Mutex::new(None)),
+            handler: Arc::new(OnceLock::new()),
+            releases,
+            writeback,
+            durable_txns: info.version >= braid_proto::DURABLE_TXN_VERSION,
+        };
         client.start_flusher().map_err(thread_error)?;
         Ok((client, info))
     }
@@ -325,7 +334,7 @@ impl Client {
         commands.extend(self.attribute_probes(&commands));
         let mut shipment = self.writeback.begin_shipment(depends);
         let queued = std::mem::take(&mut shipment.ops);
-        let direct = self.ship(queued, Some(Direct { creds, commands, data }));
+        let direct = self.ship(queued, Some(Direct { creds, commands, data }), false);
         drop(shipment);
         let (mut results, lease) = direct?.expect("a direct change always has an outcome");
         results.truncate(asked);
@@ -387,15 +396,27 @@ impl Client {
 
     /// Sends every queued change, in order, after any shipment already under way.
     pub fn flush(&self) -> Result<()> {
-        let mut shipment = self.writeback.begin_shipment(true);
-        let queued = std::mem::take(&mut shipment.ops);
-        self.ship(queued, None).map(|_| ())
+        self.flush_durably(false).map(|_| ())
     }
 
-    /// Returns once every change made so far, queued ones included, is durable on the server.
-    pub fn sync(&self) -> Result<Lsn> {
-        self.flush()?;
-        self.commit()
+    /// [`Self::flush`]; if `durable`, the last transaction is answered once durable (one
+    /// round trip for an fsync). Returns whether any transaction was sent that way.
+    fn flush_durably(&self, durable: bool) -> Result<bool> {
+        let mut shipment = self.writeback.begin_shipment(true);
+        let queued = std::mem::take(&mut shipment.ops);
+        let durable = durable && !queued.is_empty() && self.durable_txns;
+        let sent = self.ship(queued, None, durable)?;
+        Ok(durable && sent.is_some())
+    }
+
+    /// Returns once every change made so far, queued ones included, is durable on the server:
+    /// the queue goes out with its last transaction asking for durability, or, if nothing was
+    /// queued, a `Commit` follows.
+    pub fn sync(&self) -> Result<()> {
+        if !self.flush_durably(true)? {
+            self.commit()?;
+        }
+        Ok(())
     }
 
     /// The error of a queued change to `handle` the server refused, not yet reported by an
@@ -408,8 +429,12 @@ impl Client {
     /// Sends `queued` in batches, then `direct` (with the last batch if it fits); returns the
     /// outcome of `direct`. A queued change the server refuses is recorded for its object; the
     /// changes after it are sent again without it.
-    fn ship(&self, queued: Vec<writeback::Queued>, direct: Option<Direct>) -> Result<Option<(TxnResults, Lease)>> {
+    /// `durable`: the last transaction is a `DurableTxn`, and the outcome is `Some` only if
+    /// one was sent (changes naming lost objects are dropped before sending).
+    fn ship(&self, queued: Vec<writeback::Queued>, direct: Option<Direct>, durable: bool) -> Result<Option<(TxnResults, Lease)>> {
+        debug_assert!(!(durable && direct.is_some()), "durable shipments are fsyncs: nothing direct");
         let mut batches: VecDeque<Vec<writeback::Queued>> = writeback::batches(queued).into();
+        let mut outcome = None;
         while let Some(batch) = batches.pop_front() {
             let batch = self.drop_lost(batch);
             if batch.is_empty() {
@@ -426,7 +451,8 @@ impl Client {
             commands.extend(probes);
             let creates: Vec<(usize, Handle)> =
                 batch.iter().enumerate().filter_map(|(at, op)| op.creates.clone().map(|created| (at, created))).collect();
-            let (mut results, lease) = match self.send_txn(batch[0].creds.clone(), &commands, &data, &creates, batch.len()) {
+            let last = durable && batches.is_empty();
+            let (mut results, lease) = match self.send_txn(batch[0].creds.clone(), &commands, &data, &creates, batch.len(), last) {
                 Ok(done) => done,
                 Err(e) => {
                     // Nothing more will be tried: every change not sent is lost.
@@ -450,10 +476,13 @@ impl Client {
             if joins && refused.is_none() {
                 return Ok(Some((results.split_off(batch.len()), lease)));
             }
+            if last && batches.is_empty() {
+                outcome = Some((results, lease));
+            }
         }
         match direct {
-            Some(d) => Ok(Some(self.send_txn(d.creds, &d.commands, &d.data, &[], 0)?)),
-            None => Ok(None),
+            Some(d) => Ok(Some(self.send_txn(d.creds, &d.commands, &d.data, &[], 0, false)?)),
+            None => Ok(outcome),
         }
     }
 
@@ -479,10 +508,12 @@ impl Client {
         data: &[u8],
         creates: &[(usize, Handle)],
         queued: usize,
+        durable: bool,
     ) -> Result<(TxnResults, Lease)> {
         let wire = self.writeback.on_the_wire(commands, creates).map_err(ClientError::Errno)?;
         let (seq, replied_below) = self.txns.begin();
-        let request = Request::Txn(Txn { seq, replied_below, creds, commands: wire });
+        let txn = Txn { seq, replied_below, creds, commands: wire };
+        let request = if durable { Request::DurableTxn(txn) } else { Request::Txn(txn) };
         let result = self.connection.call_granted(&request, data);
         self.txns.end(seq);
         match result? {

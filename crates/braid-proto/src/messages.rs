@@ -3,8 +3,11 @@
 //! in the frame's data section, in command order, never inside the message.
 use serde::{Deserialize, Serialize};
 
-/// Protocol versions this build speaks, newest first.
-pub const PROTOCOL_VERSIONS: &[u16] = &[1];
+/// Protocol versions this build speaks, newest first. 2 added [`Request::DurableTxn`].
+pub const PROTOCOL_VERSIONS: &[u16] = &[2, 1];
+
+/// The first protocol version with [`Request::DurableTxn`].
+pub const DURABLE_TXN_VERSION: u16 = 2;
 
 /// Identifies one client (one mount) for deduplication; random, chosen at mount time and kept
 /// across reconnects.
@@ -251,6 +254,9 @@ pub enum Request {
     Lock(LockRequest),
     /// The first lock conflicting with `LockRequest` (whose kind must not be `Unlock`), if any.
     TestLock(LockRequest),
+    /// A `Txn` answered only once it is durable, with everything applied before it (`Txn`
+    /// then `Commit` in one round trip: an fsync). Protocol version 2.
+    DurableTxn(Txn),
 }
 
 /// A whole-file or byte-range lock request. `owner` is the client's name for the lock owner

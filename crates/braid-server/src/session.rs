@@ -331,7 +331,7 @@ fn effective_creds(state: &ServerState, creds: braid_proto::Credentials) -> brai
 fn is_quick(state: &ServerState, client: ClientId, request: &Request) -> bool {
     match request {
         Request::Read { len, .. } => *len <= 128 * 1024 && !state.coherence.exclusive_elsewhere(client),
-        Request::Commit => false,
+        Request::Commit | Request::DurableTxn(_) => false,
         Request::Txn(txn) => txn.commands.len() <= 16 && !state.coherence.shared(client) && !state.coherence.in_grace(),
         Request::StatFs | Request::Release { .. } | Request::CallbackDone { .. } | Request::Unsubscribe => true,
         Request::Lock(_) | Request::TestLock(_) | Request::Subscribe => true,
@@ -357,9 +357,18 @@ impl Handled {
     }
 }
 
-async fn handle_request(state: &Arc<ServerState>, client: ClientId, request: Request, frame: Frame) -> Handled {
+async fn handle_request(state: &Arc<ServerState>, client: ClientId, request: Request, mut frame: Frame) -> Handled {
     if let Request::Commit = request {
         return Handled::plain(Ok(Reply::Committed(state.committer.commit().await)));
+    }
+    if let Request::DurableTxn(txn) = request {
+        // Logged, deduplicated and applied as the `Txn` it is; answered once durable.
+        frame.message = postcard::to_stdvec(&Request::Txn(txn.clone())).expect("a txn always encodes");
+        let handled = Box::pin(handle_request(state, client, Request::Txn(txn), frame)).await;
+        if handled.result.is_ok() {
+            state.committer.commit().await;
+        }
+        return handled;
     }
     let state = state.clone();
     tokio::task::spawn_blocking(move || handle_blocking(&state, client, request, frame))
@@ -488,7 +497,8 @@ fn handle_blocking(state: &ServerState, client: ClientId, request: Request, fram
             state.coherence.unsubscribe(client);
             Handled::plain(Ok(Reply::Done))
         }
-        Request::Commit | Request::Subscribe => unreachable!("handled on the connection's task"),
+        Request::Subscribe => unreachable!("handled on the connection's task"),
+        Request::Commit | Request::DurableTxn(_) => unreachable!("handled by handle_request"),
     }
 }
 
@@ -594,7 +604,9 @@ mod tests {
     fn negotiation_picks_common_algorithms_and_names_what_is_missing() {
         // Goal: the refusal names the first missing algorithm; success reports what is in force.
         let (version, algorithms) = negotiate(&hello(), "tls13", "x509").unwrap();
-        assert_eq!(version, 1);
+        assert_eq!(version, 2);
+        let old_client = Hello { versions: vec![1], ..hello() };
+        assert_eq!(negotiate(&old_client, "tls13", "x509").unwrap().0, 1, "a version-1 client is still served");
         assert_eq!(algorithms.names(), ["crc32c", "tls13", "x509"]);
 
         let wants_blake3 = Hello { checksums: vec!["blake3".into()], ..hello() };

@@ -7,7 +7,7 @@ use std::fs::{self, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
-use braid_proto::{ClientId, Command, CommandOk};
+use braid_proto::{ClientId, Command, CommandOk, Credentials, Reply, Request, Txn, TxnSeq};
 use common::{Fixture, RawSession, Rng};
 
 const KIB: usize = 1024;
@@ -219,4 +219,24 @@ impl Drop for FakeMount {
 fn in_mountinfo(path: &std::path::Path) -> bool {
     let info = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     info.lines().any(|line| line.split(' ').nth(4) == path.to_str())
+}
+
+#[test]
+fn a_durable_txn_is_answered_once_durable_and_applied_at_most_once() {
+    // Goal: the one-round-trip fsync (`DurableTxn`) is answered only when the server's durable
+    // position covers it, and a resend of it is answered from the reply cache, not applied
+    // again. Method: send it twice over a raw session; a second create would fail with EEXIST.
+    let fx = Fixture::serving_with(|_| {});
+    let mut raw = RawSession::open(fx.addr());
+    let create =
+        Command::Create { parent: raw.root(), name: b"f".to_vec(), mode: libc::S_IFREG | 0o644, rdev: 0, exclusive: true, pin: false };
+    let root = Credentials { uid: 0, gid: 0, groups: Vec::new() };
+    let txn = Txn { seq: TxnSeq(1), replied_below: TxnSeq(1), creds: root, commands: vec![create] };
+    let (first, _) = raw.call_response(&Request::DurableTxn(txn.clone()), &[]);
+    let Ok(Reply::Txn(outcome)) = &first.result else { panic!("durable txn answered {:?}", first.result) };
+    assert!(outcome.results[0].is_ok(), "created: {:?}", outcome.results);
+    assert!(first.durable >= outcome.lsn, "answered at durable {:?} before its lsn {:?} was durable", first.durable, outcome.lsn);
+    let (again, _) = raw.call_response(&Request::DurableTxn(txn), &[]);
+    assert_eq!(again.result, first.result, "a resend gets the logged reply");
+    assert!(fx.e("f").exists());
 }

@@ -441,6 +441,12 @@ impl RawSession {
 
     /// Sends one request and waits for its response.
     pub fn call(&mut self, request: &Request, data: &[u8]) -> Result<(Reply, Vec<u8>), WireError> {
+        let (response, data) = self.call_response(request, data);
+        response.result.map(|reply| (reply, data))
+    }
+
+    /// Sends one request and returns its whole response and data.
+    pub fn call_response(&mut self, request: &Request, data: &[u8]) -> (Response, Vec<u8>) {
         let id = self.next_request_id;
         self.next_request_id += 1;
         let bytes = encode_frame(FrameKind::Request, id, request, data).expect("encode request");
@@ -448,8 +454,7 @@ impl RawSession {
         let frame = read_frame(&mut self.stream).unwrap_or_else(|e| panic!("no response to {request:?}: {e}"));
         assert_eq!(frame.header.kind, FrameKind::Response);
         assert_eq!(frame.header.request_id, id, "response to another request");
-        let response: Response = frame.decode().expect("response decodes");
-        response.result.map(|reply| (reply, frame.data))
+        (frame.decode().expect("response decodes"), frame.data)
     }
 
     pub fn lookup(&mut self, parent: &Handle, name: &[u8]) -> Result<Entry, WireError> {
