@@ -367,9 +367,7 @@ impl Client {
     /// its cache, and returns the new object (its handle provisional until the create reaches
     /// the server) and the lease on it; `None`: send it with [`Self::apply`].
     pub fn create_in_cache(&self, creds: &Credentials, command: &Command) -> Option<(Entry, Lease)> {
-        let entry = self.writeback.queue_create(creds, command)?;
-        let lease = self.writeback.exact_attributes(&entry.handle).map(|(_, until)| until);
-        Some((entry, lease))
+        self.writeback.queue_create(creds, command).map(|(entry, until)| (entry, Some(until)))
     }
 
     /// Queues the change of names `command` (an unlink, rmdir or rename) if this client may
@@ -489,12 +487,16 @@ impl Client {
     /// Fails the changes of `batch` that name an object whose create the server refused, and
     /// returns the others.
     fn drop_lost(&self, batch: Vec<writeback::Queued>) -> Vec<writeback::Queued> {
-        let (lost, kept): (Vec<_>, Vec<_>) = batch.into_iter().partition(|op| self.writeback.names_lost(op).is_some());
-        for op in &lost {
-            let errno = self.writeback.names_lost(op).expect("partitioned on it");
-            self.write_back_failed(op, errno);
+        let mut kept = Vec::with_capacity(batch.len());
+        for op in batch {
+            match self.writeback.names_lost(&op) {
+                Some(errno) => {
+                    self.write_back_failed(&op, errno);
+                    self.writeback.sent(std::slice::from_ref(&op));
+                }
+                None => kept.push(op),
+            }
         }
-        self.writeback.sent(&lost);
         kept
     }
 

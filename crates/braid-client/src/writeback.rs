@@ -19,8 +19,8 @@
 //!   reply; a request of this client naming it ships the queue first. Another client's read of
 //!   it makes the server ask for the queue first (`Callback::Flush`); another client's change
 //!   recalls it (`Callback::Recall`), which ships the queue before it is acknowledged.
-//! - Errors: a queued change the server refuses is remembered for its object, reported by the
-//!   next fsync or close of it (as a local file system reports a failed write-back), and the
+//! - Errors: a queued change the server refuses is remembered for its object, reported by every
+//!   close of it and by the next fsync of it, which forgets it (as NFS does), and the
 //!   kernel's view of the object is dropped. A refused create loses the object: the changes
 //!   queued for it fail too.
 //! - Keys: every map here is keyed by the object's *canonical* handle (the server's once it is
@@ -183,6 +183,33 @@ impl State {
                 names.remove(name);
             }
         }
+    }
+
+    /// Until when this client holds `handle` exclusively, if long enough to queue a change of
+    /// it at `now` ([`RIGHT_MARGIN`]).
+    fn held_for_queueing(&self, handle: &Handle, now: Instant) -> Option<Instant> {
+        self.exclusive.get(handle).copied().filter(|until| *until >= now + RIGHT_MARGIN)
+    }
+
+    /// A queued change of the entries of directory `dir` at `t`, adding `links` to its link
+    /// count (a subdirectory's `..`).
+    fn entries_changed(&mut self, dir: &Handle, t: Timestamp, links: i32) {
+        if let Some(attr) = self.attrs.get_mut(dir) {
+            attr.mtime = t;
+            attr.ctime = t;
+            attr.nlink = attr.nlink.saturating_add_signed(links);
+        }
+    }
+
+    /// Appends `op` to the queue: every object it is part of is pending until it is sent
+    /// ([`WriteBack::sent`] counts them down the same way).
+    fn enqueue(&mut self, op: Queued, now: Instant) {
+        for handle in op.objects() {
+            *self.pending.entry(handle.clone()).or_default() += 1;
+        }
+        self.bytes += op.data.len();
+        self.oldest.get_or_insert(now);
+        self.queue.push(op);
     }
 
     /// The object `name` in `parent` names, if the listing knows it.
@@ -443,7 +470,7 @@ impl WriteBack {
     /// if this client holds the directory exclusively and knows every name in it (so the name
     /// is free on the server too), and returns the new object as the server would have: with a
     /// provisional handle and inode number. `None`: it must be sent now.
-    pub(crate) fn queue_create(&self, creds: &Credentials, command: &Command) -> Option<Entry> {
+    pub(crate) fn queue_create(&self, creds: &Credentials, command: &Command) -> Option<(Entry, Instant)> {
         let mut state = self.lock();
         let mut command = command.clone();
         state.canonicalize(&mut command);
@@ -459,7 +486,7 @@ impl WriteBack {
         if state.stop || (creds.uid == 0 && self.root_squash) || mode & setid != 0 || name.len() > NAME_BYTES_MAX {
             return None;
         }
-        let until = *state.exclusive.get(parent).filter(|until| **until >= now + RIGHT_MARGIN)?;
+        let until = state.held_for_queueing(parent, now)?;
         if state.listings.get(parent).is_none_or(|names| names.contains_key(name)) {
             return None;
         }
@@ -485,11 +512,7 @@ impl WriteBack {
             blksize,
         };
         let (parent, name) = (parent.clone(), name.clone());
-        if let Some(dir) = state.attrs.get_mut(&parent) {
-            dir.mtime = t;
-            dir.ctime = t;
-            dir.nlink += u32::from(directory);
-        }
+        state.entries_changed(&parent, t, i32::from(directory));
         state.listings.get_mut(&parent).expect("checked above").insert(name, Some(handle.clone()));
         if directory {
             state.listings.insert(handle.clone(), HashMap::new());
@@ -497,13 +520,10 @@ impl WriteBack {
         state.exclusive.insert(handle.clone(), until);
         state.attrs.insert(handle.clone(), attr);
         state.exact.insert(handle.clone());
-        *state.pending.entry(parent).or_default() += 1;
-        *state.pending.entry(handle.clone()).or_default() += 1;
-        state.oldest.get_or_insert(now);
-        state.queue.push(Queued { creds: creds.clone(), command, data: Vec::new(), creates: Some(handle.clone()) });
+        state.enqueue(Queued { creds: creds.clone(), command, data: Vec::new(), creates: Some(handle.clone()) }, now);
         drop(state);
         self.changed.notify_all();
-        Some(Entry { handle, attr })
+        Some((Entry { handle, attr }, until))
     }
 
     /// Queues `command` if this client may make it in its cache, returning what the server
@@ -519,7 +539,7 @@ impl WriteBack {
             _ => return None,
         };
         let mut sent_command = None;
-        if state.stop || state.exclusive.get(handle).is_none_or(|until| *until < now + RIGHT_MARGIN) {
+        if state.stop || state.held_for_queueing(handle, now).is_none() {
             return None;
         }
         let ok = match command {
@@ -547,11 +567,8 @@ impl WriteBack {
             }
             _ => unreachable!("matched above"),
         };
-        *state.pending.entry(handle.clone()).or_default() += 1;
-        state.bytes += data.len();
-        state.oldest.get_or_insert(now);
         let command = sent_command.unwrap_or_else(|| command.clone());
-        state.queue.push(Queued { creds: creds.clone(), command, data: data.to_vec(), creates: None });
+        state.enqueue(Queued { creds: creds.clone(), command, data: data.to_vec(), creates: None }, now);
         drop(state);
         self.changed.notify_all();
         Some(ok)
@@ -593,8 +610,8 @@ impl WriteBack {
         if state.stop || (creds.uid == 0 && self.root_squash) {
             return false;
         }
-        let held = |state: &State, h: &Handle| state.exclusive.get(h).is_some_and(|until| *until >= now + RIGHT_MARGIN);
         let Some(victim) = state.listed_object(&parent, &name) else { return false };
+        let held = |state: &State, h: &Handle| state.held_for_queueing(h, now).is_some();
         if !held(&state, &parent) || !held(&state, &victim) || !state.exact.contains(&victim) {
             return false;
         }
@@ -607,11 +624,7 @@ impl WriteBack {
             return false;
         }
         let t = self::now();
-        if let Some(dir) = state.attrs.get_mut(&parent) {
-            dir.mtime = t;
-            dir.ctime = t;
-            dir.nlink -= u32::from(rmdir);
-        }
+        state.entries_changed(&parent, t, -i32::from(rmdir));
         if let Some(object) = state.attrs.get_mut(&victim) {
             object.nlink = if rmdir { 0 } else { object.nlink.saturating_sub(1) };
             object.ctime = t;
@@ -620,9 +633,7 @@ impl WriteBack {
         if rmdir {
             state.listings.remove(&victim);
         }
-        *state.pending.entry(parent).or_default() += 1;
-        state.oldest.get_or_insert(now);
-        state.queue.push(Queued { creds: creds.clone(), command, data: Vec::new(), creates: None });
+        state.enqueue(Queued { creds: creds.clone(), command, data: Vec::new(), creates: None }, now);
         drop(state);
         self.changed.notify_all();
         true
@@ -641,7 +652,7 @@ impl WriteBack {
         if state.stop || (creds.uid == 0 && self.root_squash) || *flags & !libc::RENAME_NOREPLACE != 0 {
             return false;
         }
-        let held = |state: &State, h: &Handle| state.exclusive.get(h).is_some_and(|until| *until >= now + RIGHT_MARGIN);
+        let held = |state: &State, h: &Handle| state.held_for_queueing(h, now).is_some();
         let known = |state: &State, h: &Handle| held(state, h) && state.exact.contains(h);
         let Some(moved) = state.listed_object(parent, name) else { return false };
         if !held(&state, parent) || !held(&state, new_parent) || !known(&state, &moved) || !state.listings.contains_key(new_parent) {
@@ -664,15 +675,8 @@ impl WriteBack {
         let directory = moved_kind == Some(libc::S_IFDIR);
         let t = self::now();
         let (parent, name, new_parent, new_name) = (parent.clone(), name.clone(), new_parent.clone(), new_name.clone());
-        for (dir, links) in [(&parent, -1i64), (&new_parent, 1)] {
-            if let Some(attr) = state.attrs.get_mut(dir) {
-                attr.mtime = t;
-                attr.ctime = t;
-                if directory {
-                    attr.nlink = (i64::from(attr.nlink) + links) as u32;
-                }
-            }
-        }
+        state.entries_changed(&parent, t, -i32::from(directory));
+        state.entries_changed(&new_parent, t, i32::from(directory));
         if let Some(attr) = state.attrs.get_mut(&moved) {
             attr.ctime = t;
         }
@@ -682,10 +686,7 @@ impl WriteBack {
         }
         let entry = state.listings.get_mut(&parent).expect("listed_object found it").remove(&name).flatten();
         state.listings.get_mut(&new_parent).expect("checked above").insert(new_name, entry);
-        *state.pending.entry(parent.clone()).or_default() += 1;
-        *state.pending.entry(new_parent.clone()).or_default() += 1;
-        state.oldest.get_or_insert(now);
-        state.queue.push(Queued { creds: creds.clone(), command, data: Vec::new(), creates: None });
+        state.enqueue(Queued { creds: creds.clone(), command, data: Vec::new(), creates: None }, now);
         drop(state);
         self.changed.notify_all();
         true
@@ -1067,9 +1068,9 @@ mod tests {
             new_name: new_name.to_vec(),
             flags,
         };
-        let file = w.queue_create(&creds, &create(&dir, b"tmp")).expect("queued");
-        let old = w.queue_create(&creds, &create(&dir, b"target")).expect("queued");
-        let sub = w.queue_create(&creds, &Command::Mkdir { parent: dir.clone(), name: b"s".to_vec(), mode: 0o755 }).expect("queued");
+        let file = queued_create(&w, &creds, &create(&dir, b"tmp"));
+        let old = queued_create(&w, &creds, &create(&dir, b"target"));
+        let sub = queued_create(&w, &creds, &Command::Mkdir { parent: dir.clone(), name: b"s".to_vec(), mode: 0o755 });
         assert!(!w.queue_rename(&creds, &rename(&dir, b"none", &dir, b"x", 0)), "a source not there");
         assert!(!w.queue_rename(&creds, &rename(&dir, b"tmp", &dir, b"target", libc::RENAME_NOREPLACE)), "EEXIST is the server's");
         assert!(!w.queue_rename(&creds, &rename(&dir, b"tmp", &dir, b"s", 0)), "a file over a directory");
@@ -1094,9 +1095,9 @@ mod tests {
         let unlink = |name: &[u8]| Command::Unlink { parent: dir.clone(), name: name.to_vec() };
         let rmdir = |name: &[u8]| Command::Rmdir { parent: dir.clone(), name: name.to_vec() };
         assert!(!w.queue_remove(&creds, &unlink(b"nothing")), "a name not there is the server's to refuse");
-        let file = w.queue_create(&creds, &create(&dir, b"f")).expect("queued");
-        let sub = w.queue_create(&creds, &Command::Mkdir { parent: dir.clone(), name: b"s".to_vec(), mode: 0o755 }).expect("queued");
-        w.queue_create(&creds, &create(&sub.handle, b"inner")).expect("queued");
+        let file = queued_create(&w, &creds, &create(&dir, b"f"));
+        let sub = queued_create(&w, &creds, &Command::Mkdir { parent: dir.clone(), name: b"s".to_vec(), mode: 0o755 });
+        queued_create(&w, &creds, &create(&sub.handle, b"inner"));
         assert!(!w.queue_remove(&creds, &unlink(b"s")), "unlink of a directory");
         assert!(!w.queue_remove(&creds, &rmdir(b"f")), "rmdir of a file");
         assert!(!w.queue_remove(&creds, &rmdir(b"s")), "rmdir of a directory with a name in it");
@@ -1115,7 +1116,7 @@ mod tests {
         w.names_changed(&commands, &results, commands.len());
         assert!(w.known_missing(&dir, b"f") && w.known_missing(&dir, b"s"));
         let root = Credentials::default();
-        w.queue_create(&creds, &create(&dir, b"g")).expect("queued");
+        queued_create(&w, &creds, &create(&dir, b"g"));
         assert!(!WriteBack::new(true).queue_remove(&root, &unlink(b"g")), "a squashed root");
     }
 
@@ -1124,6 +1125,11 @@ mod tests {
         let w = WriteBack::new(false);
         made_here(&w, &h(1));
         (w, Credentials { uid: 1000, gid: 100, groups: vec![] }, h(1))
+    }
+
+    /// The entry `command` gives when it is queued (it must be).
+    fn queued_create(w: &WriteBack, creds: &Credentials, command: &Command) -> Entry {
+        w.queue_create(creds, command).map(|(entry, _)| entry).expect("the create is queued")
     }
 
     fn create(parent: &Handle, name: &[u8]) -> Command {
@@ -1137,16 +1143,16 @@ mod tests {
         let dir = h(1);
         assert!(w.queue_create(&creds, &create(&dir, b"f")).is_none(), "no right on the directory");
         made_here(&w, &dir);
-        let file = w.queue_create(&creds, &create(&dir, b"f")).expect("queued");
+        let file = queued_create(&w, &creds, &create(&dir, b"f"));
         assert!(is_provisional(&file.handle));
         assert!(file.attr.ino >= PROVISIONAL_INO);
         assert_eq!((file.attr.mode, file.attr.uid, file.attr.gid, file.attr.nlink), (libc::S_IFREG | 0o640, 1000, 100, 1));
         assert!(!w.known_missing(&dir, b"f"), "the name is taken");
         assert!(w.queue_create(&creds, &create(&dir, b"f")).is_none(), "a name taken is the server's to refuse");
-        let sub = w.queue_create(&creds, &Command::Mkdir { parent: dir.clone(), name: b"s".to_vec(), mode: 0o700 }).expect("queued");
+        let sub = queued_create(&w, &creds, &Command::Mkdir { parent: dir.clone(), name: b"s".to_vec(), mode: 0o700 });
         assert_eq!(w.exact_attributes(&dir).map(|(a, _)| a.nlink), Some(3), "the new directory's `..`");
         assert!(w.known_missing(&sub.handle, b"x"), "a new directory is empty");
-        w.queue_create(&creds, &create(&sub.handle, b"x")).expect("queued in the new directory too");
+        queued_create(&w, &creds, &create(&sub.handle, b"x"));
         assert!(w.queue(&creds, &Command::Write { handle: file.handle.clone(), offset: 0, len: 2 }, b"hi").is_some());
         assert_eq!(w.exact_attributes(&file.handle).map(|(a, _)| a.size), Some(2));
         assert!(w.pending([&file.handle]) && w.pending([&dir]));
@@ -1160,8 +1166,8 @@ mod tests {
     #[test]
     fn a_transaction_names_what_it_creates_by_index_and_what_was_created_before_by_handle() {
         let (w, creds, dir) = user_in_a_directory_made_here();
-        let sub = w.queue_create(&creds, &Command::Mkdir { parent: dir.clone(), name: b"s".to_vec(), mode: 0o700 }).expect("queued");
-        let file = w.queue_create(&creds, &create(&sub.handle, b"f")).expect("queued");
+        let sub = queued_create(&w, &creds, &Command::Mkdir { parent: dir.clone(), name: b"s".to_vec(), mode: 0o700 });
+        let file = queued_create(&w, &creds, &create(&sub.handle, b"f"));
         w.queue(&creds, &Command::Write { handle: file.handle.clone(), offset: 0, len: 1 }, b"x").expect("queued");
         let ops = w.begin_shipment(true).ops.clone();
         let commands: Vec<Command> = ops.iter().map(|op| op.command.clone()).collect();
@@ -1185,8 +1191,7 @@ mod tests {
     #[test]
     fn a_file_closed_before_its_create_is_sent_is_not_opened_on_the_server() {
         let (w, creds, dir) = user_in_a_directory_made_here();
-        let (closed, open) =
-            (w.queue_create(&creds, &create(&dir, b"a")).expect("queued"), w.queue_create(&creds, &create(&dir, b"b")).expect("queued"));
+        let (closed, open) = (queued_create(&w, &creds, &create(&dir, b"a")), queued_create(&w, &creds, &create(&dir, b"b")));
         assert!(w.closed_before_created(&closed.handle));
         let ops = w.begin_shipment(true).ops.clone();
         assert!(matches!(ops[0].command, Command::Create { pin: false, .. }), "no pin to release");
@@ -1199,7 +1204,7 @@ mod tests {
     #[test]
     fn a_refused_create_loses_the_object_and_what_was_queued_for_it() {
         let (w, creds, dir) = user_in_a_directory_made_here();
-        let file = w.queue_create(&creds, &create(&dir, b"f")).expect("queued");
+        let file = queued_create(&w, &creds, &create(&dir, b"f"));
         w.queue(&creds, &Command::Write { handle: file.handle.clone(), offset: 0, len: 1 }, b"x").expect("queued");
         let ops = w.begin_shipment(true).ops.clone();
         w.failed(&ops[0], Errno(libc::ENOSPC));
