@@ -358,18 +358,23 @@ impl Handled {
 }
 
 async fn handle_request(state: &Arc<ServerState>, client: ClientId, request: Request, mut frame: Frame) -> Handled {
-    if let Request::Commit = request {
-        return Handled::plain(Ok(Reply::Committed(state.committer.commit().await)));
-    }
-    if let Request::DurableTxn(txn) = request {
-        // Logged, deduplicated and applied as the `Txn` it is; answered once durable.
-        frame.message = postcard::to_stdvec(&Request::Txn(txn.clone())).expect("a txn always encodes");
-        let handled = Box::pin(handle_request(state, client, Request::Txn(txn), frame)).await;
-        if handled.result.is_ok() {
-            state.committer.commit().await;
+    match request {
+        Request::Commit => Handled::plain(Ok(Reply::Committed(state.committer.commit().await))),
+        Request::DurableTxn(txn) => {
+            // Logged, deduplicated and applied as the `Txn` it is; answered once durable.
+            frame.message = postcard::to_stdvec(&Request::Txn(txn.clone())).expect("a txn always encodes");
+            let handled = run_blocking(state, client, Request::Txn(txn), frame).await;
+            if handled.result.is_ok() {
+                state.committer.commit().await;
+            }
+            handled
         }
-        return handled;
+        request => run_blocking(state, client, request, frame).await,
     }
+}
+
+/// Serves `request` on a blocking thread (it may wait for the disk or for other clients).
+async fn run_blocking(state: &Arc<ServerState>, client: ClientId, request: Request, frame: Frame) -> Handled {
     let state = state.clone();
     tokio::task::spawn_blocking(move || handle_blocking(&state, client, request, frame))
         .await
