@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use braid_proto::{encode_parts, Callback, FrameKind, Handle, Invalidation, Request};
+use braid_proto::{Callback, FrameKind, Handle, Invalidation, Request};
 
 use crate::connection::Channel;
 use crate::Client;
@@ -105,10 +105,7 @@ fn serve(
     next_id: &AtomicU64,
     subscribed: &std::sync::mpsc::SyncSender<()>,
 ) -> String {
-    let send = |channel: &mut Channel, request: &Request| {
-        let frame = encode_parts(FrameKind::Request, next_id.fetch_add(1, Ordering::Relaxed), request, &[]).map_err(|e| e.to_string())?;
-        channel.send(&frame)
-    };
+    let send = |channel: &mut Channel, request: &Request| channel.send(next_id.fetch_add(1, Ordering::Relaxed), request);
     if let Err(e) = send(channel, &Request::Subscribe) {
         return e;
     }

@@ -20,8 +20,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use braid_proto::{
-    encode_frame, encode_parts, ClientId, Credentials, EncodedFrame, ExportInfo, Frame, FrameHeader, FrameKind, Handle, Hello, Reply,
-    Request, Response, Welcome, HEADER_BYTES,
+    encode_frame, encode_parts, Checksum, ClientId, Credentials, EncodedFrame, ExportInfo, Frame, FrameHeader, FrameKind, Handle, Hello,
+    Reply, Request, Response, Welcome, HEADER_BYTES,
 };
 
 use crate::{wire_error, ClientConfig, ClientError, Lease, Result};
@@ -56,6 +56,8 @@ pub(crate) struct Channel {
     stream: BufReader<Box<dyn Transport>>,
     /// The TCP socket underneath, to set timeouts and to shut the channel down from outside.
     pub(crate) socket: TcpStream,
+    /// The payload checksum negotiated for this channel.
+    checksum: Checksum,
 }
 
 /// A counting gate bounding concurrent calls to the number of channels.
@@ -131,7 +133,6 @@ impl Connection {
     pub fn call_granted(self: &Arc<Self>, request: &Request, data: &[u8]) -> Result<(Result<Reply>, Vec<u8>, Lease, bool)> {
         let _gate = self.gate.enter();
         let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
-        let frame = encode_parts(FrameKind::Request, id, request, data).map_err(|e| ClientError::Protocol(e.to_string()))?;
         let deadline = self.config.retry_budget.map(|budget| Instant::now() + budget);
         let mut channel = self.idle.lock().expect("idle lock").pop();
         let mut sent;
@@ -141,7 +142,7 @@ impl Connection {
                 None => self.open_channel(deadline)?,
             };
             sent = Instant::now();
-            match current.exchange(&frame, data, id) {
+            match current.exchange(request, data, id)? {
                 Ok(response) => {
                     self.idle.lock().expect("idle lock").push(current);
                     break response;
@@ -232,23 +233,36 @@ impl Connection {
 }
 
 impl Channel {
-    /// Writes one frame.
-    pub(crate) fn send(&mut self, frame: &EncodedFrame) -> std::result::Result<(), String> {
-        write_frame(self.stream.get_mut(), frame, &[]).map_err(|e| e.to_string())?;
-        self.stream.get_mut().flush().map_err(|e| e.to_string())
+    /// Writes one request without data and does not wait for its response.
+    pub(crate) fn send(&mut self, id: u64, request: &Request) -> std::result::Result<(), String> {
+        let frame = self.encode(id, request, &[]).map_err(|e| e.to_string())?;
+        self.write(&frame, &[]).map_err(|e| e.to_string())
     }
 
     /// Reads one frame.
     pub(crate) fn receive(&mut self) -> std::result::Result<Frame, String> {
-        read_frame(&mut self.stream)
+        read_frame(&mut self.stream, self.checksum)
     }
 
-    /// Writes one request and reads frames until its response.
-    fn exchange(&mut self, frame: &EncodedFrame, data: &[u8], id: u64) -> std::result::Result<Frame, String> {
-        write_frame(self.stream.get_mut(), frame, data).map_err(|e| e.to_string())?;
-        self.stream.get_mut().flush().map_err(|e| e.to_string())?;
+    /// Writes one request and reads frames until its response. The outer error is the
+    /// request's own (too large to send: no other channel helps), the inner the channel's.
+    fn exchange(&mut self, request: &Request, data: &[u8], id: u64) -> Result<std::result::Result<Frame, String>> {
+        let frame = self.encode(id, request, data)?;
+        Ok(self.write(&frame, data).map_err(|e| e.to_string()).and_then(|()| self.response(id)))
+    }
+
+    fn encode(&self, id: u64, request: &Request, data: &[u8]) -> Result<EncodedFrame> {
+        encode_parts(FrameKind::Request, id, request, data, self.checksum).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    fn write(&mut self, frame: &EncodedFrame, data: &[u8]) -> std::io::Result<()> {
+        write_frame(self.stream.get_mut(), frame, data)?;
+        self.stream.get_mut().flush()
+    }
+
+    fn response(&mut self, id: u64) -> std::result::Result<Frame, String> {
         loop {
-            let response = read_frame(&mut self.stream)?;
+            let response = self.receive()?;
             if response.header.kind != FrameKind::Response {
                 return Err(format!("unexpected {:?} frame from the server", response.header.kind));
             }
@@ -274,13 +288,13 @@ fn write_frame(writer: &mut dyn Write, frame: &EncodedFrame, data: &[u8]) -> std
     Ok(())
 }
 
-fn read_frame(reader: &mut impl Read) -> std::result::Result<Frame, String> {
+fn read_frame(reader: &mut impl Read, checksum: Checksum) -> std::result::Result<Frame, String> {
     let mut head = [0u8; HEADER_BYTES];
     reader.read_exact(&mut head).map_err(|e| e.to_string())?;
     let header = FrameHeader::decode(&head).map_err(|e| e.to_string())?;
     let mut payload = vec![0u8; header.payload_bytes()];
     reader.read_exact(&mut payload).map_err(|e| e.to_string())?;
-    Frame::from_payload(header, payload).map_err(|e| e.to_string())
+    Frame::from_payload(header, payload, checksum).map_err(|e| e.to_string())
 }
 
 /// A socket whose reads are buffered: rustls reads TLS records a few kilobytes at a time, and a
@@ -336,11 +350,10 @@ fn connect(config: &ClientConfig, client_id: ClientId) -> Result<(Channel, Expor
         Some(_) => unreachable(format!("TLS handshake: {e} (check that the server runs with TLS credentials of the same authority)")),
         None => unreachable(format!("handshake: {e}")),
     };
-    let mut hello = Hello::new(client_id, config.client_name.clone());
-    hello.require = config.require.clone();
+    let hello = Hello::new(client_id, config.client_name.clone()).requiring(config.require.clone());
     let bytes = encode_frame(FrameKind::Hello, 0, &hello, &[]).map_err(|e| ClientError::Protocol(e.to_string()))?;
     stream.write_all(&bytes).and_then(|()| stream.flush()).map_err(|e| tls_hint(e.to_string()))?;
-    let frame = read_frame(&mut stream).map_err(tls_hint)?;
+    let frame = read_frame(&mut stream, Checksum::Crc32c).map_err(tls_hint)?;
     // A server that is alive but does not answer within the budget counts as lost: the
     // request is sent again on a new channel.
     socket.set_read_timeout(config.retry_budget).map_err(|e| unreachable(e.to_string()))?;
@@ -355,7 +368,11 @@ fn connect(config: &ClientConfig, client_id: ClientId) -> Result<(Channel, Expor
                     reason: format!("the server does not use required algorithm {missing}"),
                 });
             }
-            Ok((Channel { stream: BufReader::with_capacity(64 * 1024, stream), socket }, *info))
+            // No payload checksum is only acceptable where the channel's encryption covers it.
+            let checksum = Checksum::from_name(&info.algorithms.checksum).filter(|c| c.fits(config.tls.is_some())).ok_or_else(|| {
+                ClientError::Protocol(format!("the server picked checksum {:?}, not usable here", info.algorithms.checksum))
+            })?;
+            Ok((Channel { stream: BufReader::with_capacity(64 * 1024, stream), socket, checksum }, *info))
         }
         Welcome::Refused { reason } => Err(ClientError::Refused { server: config.server.clone(), reason }),
     }

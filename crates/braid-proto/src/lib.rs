@@ -12,6 +12,6 @@ pub mod frame;
 pub mod limits;
 pub mod messages;
 
-pub use codec::{decode_frame, decode_message, encode_frame, encode_parts, CodecError, EncodedFrame, Frame};
+pub use codec::{decode_frame, decode_message, encode_frame, encode_parts, Checksum, CodecError, EncodedFrame, Frame};
 pub use frame::{FrameHeader, FrameKind, HEADER_BYTES};
 pub use messages::*;

@@ -3,6 +3,8 @@
 //! in the frame's data section, in command order, never inside the message.
 use serde::{Deserialize, Serialize};
 
+use crate::codec::Checksum;
+
 /// Protocol versions this build speaks, newest first. 2 added [`Request::DurableTxn`].
 pub const PROTOCOL_VERSIONS: &[u16] = &[2, 1];
 
@@ -37,9 +39,6 @@ impl std::fmt::Debug for Handle {
     }
 }
 
-/// Frame checksum algorithms this build implements, preferred first.
-pub const CHECKSUMS: &[&str] = &["crc32c"];
-
 /// Client hello: first frame on a connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
@@ -62,16 +61,26 @@ impl Hello {
             versions: PROTOCOL_VERSIONS.to_vec(),
             client_id,
             client_name,
-            checksums: CHECKSUMS.iter().map(|c| c.to_string()).collect(),
+            checksums: Checksum::ALL.iter().map(|c| c.name().to_string()).collect(),
             require: Vec::new(),
         }
+    }
+
+    /// This hello insisting on `require`; a required checksum is then the only one offered, so
+    /// that the server does not pick another it prefers.
+    pub fn requiring(mut self, require: Vec<String>) -> Self {
+        if require.iter().any(|r| Checksum::from_name(r).is_some()) {
+            self.checksums.retain(|c| require.contains(c));
+        }
+        self.require = require;
+        self
     }
 }
 
 /// The algorithms in force on one connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Algorithms {
-    /// Frame checksum, e.g. `crc32c`.
+    /// Frame payload checksum: `crc32c`, or `aead` (none: the channel's encryption covers it).
     pub checksum: String,
     /// Channel encryption: `tls13` or `none`.
     pub cipher: String,

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use braid_proto::limits::{HANDSHAKE_TIMEOUT_MS, REQUESTS_IN_FLIGHT_MAX};
 use braid_proto::{
-    encode_frame, encode_parts, Algorithms, Callback, ClientId, Command, CommandOk, EncodedFrame, Errno, ExportInfo, Frame, FrameHeader,
-    FrameKind, Handle, Hello, Invalidation, LockRequest, Reply, Request, Response, Welcome, WireError, CHECKSUMS, HEADER_BYTES,
+    encode_frame, encode_parts, Algorithms, Callback, Checksum, ClientId, Command, CommandOk, EncodedFrame, Errno, ExportInfo, Frame,
+    FrameHeader, FrameKind, Handle, Hello, Invalidation, LockRequest, Reply, Request, Response, Welcome, WireError, HEADER_BYTES,
     PROTOCOL_VERSIONS,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
@@ -60,7 +60,7 @@ enum Transport {
 
 pub async fn serve_connection(state: Arc<ServerState>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let (mut reader, writer, hello, transport) = match start(&state, stream).await {
+    let Started { mut reader, writer, hello, transport, checksum } = match start(&state, stream).await {
         Ok(started) => started,
         Err(e) => {
             tracing::warn!(%peer, error = %e, "closing connection during handshake");
@@ -70,7 +70,8 @@ pub async fn serve_connection(state: Arc<ServerState>, stream: TcpStream, peer: 
     tracing::info!(%peer, client = hello.client_id.0, name = %hello.client_name, ?transport, "client connected");
     let (tx, rx) = mpsc::channel::<Outgoing>(REQUESTS_IN_FLIGHT_MAX);
     let writer_task = tokio::spawn(write_responses(writer, rx));
-    let who = Peer { client: hello.client_id, session: state.next_session.fetch_add(1, std::sync::atomic::Ordering::Relaxed) };
+    let session = state.next_session.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let who = Peer { client: hello.client_id, session, checksum };
     state.coherence.connected(who.client);
     if let Err(e) = read_requests(&state, &mut reader, tx, who).await {
         tracing::warn!(%peer, client = who.client.0, error = %e, "closing connection");
@@ -88,14 +89,25 @@ struct Peer {
     client: ClientId,
     /// This connection.
     session: u64,
+    /// The payload checksum negotiated for this connection.
+    checksum: Checksum,
+}
+
+/// A connection whose handshake succeeded.
+struct Started {
+    reader: Reader,
+    writer: Writer,
+    hello: Hello,
+    transport: Transport,
+    checksum: Checksum,
 }
 
 /// Transport set-up and handshake: everything before the first request.
-async fn start(state: &ServerState, stream: TcpStream) -> Result<(Reader, Writer, Hello, Transport), SessionError> {
+async fn start(state: &ServerState, stream: TcpStream) -> Result<Started, SessionError> {
     let opened = tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), open_transport(state, stream));
     let (mut reader, mut writer, transport) = opened.await.map_err(|_| SessionError::HandshakeTimeout)??;
-    let hello = handshake(state, &mut reader, &mut writer, transport).await?;
-    Ok((reader, writer, hello, transport))
+    let (hello, checksum) = handshake(state, &mut reader, &mut writer, transport).await?;
+    Ok(Started { reader, writer, hello, transport, checksum })
 }
 
 /// Sets up TLS when the server has credentials. A client that starts with a plain braid hello
@@ -124,8 +136,14 @@ fn boxed(
     (Box::new(reader), BufWriter::with_capacity(WRITE_BUFFER_BYTES, Box::new(writer)), transport)
 }
 
-async fn handshake(state: &ServerState, reader: &mut Reader, writer: &mut Writer, transport: Transport) -> Result<Hello, SessionError> {
-    let frame = tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), read_frame(reader))
+/// Answers the client's hello; returns it with the payload checksum in force from then on.
+async fn handshake(
+    state: &ServerState,
+    reader: &mut Reader,
+    writer: &mut Writer,
+    transport: Transport,
+) -> Result<(Hello, Checksum), SessionError> {
+    let frame = tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), read_frame(reader, Checksum::Crc32c))
         .await
         .map_err(|_| SessionError::HandshakeTimeout)??;
     if frame.header.kind != FrameKind::Hello {
@@ -140,7 +158,10 @@ async fn handshake(state: &ServerState, reader: &mut Reader, writer: &mut Writer
     writer.write_all(&bytes).await?;
     writer.flush().await?;
     match welcome {
-        Welcome::Accepted(_) => Ok(hello),
+        Welcome::Accepted(info) => {
+            let checksum = Checksum::from_name(&info.algorithms.checksum).expect("negotiate picks a checksum of this build");
+            Ok((hello, checksum))
+        }
         Welcome::Refused { reason } => Err(SessionError::Refused(reason)),
     }
 }
@@ -176,25 +197,27 @@ fn negotiate(hello: &Hello, cipher: &str, auth: &str) -> Result<(u16, Algorithms
         .iter()
         .find(|v| hello.versions.contains(v))
         .ok_or_else(|| format!("no common protocol version: client speaks {:?}, server speaks {:?}", hello.versions, PROTOCOL_VERSIONS))?;
+    // Only the client's order counts; "aead" (no payload checksum) only where there is an AEAD.
+    let usable: Vec<&str> = Checksum::ALL.iter().filter(|c| c.fits(cipher != "none")).map(|c| c.name()).collect();
     let checksum = hello
         .checksums
         .iter()
-        .find(|c| CHECKSUMS.contains(&c.as_str()))
-        .ok_or_else(|| format!("no common checksum algorithm: client offers {:?}, server has {:?}", hello.checksums, CHECKSUMS))?;
+        .find(|c| usable.contains(&c.as_str()))
+        .ok_or_else(|| format!("no common checksum algorithm: client offers {:?}, server has {usable:?}", hello.checksums))?;
     let algorithms = Algorithms { checksum: checksum.clone(), cipher: cipher.into(), auth: auth.into() };
     if let Some(missing) = hello.require.iter().find(|r| !algorithms.names().contains(&r.as_str())) {
         return Err(format!(
             "the client requires {missing}, which this server does not offer on this connection \
-             (checksums {CHECKSUMS:?}, cipher {cipher}, authentication {auth})"
+             (checksums {usable:?}, cipher {cipher}, authentication {auth})"
         ));
     }
     Ok((*version, algorithms))
 }
 
 /// Reads one frame, checking the header before allocating the payload.
-pub async fn read_frame(reader: &mut Reader) -> Result<Frame, SessionError> {
+pub async fn read_frame(reader: &mut Reader, checksum: Checksum) -> Result<Frame, SessionError> {
     let header = read_header(reader).await?;
-    read_payload(reader, header).await
+    read_payload(reader, header, checksum).await
 }
 
 async fn read_header(reader: &mut Reader) -> Result<FrameHeader, SessionError> {
@@ -203,10 +226,10 @@ async fn read_header(reader: &mut Reader) -> Result<FrameHeader, SessionError> {
     Ok(FrameHeader::decode(&head)?)
 }
 
-async fn read_payload(reader: &mut Reader, header: FrameHeader) -> Result<Frame, SessionError> {
+async fn read_payload(reader: &mut Reader, header: FrameHeader, checksum: Checksum) -> Result<Frame, SessionError> {
     let mut payload = vec![0u8; header.payload_bytes()];
     reader.read_exact(&mut payload).await?;
-    Ok(Frame::from_payload(header, payload)?)
+    Ok(Frame::from_payload(header, payload, checksum)?)
 }
 
 async fn read_requests(state: &Arc<ServerState>, reader: &mut Reader, tx: mpsc::Sender<Outgoing>, who: Peer) -> Result<(), SessionError> {
@@ -219,7 +242,7 @@ async fn read_requests(state: &Arc<ServerState>, reader: &mut Reader, tx: mpsc::
         };
         // Room for the payload in the server-wide budget before it is allocated.
         let budget = state.in_flight_bytes.clone().acquire_many_owned(header.payload_bytes() as u32).await.expect("never closed");
-        let frame = read_payload(reader, header).await?;
+        let frame = read_payload(reader, header, who.checksum).await?;
         if frame.header.kind != FrameKind::Request {
             return Err(SessionError::UnexpectedKind(frame.header.kind));
         }
@@ -228,7 +251,7 @@ async fn read_requests(state: &Arc<ServerState>, reader: &mut Reader, tx: mpsc::
         if let Request::Subscribe = request {
             subscribe(state, who, &tx).await;
             let done = Handled { result: Ok(Reply::Done), data: Vec::new(), grant: Grant::None };
-            if tx.send(outgoing(state, frame.header.request_id, done)).await.is_err() {
+            if tx.send(outgoing(state, who, frame.header.request_id, done)).await.is_err() {
                 return Ok(());
             }
             continue;
@@ -239,7 +262,7 @@ async fn read_requests(state: &Arc<ServerState>, reader: &mut Reader, tx: mpsc::
             let id = frame.header.request_id;
             let handled = handle_blocking(state, who.client, request, frame);
             drop(budget);
-            if tx.send(outgoing(state, id, handled)).await.is_err() {
+            if tx.send(outgoing(state, who, id, handled)).await.is_err() {
                 return Ok(());
             }
             continue;
@@ -251,7 +274,7 @@ async fn read_requests(state: &Arc<ServerState>, reader: &mut Reader, tx: mpsc::
             let id = frame.header.request_id;
             let handled = handle_request(&state, who.client, request, frame).await;
             drop(budget);
-            let _ = tx.send(outgoing(&state, id, handled)).await;
+            let _ = tx.send(outgoing(&state, who, id, handled)).await;
             drop(permit);
         });
     }
@@ -263,10 +286,10 @@ struct Outgoing {
     data: Vec<u8>,
 }
 
-fn outgoing(state: &ServerState, request_id: u64, handled: Handled) -> Outgoing {
+fn outgoing(state: &ServerState, to: Peer, request_id: u64, handled: Handled) -> Outgoing {
     let Handled { result, data, grant } = handled;
     let response = Response { result, durable: state.committer.durable(), leased: grant.leased(), exclusive: grant.exclusive() };
-    let frame = encode_parts(FrameKind::Response, request_id, &response, &data).expect("responses stay within limits");
+    let frame = encode_parts(FrameKind::Response, request_id, &response, &data, to.checksum).expect("responses stay within limits");
     Outgoing { frame, data }
 }
 
@@ -274,7 +297,7 @@ fn outgoing(state: &ServerState, request_id: u64, handled: Handled) -> Outgoing 
 /// connection's queue counts as undeliverable: the change then waits for the lease instead.
 async fn subscribe(state: &Arc<ServerState>, who: Peer, tx: &mpsc::Sender<Outgoing>) {
     let tx = tx.clone();
-    let sink: Sink = Arc::new(move |id, callback: &Callback| match encode_parts(FrameKind::Callback, id, callback, &[]) {
+    let sink: Sink = Arc::new(move |id, callback: &Callback| match encode_parts(FrameKind::Callback, id, callback, &[], who.checksum) {
         Ok(frame) => tx.try_send(Outgoing { frame, data: Vec::new() }).is_ok(),
         Err(e) => {
             tracing::warn!(error = %e, "cannot encode a callback");
@@ -612,7 +635,12 @@ mod tests {
         assert_eq!(version, 2);
         let old_client = Hello { versions: vec![1], ..hello() };
         assert_eq!(negotiate(&old_client, "tls13", "x509").unwrap().0, 1, "a version-1 client is still served");
-        assert_eq!(algorithms.names(), ["crc32c", "tls13", "x509"]);
+        assert_eq!(algorithms.names(), ["aead", "tls13", "x509"], "under TLS the AEAD covers the payload");
+        assert_eq!(negotiate(&hello(), "none", "none").unwrap().1.checksum, "crc32c", "plain TCP always sums the payload");
+        let only_aead = Hello { checksums: vec!["aead".into()], ..hello() };
+        assert!(negotiate(&only_aead, "none", "none").unwrap_err().contains("no common checksum"));
+        let insists_on_crc = hello().requiring(vec!["crc32c".into()]);
+        assert_eq!(negotiate(&insists_on_crc, "tls13", "x509").unwrap().1.checksum, "crc32c");
 
         let wants_blake3 = Hello { checksums: vec!["blake3".into()], ..hello() };
         assert!(negotiate(&wants_blake3, "none", "none").unwrap_err().contains("no common checksum"));

@@ -97,7 +97,7 @@ fn junk_and_lying_frames_close_only_their_own_connection() {
     let header = FrameHeader::decode(&head).expect("the answer's header decodes");
     let mut payload = vec![0u8; header.payload_bytes()];
     std::io::Read::read_exact(&mut stream, &mut payload).unwrap();
-    let welcome: Welcome = braid_proto::Frame::from_payload(header, payload).unwrap().decode().unwrap();
+    let welcome: Welcome = braid_proto::Frame::from_payload(header, payload, braid_proto::Checksum::Crc32c).unwrap().decode().unwrap();
     assert!(matches!(welcome, Welcome::Refused { .. }), "{welcome:?}");
     assert_closed_by_peer(&mut stream, "hello of unknown versions", CLOSE_DEADLINE);
     let second_hello = encode_frame(FrameKind::Hello, 0, &hello(), &[]).unwrap();

@@ -515,7 +515,7 @@ pub fn read_frame(stream: &mut TcpStream) -> io::Result<Frame> {
     let header = FrameHeader::decode(&head).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     let mut payload = vec![0u8; header.payload_bytes()];
     stream.read_exact(&mut payload)?;
-    Frame::from_payload(header, payload).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    Frame::from_payload(header, payload, braid_proto::Checksum::Crc32c).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// Waits until the peer closes `stream` (read returns end of file or a reset), failing after
