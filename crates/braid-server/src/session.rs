@@ -46,6 +46,8 @@ type Writer = BufWriter<Box<dyn AsyncWrite + Send + Unpin>>;
 /// First byte of a TLS record carrying a handshake message (a ClientHello).
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
+/// Encrypted bytes rustls may hold before writing: a whole largest response.
+const TLS_SEND_BUFFER_BYTES: usize = braid_proto::limits::DATA_BYTES_MAX + 64 * 1024;
 
 /// How a connection is carried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,7 +122,10 @@ async fn open_transport(state: &ServerState, stream: TcpStream) -> Result<(Reade
     let mut first = [0u8; 1];
     let peeked = stream.peek(&mut first).await?;
     if peeked == 1 && first[0] == TLS_HANDSHAKE_RECORD {
-        let tls = acceptor.accept(stream).await.map_err(|e| SessionError::Tls(e.to_string()))?;
+        let mut tls = acceptor.accept(stream).await.map_err(|e| SessionError::Tls(e.to_string()))?;
+        // rustls takes at most 64 KiB of plaintext before it must write to the socket: a 1 MiB
+        // read response then costs 16 small writes (and as many wake-ups of the client).
+        tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER_BYTES));
         let (reader, writer) = tokio::io::split(tls);
         return Ok(boxed(reader, writer, Transport::Tls));
     }
