@@ -125,11 +125,11 @@ pub fn has_client_credentials(dir: &Path) -> bool {
     ["ca.pem", "client.pem", "client.key"].iter().all(|f| dir.join(f).is_file())
 }
 
-/// ring's TLS 1.3 suites with AES-128-GCM first: with AES instructions it is the fastest, and
+/// aws-lc-rs's TLS 1.3 suites with AES-128-GCM first: with AES instructions it is the fastest, and
 /// file data is the bulk of what braid encrypts.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    use rustls::crypto::ring::cipher_suite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256};
-    let mut provider = rustls::crypto::ring::default_provider();
+    use rustls::crypto::aws_lc_rs::cipher_suite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256};
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider.cipher_suites = vec![TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256];
     Arc::new(provider)
 }
