@@ -272,6 +272,34 @@ fn a_vanished_client_delays_changes_by_at_most_its_lease() {
 }
 
 #[test]
+fn a_killed_client_loses_nothing_it_fsynced_and_blocks_nobody_for_long() {
+    // Goal: write-back never loses what fsync acknowledged. B writes in its cache (it holds the
+    // directory and the files exclusively), fsyncs one file and not the other, and is killed
+    // (SIGKILL: no write-back, no goodbye). The fsynced file is on the server, whole; A can
+    // read and change it once B's lease (1 s) has run out; the unsynced file is either absent
+    // or whole (a transaction is applied entirely or not at all).
+    let (a, mut b) = two_clients("1");
+    fs::create_dir(b.m("d")).unwrap();
+    let durable = vec![7u8; 200_000];
+    let mut file = File::create(b.m("d/durable")).unwrap();
+    file.write_all(&durable).unwrap();
+    file.sync_all().expect("fsync on B");
+    drop(file);
+    fs::write(b.m("d/unsynced"), vec![9u8; 50_000]).unwrap();
+    b.kill();
+    assert_eq!(fs::read(a.e("d/durable")).expect("fsynced file on the server"), durable);
+    let (path, unsynced) = (a.m("d/durable"), a.m("d/unsynced"));
+    let (read, other) = within("A reads and changes what the killed client held", Duration::from_secs(20), move || {
+        let read = fs::read(&path).expect("read on A");
+        fs::write(&path, b"changed on A").expect("write on A");
+        (read, fs::read(&unsynced).ok())
+    });
+    assert_eq!(read, durable, "A reads the fsynced bytes");
+    assert!(other.as_ref().is_none_or(|bytes| *bytes == vec![9u8; 50_000]), "unsynced file torn: {} bytes", other.map_or(0, |b| b.len()));
+    assert_eq!(fs::read(a.e("d/durable")).unwrap(), b"changed on A");
+}
+
+#[test]
 fn after_a_server_restart_no_client_trusts_what_it_cached_before() {
     // Goal: the rights table dies with the server (kill -9), and nobody can recall the old
     // rights. A client drops what it cached when its callback channel breaks, and the restarted
