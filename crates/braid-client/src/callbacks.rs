@@ -24,8 +24,9 @@ pub trait CallbackHandler: Send + Sync {
     /// kernel.
     fn write_back_failed(&self, handle: &Handle, name: Option<(&Handle, &[u8])>);
     /// An object created in the cache under the handle `provisional` now exists on the server
-    /// as `real`, which recalls will name. Called from threads serving requests.
-    fn created(&self, provisional: &Handle, real: &Handle);
+    /// as `real` with inode number `ino`; recalls will name `real`. Called from threads serving
+    /// requests.
+    fn created(&self, provisional: &Handle, real: &Handle, ino: u64);
 }
 
 const BACKOFF_MAX: Duration = Duration::from_secs(1);

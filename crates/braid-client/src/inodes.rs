@@ -2,7 +2,9 @@
 //!
 //! Node ids are the server's inode numbers, so that `stat` shows stable numbers and hard links
 //! share a node; the root's inode number and FUSE's root id 1 are swapped to keep the map a
-//! bijection.
+//! bijection. An object created in the cache keeps its provisional number while the kernel
+//! knows it; its server inode number is then an alias of that node, so that listings show the
+//! number `stat` shows.
 use std::collections::HashMap;
 
 use braid_proto::Handle;
@@ -14,10 +16,15 @@ pub struct InodeTable {
     nodes: HashMap<u64, Node>,
     /// The reverse map, for recalls, which name objects by handle.
     by_handle: HashMap<Handle, u64>,
+    /// Server inode numbers of objects created in the cache, to the provisional node they are
+    /// known by.
+    aliases: HashMap<u64, u64>,
 }
 
 struct Node {
     handle: Handle,
+    /// The server inode number this node is also known by (created in the cache).
+    alias: Option<u64>,
     lookups: u64,
 }
 
@@ -26,8 +33,8 @@ impl InodeTable {
         let mut nodes = HashMap::new();
         // The root is never forgotten: one lookup that no FORGET will take back.
         let by_handle = HashMap::from([(root.clone(), ROOT_ID)]);
-        nodes.insert(ROOT_ID, Node { handle: root, lookups: 1 });
-        Self { root_ino, nodes, by_handle }
+        nodes.insert(ROOT_ID, Node { handle: root, alias: None, lookups: 1 });
+        Self { root_ino, nodes, by_handle, aliases: HashMap::new() }
     }
 
     /// The node the kernel knows `handle` by, if it knows it.
@@ -47,7 +54,7 @@ impl InodeTable {
         } else if ino == ROOT_ID {
             self.root_ino
         } else {
-            ino
+            self.aliases.get(&ino).copied().unwrap_or(ino)
         }
     }
 
@@ -66,7 +73,7 @@ impl InodeTable {
         let id = self.node_id(ino);
         let node = self.nodes.entry(id).or_insert_with(|| {
             self.by_handle.insert(handle.clone(), id);
-            Node { handle: handle.clone(), lookups: 0 }
+            Node { handle: handle.clone(), alias: None, lookups: 0 }
         });
         if node.handle != *handle {
             self.by_handle.remove(&node.handle);
@@ -77,14 +84,17 @@ impl InodeTable {
         id
     }
 
-    /// The object of node `node`, created in the cache as `provisional`, is `real` on the
-    /// server. The node keeps its id, so `stat` shows one inode number for as long as the
-    /// kernel knows the node.
-    pub fn created(&mut self, provisional: &Handle, real: &Handle) {
+    /// The object created in the cache as `provisional` is `real`, inode number `ino`, on the
+    /// server. Its node keeps its id, so `stat` shows one inode number for as long as the
+    /// kernel knows the node, and listings show that number too.
+    pub fn created(&mut self, provisional: &Handle, real: &Handle, ino: u64) {
         let Some(id) = self.by_handle.remove(provisional) else { return };
         self.by_handle.insert(real.clone(), id);
-        if let Some(node) = self.nodes.get_mut(&id) {
-            node.handle = real.clone();
+        let Some(node) = self.nodes.get_mut(&id) else { return };
+        node.handle = real.clone();
+        if id != ino && ino != self.root_ino && ino != ROOT_ID {
+            node.alias = Some(ino);
+            self.aliases.insert(ino, id);
         }
     }
 
@@ -96,6 +106,9 @@ impl InodeTable {
             n.lookups = n.lookups.saturating_sub(count);
             if n.lookups == 0 {
                 self.by_handle.remove(&n.handle);
+                if let Some(alias) = n.alias {
+                    self.aliases.remove(&alias);
+                }
                 self.nodes.remove(&node);
             }
         }
@@ -136,13 +149,16 @@ mod tests {
         let mut table = InodeTable::new(2, Handle(vec![0]));
         let (provisional, real) = (Handle(vec![0xfe, 1]), Handle(vec![1, 7]));
         let id = table.remember(1 << 62, &provisional);
-        table.created(&provisional, &real);
+        table.created(&provisional, &real, 77);
         assert_eq!(table.handle(id), Some(real.clone()));
         assert_eq!(table.node_of(&real), Some(id), "recalls name the real handle");
         assert_eq!(table.node_of(&provisional), None);
+        assert_eq!(table.node_id(77), id, "a listing shows the number stat shows");
         assert_eq!(table.remember(77, &real), id, "a lookup reporting the server's inode number finds the same node");
         table.forget(id, 1);
-        assert_eq!(table.handle(id), Some(real), "two lookups were counted");
+        assert_eq!(table.handle(id), Some(real.clone()), "two lookups were counted");
+        table.forget(id, 1);
+        assert_eq!(table.node_id(77), 77, "once the kernel forgot the node, the server's number stands");
     }
 
     #[test]

@@ -523,7 +523,7 @@ impl Client {
                 tracing::trace!(?lease, exclusive, commands = commands.len(), "txn applied");
                 for (at, provisional) in creates {
                     if let Some(Ok(CommandOk::Entry(entry))) = outcome.results.get(*at) {
-                        self.resolve(&commands[*at], provisional, &entry.handle);
+                        self.resolve(&commands[*at], provisional, &entry.handle, entry.attr.ino);
                     }
                 }
                 let commands = self.writeback.canonical(commands);
@@ -544,15 +544,16 @@ impl Client {
         })
     }
 
-    /// The create `command` of the provisional object `provisional` made it `real` on the
-    /// server: every cache learns the real handle, and the pin it took is counted.
-    fn resolve(&self, command: &Command, provisional: &Handle, real: &Handle) {
+    /// The create `command` of the provisional object `provisional` made it `real` (inode
+    /// number `ino`) on the server: every cache learns the real handle, and the pin it took is
+    /// counted.
+    fn resolve(&self, command: &Command, provisional: &Handle, real: &Handle, ino: u64) {
         self.writeback.resolve(provisional, real);
         if let Command::Create { pin: true, .. } = command {
             self.connection.pin(real, 1);
         }
         if let Some(handler) = self.handler.get() {
-            handler.created(provisional, real);
+            handler.created(provisional, real, ino);
         }
     }
 

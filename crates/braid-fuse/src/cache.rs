@@ -277,8 +277,8 @@ impl CallbackHandler for KernelCache {
         self.idle.notify_all();
     }
 
-    fn created(&self, provisional: &Handle, real: &Handle) {
-        self.inodes.lock().expect("inode lock").created(provisional, real);
+    fn created(&self, provisional: &Handle, real: &Handle, ino: u64) {
+        self.inodes.lock().expect("inode lock").created(provisional, real, ino);
     }
 }
 

@@ -231,3 +231,34 @@ fn links_renames_and_unlinks_of_files_still_in_the_cache() {
     fs::remove_dir_all(f.m("d")).expect("rm -rf");
     assert!(!f.e("d").exists());
 }
+
+#[test]
+fn listings_show_the_inode_numbers_stat_shows_for_files_created_in_the_cache() {
+    // Goal: `ls -i` (d_ino) and `stat` agree for objects created in the cache, before and
+    // after they reached the server (their provisional number stays while the kernel knows
+    // them). Method: a directory of 300 entries, listed several times without lookups in
+    // between: the kernel reads its first part "plus" (with attributes) and the rest plain.
+    use std::os::unix::fs::DirEntryExt;
+    let f = serving(&[]);
+    fs::create_dir(f.m("d")).unwrap();
+    for i in 0..300 {
+        fs::write(f.m(&format!("d/f{i}")), b"x").unwrap();
+    }
+    fs::create_dir(f.m("d/sub")).unwrap();
+    let stat_inos: Vec<(String, u64)> = (0..20)
+        .map(|i| format!("f{i}"))
+        .chain(["sub".to_string()])
+        .map(|n| (n.clone(), fs::metadata(f.m(&format!("d/{n}"))).unwrap().ino()))
+        .collect();
+    File::open(f.m("d")).unwrap().sync_all().expect("fsync of the directory: everything reached the server");
+    for round in 0..3 {
+        let listed: std::collections::HashMap<String, u64> =
+            fs::read_dir(f.m("d")).unwrap().map(|e| e.unwrap()).map(|e| (e.file_name().into_string().unwrap(), e.ino())).collect();
+        for (name, ino) in &stat_inos {
+            assert_eq!(listed.get(name), Some(ino), "round {round}: d_ino of {name} differs from its st_ino");
+        }
+        for (name, ino) in &stat_inos {
+            assert_eq!(fs::metadata(f.m(&format!("d/{name}"))).unwrap().ino(), *ino, "st_ino of {name} changed");
+        }
+    }
+}
