@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use braid_proto::{
     encode_frame, encode_parts, Checksum, ClientId, Credentials, EncodedFrame, ExportInfo, Frame, FrameHeader, FrameKind, Handle, Hello,
-    Reply, Request, Response, Welcome, HEADER_BYTES,
+    Lsn, Reply, Request, Response, Welcome, HEADER_BYTES,
 };
 
 use crate::{wire_error, ClientConfig, ClientError, Lease, Result};
@@ -45,6 +45,10 @@ pub struct Connection {
     /// How long the server's rights last, in milliseconds (from the latest welcome).
     lease_ms: AtomicU64,
 }
+
+/// A response as `call_granted` returns it: the outcome, the bulk data, the lease on what it
+/// names, and whether the rights granted are exclusive.
+pub type Granted = (Result<Reply>, Vec<u8>, Lease, bool);
 
 /// A byte stream to the server: plain TCP or TLS over TCP.
 trait Transport: Read + Write + Send {}
@@ -130,23 +134,41 @@ impl Connection {
     }
 
     /// Like `call_outcome`, and whether the rights granted are exclusive.
-    pub fn call_granted(self: &Arc<Self>, request: &Request, data: &[u8]) -> Result<(Result<Reply>, Vec<u8>, Lease, bool)> {
+    pub fn call_granted(self: &Arc<Self>, request: &Request, data: &[u8]) -> Result<Granted> {
+        let (response, sent, channel, _) = self.call_on_a_channel(request, data)?;
+        self.idle.lock().expect("idle lock").push(channel);
+        self.decode_granted(response, sent)
+    }
+
+    /// Sends a `StagedTxn` and returns its first answer (applied) as `call_granted` does, with
+    /// what waits for the second (durable).
+    pub fn call_staged(self: &Arc<Self>, request: &Request, data: &[u8]) -> Result<(Granted, Staged)> {
+        debug_assert!(matches!(request, Request::StagedTxn(_)));
+        let (response, sent, channel, id) = self.call_on_a_channel(request, data)?;
+        Ok((self.decode_granted(response, sent)?, Staged { connection: self.clone(), channel, id }))
+    }
+
+    fn decode_granted(&self, response: Frame, sent: Instant) -> Result<Granted> {
+        let decoded: Response = response.decode().map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let lease = decoded.leased.then(|| sent + Duration::from_millis(self.lease_ms.load(Ordering::Relaxed) * 3 / 4));
+        Ok((decoded.result.map_err(wire_error), response.data, lease, decoded.exclusive && lease.is_some()))
+    }
+
+    /// Sends `request` and reads its (first) response, across reconnects, within the retry
+    /// budget; returns it with when it was last sent, the channel that carried it, and its id.
+    fn call_on_a_channel(self: &Arc<Self>, request: &Request, data: &[u8]) -> Result<(Frame, Instant, Channel, u64)> {
         let _gate = self.gate.enter();
         let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
         let deadline = self.config.retry_budget.map(|budget| Instant::now() + budget);
         let mut channel = self.idle.lock().expect("idle lock").pop();
-        let mut sent;
-        let response = loop {
+        loop {
             let mut current = match channel.take() {
                 Some(channel) => channel,
                 None => self.open_channel(deadline)?,
             };
-            sent = Instant::now();
+            let sent = Instant::now();
             match current.exchange(request, data, id)? {
-                Ok(response) => {
-                    self.idle.lock().expect("idle lock").push(current);
-                    break response;
-                }
+                Ok(response) => return Ok((response, sent, current, id)),
                 Err(error) => {
                     if !self.lost.swap(true, Ordering::AcqRel) {
                         tracing::warn!(server = %self.config.server, %error, "connection lost; reconnecting");
@@ -160,10 +182,7 @@ impl Connection {
                     }
                 }
             }
-        };
-        let decoded: Response = response.decode().map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let lease = decoded.leased.then(|| sent + Duration::from_millis(self.lease_ms.load(Ordering::Relaxed) * 3 / 4));
-        Ok((decoded.result.map_err(wire_error), response.data, lease, decoded.exclusive && lease.is_some()))
+        }
     }
 
     /// A new channel for callbacks: it waits for the server without a time limit, since an idle
@@ -229,6 +248,36 @@ impl Connection {
                 }
             }
         });
+    }
+}
+
+/// A `StagedTxn` that was applied and whose durability is still to come, on its channel.
+pub struct Staged {
+    connection: Arc<Connection>,
+    channel: Channel,
+    id: u64,
+}
+
+impl Staged {
+    /// Returns once the transaction is durable. If its channel fails meanwhile, a `Commit`
+    /// makes sure of it: the transaction was applied before its first answer, so any commit
+    /// that starts later covers it.
+    pub fn durable(mut self) -> Result<Lsn> {
+        let answer = self.channel.response(self.id).and_then(|frame| frame.decode::<Response>().map_err(|e| e.to_string()));
+        match answer {
+            Ok(Response { result: Ok(Reply::Committed(lsn)), .. }) => {
+                self.connection.idle.lock().expect("idle lock").push(self.channel);
+                Ok(lsn)
+            }
+            Ok(other) => Err(ClientError::Protocol(format!("unexpected second answer to a staged txn: {other:?}"))),
+            Err(error) => {
+                tracing::debug!(%error, "staged txn's channel failed before it was durable; committing on another");
+                match self.connection.call(&Request::Commit, &[])? {
+                    (Reply::Committed(lsn), _) => Ok(lsn),
+                    (other, _) => Err(ClientError::Protocol(format!("unexpected reply to a commit: {other:?}"))),
+                }
+            }
+        }
     }
 }
 

@@ -76,8 +76,41 @@ pub struct Client {
     /// Work for the release thread.
     releases: std::sync::mpsc::Sender<ReleaseWork>,
     writeback: Arc<writeback::WriteBack>,
-    /// The server answers `DurableTxn` (protocol version 2).
-    durable_txns: bool,
+    /// How the last transaction of an fsync goes out, by what the server speaks.
+    fsync_txn: FsyncTxn,
+}
+
+/// When a transaction is answered.
+enum Answer<'t, 'w> {
+    Applied,
+    /// Once durable, with everything applied before it; `turn` (of the shipment sending it) is
+    /// given up as soon as it is applied, if the server says so apart (`FsyncTxn::Staged`).
+    Durable {
+        turn: Option<&'t mut writeback::Shipment<'w>>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FsyncTxn {
+    /// `StagedTxn` (protocol version 3): answered once applied, when the queue's turn passes
+    /// to the next shipment, then once durable. Concurrent fsyncs share the server's flush.
+    Staged,
+    /// `DurableTxn` (version 2): answered once durable; the turn is held until then.
+    Durable,
+    /// `Txn`, then `Commit` (version 1).
+    ThenCommit,
+}
+
+impl FsyncTxn {
+    fn for_version(version: u16) -> Self {
+        if version >= braid_proto::STAGED_TXN_VERSION {
+            FsyncTxn::Staged
+        } else if version >= braid_proto::DURABLE_TXN_VERSION {
+            FsyncTxn::Durable
+        } else {
+            FsyncTxn::ThenCommit
+        }
+    }
 }
 
 /// Changes not queued, sent after the queued ones they may depend on.
@@ -130,7 +163,7 @@ impl Client {
             handler: Arc::new(OnceLock::new()),
             releases,
             writeback,
-            durable_txns: info.version >= braid_proto::DURABLE_TXN_VERSION,
+            fsync_txn: FsyncTxn::for_version(info.version),
         };
         client.start_flusher().map_err(thread_error)?;
         Ok((client, info))
@@ -334,7 +367,7 @@ impl Client {
         commands.extend(self.attribute_probes(&commands));
         let mut shipment = self.writeback.begin_shipment(depends);
         let queued = std::mem::take(&mut shipment.ops);
-        let direct = self.ship(queued, Some(Direct { creds, commands, data }), false);
+        let direct = self.ship(queued, Some(Direct { creds, commands, data }), false, None);
         drop(shipment);
         let (mut results, lease) = direct?.expect("a direct change always has an outcome");
         results.truncate(asked);
@@ -402,8 +435,8 @@ impl Client {
     fn flush_durably(&self, durable: bool) -> Result<bool> {
         let mut shipment = self.writeback.begin_shipment(true);
         let queued = std::mem::take(&mut shipment.ops);
-        let durable = durable && !queued.is_empty() && self.durable_txns;
-        let sent = self.ship(queued, None, durable)?;
+        let durable = durable && !queued.is_empty() && self.fsync_txn != FsyncTxn::ThenCommit;
+        let sent = self.ship(queued, None, durable, Some(&mut shipment))?;
         Ok(durable && sent.is_some())
     }
 
@@ -427,9 +460,16 @@ impl Client {
     /// Sends `queued` in batches, then `direct` (with the last batch if it fits); returns the
     /// outcome of `direct`. A queued change the server refuses is recorded for its object; the
     /// changes after it are sent again without it.
-    /// `durable`: the last transaction is a `DurableTxn`, and the outcome is `Some` only if
-    /// one was sent (changes naming lost objects are dropped before sending).
-    fn ship(&self, queued: Vec<writeback::Queued>, direct: Option<Direct>, durable: bool) -> Result<Option<(TxnResults, Lease)>> {
+    /// `durable`: the last transaction is answered once durable (`StagedTxn` or `DurableTxn`),
+    /// and the outcome is `Some` only if one was sent (changes naming lost objects are dropped
+    /// before sending). `turn`: the shipment's turn, given up once that transaction is applied.
+    fn ship(
+        &self,
+        queued: Vec<writeback::Queued>,
+        direct: Option<Direct>,
+        durable: bool,
+        mut turn: Option<&mut writeback::Shipment<'_>>,
+    ) -> Result<Option<(TxnResults, Lease)>> {
         debug_assert!(!(durable && direct.is_some()), "durable shipments are fsyncs: nothing direct");
         let mut batches: VecDeque<Vec<writeback::Queued>> = writeback::batches(queued).into();
         let mut outcome = None;
@@ -450,7 +490,8 @@ impl Client {
             let creates: Vec<(usize, Handle)> =
                 batch.iter().enumerate().filter_map(|(at, op)| op.creates.clone().map(|created| (at, created))).collect();
             let last = durable && batches.is_empty();
-            let (mut results, lease) = match self.send_txn(batch[0].creds.clone(), &commands, &data, &creates, batch.len(), last) {
+            let answer = if last { Answer::Durable { turn: turn.take() } } else { Answer::Applied };
+            let (mut results, lease) = match self.send_txn(batch[0].creds.clone(), &commands, &data, &creates, batch.len(), answer) {
                 Ok(done) => done,
                 Err(e) => {
                     // Nothing more will be tried: every change not sent is lost.
@@ -479,7 +520,7 @@ impl Client {
             }
         }
         match direct {
-            Some(d) => Ok(Some(self.send_txn(d.creds, &d.commands, &d.data, &[], 0, false)?)),
+            Some(d) => Ok(Some(self.send_txn(d.creds, &d.commands, &d.data, &[], 0, Answer::Applied)?)),
             None => Ok(outcome),
         }
     }
@@ -510,15 +551,39 @@ impl Client {
         data: &[u8],
         creates: &[(usize, Handle)],
         queued: usize,
-        durable: bool,
+        answer: Answer<'_, '_>,
     ) -> Result<(TxnResults, Lease)> {
         let wire = self.writeback.on_the_wire(commands, creates).map_err(ClientError::Errno)?;
         let (seq, replied_below) = self.txns.begin();
         let txn = Txn { seq, replied_below, creds, commands: wire };
-        let request = if durable { Request::DurableTxn(txn) } else { Request::Txn(txn) };
-        let result = self.connection.call_granted(&request, data);
+        let (result, staged) = match (&answer, self.fsync_txn) {
+            (Answer::Applied, _) => (self.connection.call_granted(&Request::Txn(txn), data), None),
+            (Answer::Durable { .. }, FsyncTxn::Staged) => match self.connection.call_staged(&Request::StagedTxn(txn), data) {
+                Ok((granted, staged)) => (Ok(granted), Some(staged)),
+                Err(e) => (Err(e), None),
+            },
+            (Answer::Durable { .. }, _) => (self.connection.call_granted(&Request::DurableTxn(txn), data), None),
+        };
         self.txns.end(seq);
-        match result? {
+        let applied = self.applied(result?, commands, creates, queued)?;
+        if let (Some(staged), Answer::Durable { turn }) = (staged, answer) {
+            if let Some(turn) = turn {
+                turn.give_up_turn();
+            }
+            staged.durable()?;
+        }
+        Ok(applied)
+    }
+
+    /// Takes in the outcome of a transaction (see `send_txn`).
+    fn applied(
+        &self,
+        result: connection::Granted,
+        commands: &[Command],
+        creates: &[(usize, Handle)],
+        queued: usize,
+    ) -> Result<(TxnResults, Lease)> {
+        match result {
             (Ok(Reply::Txn(outcome)), _, lease, exclusive) => {
                 tracing::trace!(?lease, exclusive, commands = commands.len(), "txn applied");
                 for (at, provisional) in creates {

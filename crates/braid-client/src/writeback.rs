@@ -235,15 +235,23 @@ pub(crate) struct Shipment<'w> {
     holds_turn: bool,
 }
 
-impl Drop for Shipment<'_> {
-    fn drop(&mut self) {
-        if !self.holds_turn {
+impl Shipment<'_> {
+    /// Lets the next shipment go: everything this one sent has been applied (what remains is
+    /// waiting for the disk).
+    pub(crate) fn give_up_turn(&mut self) {
+        if !std::mem::take(&mut self.holds_turn) {
             return;
         }
         let mut state = self.writeback.lock();
         state.shipping = false;
         drop(state);
         self.writeback.changed.notify_all();
+    }
+}
+
+impl Drop for Shipment<'_> {
+    fn drop(&mut self) {
+        self.give_up_turn();
     }
 }
 

@@ -5,11 +5,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::Checksum;
 
-/// Protocol versions this build speaks, newest first. 2 added [`Request::DurableTxn`].
-pub const PROTOCOL_VERSIONS: &[u16] = &[2, 1];
+/// Protocol versions this build speaks, newest first. 2 added [`Request::DurableTxn`], 3
+/// [`Request::StagedTxn`].
+pub const PROTOCOL_VERSIONS: &[u16] = &[3, 2, 1];
 
 /// The first protocol version with [`Request::DurableTxn`].
 pub const DURABLE_TXN_VERSION: u16 = 2;
+
+/// The first protocol version with [`Request::StagedTxn`].
+pub const STAGED_TXN_VERSION: u16 = 3;
 
 /// Identifies one client (one mount) for deduplication; random, chosen at mount time and kept
 /// across reconnects.
@@ -266,6 +270,12 @@ pub enum Request {
     /// A `Txn` answered only once it is durable, with everything applied before it (`Txn`
     /// then `Commit` in one round trip: an fsync). Protocol version 2.
     DurableTxn(Txn),
+    /// A `Txn` answered twice under its request id: once applied (its `Reply::Txn`, exactly as
+    /// a `Txn`), then once it and everything applied before it are durable
+    /// (`Reply::Committed`). An fsync in one round trip whose sender may send its next
+    /// transaction before the disk has flushed: fsyncs of several processes share one flush.
+    /// Protocol version 3.
+    StagedTxn(Txn),
 }
 
 /// A whole-file or byte-range lock request. `owner` is the client's name for the lock owner

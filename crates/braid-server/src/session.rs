@@ -277,6 +277,17 @@ async fn read_requests(state: &Arc<ServerState>, reader: &mut Reader, tx: mpsc::
         let (state, tx) = (state.clone(), tx.clone());
         tokio::spawn(async move {
             let id = frame.header.request_id;
+            if let Request::StagedTxn(txn) = request {
+                let applied = apply_as_txn(&state, who.client, txn, frame).await;
+                drop(budget);
+                if tx.send(outgoing(&state, who, id, applied)).await.is_ok() {
+                    // Always a second answer, also after a refusal: the commands before the
+                    // one refused were applied, and the client waits for this one.
+                    let committed = Handled::plain(Ok(Reply::Committed(state.committer.commit().await)));
+                    let _ = tx.send(outgoing(&state, who, id, committed)).await;
+                }
+                return;
+            }
             let handled = handle_request(&state, who.client, request, frame).await;
             drop(budget);
             let _ = tx.send(outgoing(&state, who, id, handled)).await;
@@ -359,7 +370,7 @@ fn effective_creds(state: &ServerState, creds: braid_proto::Credentials) -> brai
 fn is_quick(state: &ServerState, client: ClientId, request: &Request) -> bool {
     match request {
         Request::Read { len, .. } => *len <= 128 * 1024 && !state.coherence.exclusive_elsewhere(client),
-        Request::Commit | Request::DurableTxn(_) => false,
+        Request::Commit | Request::DurableTxn(_) | Request::StagedTxn(_) => false,
         Request::Txn(txn) => txn.commands.len() <= 16 && !state.coherence.shared(client) && !state.coherence.in_grace(),
         Request::StatFs | Request::Release { .. } | Request::CallbackDone { .. } | Request::Unsubscribe => true,
         Request::Lock(_) | Request::TestLock(_) | Request::Subscribe => true,
@@ -385,13 +396,11 @@ impl Handled {
     }
 }
 
-async fn handle_request(state: &Arc<ServerState>, client: ClientId, request: Request, mut frame: Frame) -> Handled {
+async fn handle_request(state: &Arc<ServerState>, client: ClientId, request: Request, frame: Frame) -> Handled {
     match request {
         Request::Commit => Handled::plain(Ok(Reply::Committed(state.committer.commit().await))),
         Request::DurableTxn(txn) => {
-            // Logged, deduplicated and applied as the `Txn` it is; answered once durable.
-            frame.message = postcard::to_stdvec(&Request::Txn(txn.clone())).expect("a txn always encodes");
-            let handled = run_blocking(state, client, Request::Txn(txn), frame).await;
+            let handled = apply_as_txn(state, client, txn, frame).await;
             if handled.result.is_ok() {
                 state.committer.commit().await;
             }
@@ -399,6 +408,13 @@ async fn handle_request(state: &Arc<ServerState>, client: ClientId, request: Req
         }
         request => run_blocking(state, client, request, frame).await,
     }
+}
+
+/// Applies the transaction of a `DurableTxn` or `StagedTxn`: logged, deduplicated and applied
+/// as the `Txn` it is, so that a resend in either form gets the same reply.
+async fn apply_as_txn(state: &Arc<ServerState>, client: ClientId, txn: braid_proto::Txn, mut frame: Frame) -> Handled {
+    frame.message = postcard::to_stdvec(&Request::Txn(txn.clone())).expect("a txn always encodes");
+    run_blocking(state, client, Request::Txn(txn), frame).await
 }
 
 /// Serves `request` on a blocking thread (it may wait for the disk or for other clients).
@@ -531,7 +547,7 @@ fn handle_blocking(state: &ServerState, client: ClientId, request: Request, fram
             Handled::plain(Ok(Reply::Done))
         }
         Request::Subscribe => unreachable!("handled on the connection's task"),
-        Request::Commit | Request::DurableTxn(_) => unreachable!("handled by handle_request"),
+        Request::Commit | Request::DurableTxn(_) | Request::StagedTxn(_) => unreachable!("handled by handle_request"),
     }
 }
 
@@ -637,7 +653,9 @@ mod tests {
     fn negotiation_picks_common_algorithms_and_names_what_is_missing() {
         // Goal: the refusal names the first missing algorithm; success reports what is in force.
         let (version, algorithms) = negotiate(&hello(), "tls13", "x509").unwrap();
-        assert_eq!(version, 2);
+        assert_eq!(version, 3);
+        let v2_client = Hello { versions: vec![2, 1], ..hello() };
+        assert_eq!(negotiate(&v2_client, "tls13", "x509").unwrap().0, 2, "a version-2 client is still served");
         let old_client = Hello { versions: vec![1], ..hello() };
         assert_eq!(negotiate(&old_client, "tls13", "x509").unwrap().0, 1, "a version-1 client is still served");
         assert_eq!(algorithms.names(), ["aead", "tls13", "x509"], "under TLS the AEAD covers the payload");

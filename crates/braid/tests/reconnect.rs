@@ -240,3 +240,32 @@ fn a_durable_txn_is_answered_once_durable_and_applied_at_most_once() {
     assert_eq!(again.result, first.result, "a resend gets the logged reply");
     assert!(fx.e("f").exists());
 }
+
+#[test]
+fn a_staged_txn_is_answered_applied_then_durable_and_applied_at_most_once() {
+    // Goal: `StagedTxn` (the fsync whose sender need not wait for the disk before sending its
+    // next transaction) is answered twice: applied, with the txn's results, then `Committed`
+    // at a durable position covering it; also when a command is refused, and also when resent
+    // (the reply cache answers, nothing is applied twice).
+    let fx = Fixture::serving_with(|_| {});
+    let mut raw = RawSession::open(fx.addr());
+    let root = Credentials { uid: 0, gid: 0, groups: Vec::new() };
+    let create =
+        Command::Create { parent: raw.root(), name: b"f".to_vec(), mode: libc::S_IFREG | 0o644, rdev: 0, exclusive: true, pin: false };
+    let txn = Txn { seq: TxnSeq(1), replied_below: TxnSeq(1), creds: root.clone(), commands: vec![create.clone()] };
+    for attempt in ["first", "resend"] {
+        let (applied, _) = raw.call_response(&Request::StagedTxn(txn.clone()), &[]);
+        let Ok(Reply::Txn(outcome)) = &applied.result else { panic!("{attempt}: staged txn answered {:?}", applied.result) };
+        assert!(outcome.results[0].is_ok(), "{attempt}: created: {:?}", outcome.results);
+        let durable = raw.next_response();
+        let Ok(Reply::Committed(lsn)) = durable.result else { panic!("{attempt}: second answer {:?}", durable.result) };
+        assert!(lsn >= outcome.lsn && durable.durable >= outcome.lsn, "{attempt}: durable at {lsn:?}, txn at {:?}", outcome.lsn);
+    }
+    // The same create again as a new txn: refused (EEXIST), still answered twice.
+    let again = Txn { seq: TxnSeq(2), replied_below: TxnSeq(2), creds: root, commands: vec![create] };
+    let (applied, _) = raw.call_response(&Request::StagedTxn(again), &[]);
+    let Ok(Reply::Txn(outcome)) = &applied.result else { panic!("staged txn answered {:?}", applied.result) };
+    assert_eq!(outcome.results[0], Err(braid_proto::Errno(libc::EEXIST)), "{:?}", outcome.results);
+    assert!(matches!(raw.next_response().result, Ok(Reply::Committed(_))));
+    assert!(fx.e("f").exists());
+}

@@ -457,6 +457,14 @@ impl RawSession {
         (frame.decode().expect("response decodes"), frame.data)
     }
 
+    /// A further response to the request sent last (a `StagedTxn` has two).
+    pub fn next_response(&mut self) -> Response {
+        let frame = read_frame(&mut self.stream).expect("a further response");
+        assert_eq!(frame.header.kind, FrameKind::Response);
+        assert_eq!(frame.header.request_id, self.next_request_id - 1, "response to another request");
+        frame.decode().expect("response decodes")
+    }
+
     pub fn lookup(&mut self, parent: &Handle, name: &[u8]) -> Result<Entry, WireError> {
         match self.call(&Request::Lookup { parent: parent.clone(), name: name.to_vec() }, &[])?.0 {
             Reply::Entry(entry) => Ok(entry),
