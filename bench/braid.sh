@@ -1,7 +1,7 @@
 # bench/braid.sh: start and stop one braid server + mount for the benchmark scripts (sourced
 # after the lab's lab.env). Needs BRAID (binary). Peers: braid (plain TCP), braid-tls (TLS 1.3
 # with client certificates made by braid init).
-BEXP=$LAB/braid-export BSTATE=$LAB/braid-state BMNT=$MNTROOT/braid BTLS=$LAB/braid-tls
+BEXP=${BEXP:-$LAB/braid-export} BSTATE=${BSTATE:-$LAB/braid-state} BMNT=$MNTROOT/braid BTLS=$LAB/braid-tls
 braid_up() {  # fresh export + state dirs each run; prints the mount point
   local port hex
   braid_down; rm -rf "$BEXP" "$BSTATE"; mkdir -p "$BEXP" "$BSTATE" "$BMNT"
