@@ -426,3 +426,76 @@ fn connect(config: &ClientConfig, client_id: ClientId) -> Result<(Channel, Expor
         Welcome::Refused { reason } => Err(ClientError::Refused { server: config.server.clone(), reason }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use braid_proto::{Algorithms, Attr, CommandOk, Entry, Lsn, Txn, TxnOutcome, TxnSeq};
+    use std::net::TcpListener;
+
+    /// Reads one frame with a crc32c payload checksum, as a plain-TCP peer sends it.
+    fn receive(stream: &mut TcpStream) -> Frame {
+        read_frame(stream, Checksum::Crc32c).expect("a frame from the client")
+    }
+
+    fn respond(stream: &mut TcpStream, id: u64, result: Reply) {
+        let response = Response { result: Ok(result), durable: Lsn(0), leased: false, exclusive: false };
+        stream.write_all(&encode_frame(FrameKind::Response, id, &response, &[]).expect("encodes")).expect("send");
+    }
+
+    /// Accepts one connection and answers its hello as a version-3, plain-TCP server.
+    fn accept(listener: &TcpListener) -> TcpStream {
+        let (mut stream, _) = listener.accept().expect("accept");
+        let hello = receive(&mut stream);
+        let info = ExportInfo {
+            version: 3,
+            algorithms: Algorithms { checksum: "crc32c".into(), cipher: "none".into(), auth: "none".into() },
+            root: Entry { handle: Handle(vec![1]), attr: Attr::default() },
+            read_only: false,
+            max_bytes: None,
+            root_squash: false,
+            server_instance: 7,
+            lease_ms: 10_000,
+        };
+        let welcome = encode_frame(FrameKind::Welcome, hello.header.request_id, &Welcome::Accepted(Box::new(info)), &[]);
+        stream.write_all(&welcome.expect("encodes")).expect("send welcome");
+        stream
+    }
+
+    #[test]
+    fn a_staged_txn_whose_channel_breaks_before_it_is_durable_is_made_durable_by_a_commit() {
+        // Goal: the fsync of a staged txn never returns early: if the server's second answer
+        // cannot come (the connection dropped after the first), a Commit on a new connection
+        // stands in for it. Method: a scripted server that answers the txn applied, hangs up,
+        // and then expects a Commit.
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let server = listener.local_addr().expect("address").to_string();
+        let script = std::thread::spawn(move || {
+            let mut first = accept(&listener);
+            let request = receive(&mut first);
+            assert!(matches!(request.decode::<Request>(), Ok(Request::StagedTxn(_))));
+            let applied = TxnOutcome { lsn: Lsn(5), results: vec![Ok(CommandOk::Done)] };
+            respond(&mut first, request.header.request_id, Reply::Txn(applied));
+            drop(first);
+            let mut second = accept(&listener);
+            let commit = receive(&mut second);
+            assert_eq!(commit.decode::<Request>(), Ok(Request::Commit), "the stand-in for the lost second answer");
+            respond(&mut second, commit.header.request_id, Reply::Committed(Lsn(5)));
+            second
+        });
+        let config = ClientConfig {
+            server,
+            client_name: "test".into(),
+            retry_budget: Some(Duration::from_secs(10)),
+            tls: None,
+            require: Vec::new(),
+        };
+        let (connection, info) = Connection::open(config, ClientId(3)).expect("connects");
+        assert_eq!(info.version, 3);
+        let txn = Txn { seq: TxnSeq(1), replied_below: TxnSeq(1), creds: Credentials::default(), commands: Vec::new() };
+        let ((result, ..), staged) = connection.call_staged(&Request::StagedTxn(txn), &[]).expect("first answer");
+        assert!(matches!(result, Ok(Reply::Txn(_))), "{result:?}");
+        assert_eq!(staged.durable().expect("durable"), Lsn(5));
+        script.join().expect("the server's script ran to its end");
+    }
+}
