@@ -39,6 +39,19 @@ pub struct FlushTargets {
     pub wal_dir: PathBuf,
 }
 
+impl FlushTargets {
+    /// Makes everything written to the export and the log so far durable. A failure stops
+    /// the process (see the module notes).
+    pub fn flush(&self) {
+        for fd in &self.file_systems {
+            if let Err(e) = sys::syncfs(fd.as_fd()) {
+                tracing::error!(error = %e, "syncfs failed: stopping the server so that nothing unflushed is acked");
+                std::process::exit(70);
+            }
+        }
+    }
+}
+
 impl Committer {
     pub fn new(applied: Lsn, segment: u64) -> Arc<Self> {
         Arc::new(Self {
@@ -73,12 +86,7 @@ impl Committer {
             self.wait_for_work();
             let target = Lsn(self.applied.load(Ordering::Acquire));
             let segment = self.segment.load(Ordering::Acquire);
-            for fd in &targets.file_systems {
-                if let Err(e) = sys::syncfs(fd.as_fd()) {
-                    tracing::error!(error = %e, "syncfs failed: stopping the server so that nothing unflushed is acked");
-                    std::process::exit(70);
-                }
-            }
+            targets.flush();
             assert!(target >= self.durable(), "durable lsn moving backwards: {target:?} < {:?}", self.durable());
             self.durable.send_replace(target);
             if let Err(e) = wal::delete_segments_before(&targets.wal_dir, segment) {

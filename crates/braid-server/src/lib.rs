@@ -103,8 +103,12 @@ impl Server {
         let (wal, recovered) = wal::Wal::open(&wal_dir)?;
         tracing::info!(records = recovered.records, next_lsn = recovered.next_lsn.0, "transaction log recovered");
         let applied = braid_proto::Lsn(recovered.next_lsn.0 - 1);
-        let committer = Committer::new(applied, wal.segment());
         let targets = flush_targets(&export, &state_dir, wal_dir).map_err(state_err)?;
+        // What the log says was applied is durable only once flushed: after a crash of the
+        // process (not of the machine) it may still be in the page cache only, and a resent
+        // txn answered from the reply cache, then an fsync, must not be acked before it is.
+        targets.flush();
+        let committer = Committer::new(applied, wal.segment());
         let thread_committer = committer.clone();
         std::thread::Builder::new().name("braid-commit".into()).spawn(move || thread_committer.run(targets)).map_err(state_err)?;
         let state = ServerState {
