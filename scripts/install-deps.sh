@@ -2,7 +2,8 @@
 # install-deps.sh: idempotent setup of everything the test/bench scripts need, for a fresh
 # Debian 12 machine running as root. Safe to re-run: installs only what is missing.
 #   apt:   fuse3 libfuse3-dev pkg-config (build of the FUSE client), bindfs fio postmark (bench peers and
-#          workloads), attr (xattr tools), python3 (bench helpers, fsx probe), util-linux (mountpoint,
+#          workloads), attr (xattr tools), python3 (bench helpers, fsx probe, the sqlite test), git (the git
+#          workload test), util-linux (mountpoint,
 #          fallocate, findmnt), passwd (useradd for the pjdfstest user), build-essential (cc for cargo install).
 #   cargo: pjdfstest, fsx (conformance suites) and cargo-fuzz, installed into ~/.cargo/bin, which CI
 #          may cache.
@@ -16,7 +17,7 @@ say() { echo "install-deps: $*"; }
 [ "$(id -u)" = 0 ] || die "must run as root (apt-get, and the suites need root anyway)"
 
 APT_PKGS=(fuse3 pkg-config util-linux build-essential curl ca-certificates)
-$runtime_only || APT_PKGS+=(libfuse3-dev bindfs fio postmark attr python3 passwd procps)
+$runtime_only || APT_PKGS+=(libfuse3-dev bindfs fio postmark attr python3 passwd procps git)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -715,7 +715,11 @@ fn start_release_thread(
 
 /// Whether `direct` can share the transaction of `batch` and its `probes`.
 fn joins(batch: &[writeback::Queued], probes: usize, direct: &Direct) -> bool {
-    batch.first().is_none_or(|op| op.creds == direct.creds)
+    // The server takes an append only alone in its transaction (it logs it as the write at the
+    // offset where it lands).
+    let alone = direct.commands.iter().any(|c| matches!(c, Command::Append { .. }));
+    !alone
+        && batch.first().is_none_or(|op| op.creds == direct.creds)
         && batch.len() + probes + direct.commands.len() <= braid_proto::limits::TXN_COMMANDS_MAX
         && batch.iter().map(|op| op.data.len()).sum::<usize>() + direct.data.len() <= braid_proto::limits::DATA_BYTES_MAX
 }

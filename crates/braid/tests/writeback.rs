@@ -262,3 +262,23 @@ fn listings_show_the_inode_numbers_stat_shows_for_files_created_in_the_cache() {
         }
     }
 }
+
+#[test]
+fn an_append_after_changes_queued_in_the_cache_succeeds() {
+    // Goal: an O_APPEND write (which the server takes only alone in its transaction) made while
+    // creates are queued goes out after them, not in their transaction. Before the fix the
+    // whole transaction was refused as malformed and every queued change failed with EIO
+    // (`git clone` failed appending to a reflog in a directory it had just made).
+    let f = serving(&[]);
+    fs::create_dir(f.m("logs")).unwrap();
+    fs::write(f.m("logs/HEAD"), b"").unwrap();
+    // Opening sends what is queued; the changes below are queued after it.
+    let mut log = OpenOptions::new().append(true).open(f.m("logs/HEAD")).unwrap();
+    fs::create_dir(f.m("logs/refs")).unwrap();
+    fs::write(f.m("logs/refs/x"), b"queued").unwrap();
+    log.write_all(b"entry 1\n").expect("append");
+    log.write_all(b"entry 2\n").expect("append again");
+    log.sync_all().expect("fsync");
+    assert_eq!(fs::read(f.e("logs/HEAD")).unwrap(), b"entry 1\nentry 2\n");
+    assert_eq!(fs::read(f.e("logs/refs/x")).unwrap(), b"queued");
+}
