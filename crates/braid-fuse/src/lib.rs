@@ -634,6 +634,22 @@ impl Filesystem for BraidFs {
         self.reply_empty(reply, result);
     }
 
+    /// No ioctl is supported (not FICLONE, not file attribute flags): ENOTTY, as for a file
+    /// system without them, so that `cp` and `tar` fall back quietly.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
+    }
+
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         match self.check(self.client.statfs()) {
             Ok(s) => {

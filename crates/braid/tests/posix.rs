@@ -752,3 +752,23 @@ fn a_file_replaced_by_rename_never_fails_to_open() {
         &failures[..failures.len().min(3)]
     );
 }
+
+#[test]
+fn unsupported_ioctls_fail_cleanly_and_copies_fall_back() {
+    // Goal: ioctls braid does not implement (file attribute flags, reflink clones) fail as on a
+    // file system without them (lsattr reports it, `cp --reflink=auto` copies the bytes), and
+    // quietly: fuser's default logged a warning for each, i.e. for every `cp`.
+    let fx = Fixture::mounted_with(|_| {});
+    fs::write(fx.m("f"), b"bytes").unwrap();
+    let file = File::open(fx.m("f")).unwrap();
+    let mut flags: libc::c_long = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one long through the pointer.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) };
+    assert_eq!(r, -1);
+    assert!(matches!(last_errno(), libc::ENOTTY | libc::EOPNOTSUPP), "errno {}", last_errno());
+    let copy = std::process::Command::new("cp").args(["--reflink=auto"]).arg(fx.m("f")).arg(fx.m("g")).status().unwrap();
+    assert!(copy.success());
+    assert_eq!(fs::read(fx.m("g")).unwrap(), b"bytes");
+    let logs = fx.logs_tail();
+    assert!(!logs.contains("Not Implemented"), "a warning in the mount's log for every cp:\n{logs}");
+}
