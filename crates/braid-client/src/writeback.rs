@@ -869,7 +869,12 @@ fn set_attributes(attr: &mut Attr, changes: &AttrChanges) {
 fn written(attr: &mut Attr, offset: u64, len: u64) {
     let now = now();
     attr.size = attr.size.max(offset + len);
-    attr.blocks = attr.blocks.max(attr.size.div_ceil(512));
+    // The written range newly allocated, in 4 KiB blocks, at most the whole file: a write far
+    // past the end of a sparse file allocates what it wrote, not the hole before it (`du` right
+    // after `truncate -s 10G` and a 1 MiB write showed 10 GiB). The batch's probe then gives
+    // the server's figure.
+    let blocks_of = |bytes: u64| bytes.div_ceil(4096) * 8;
+    attr.blocks = (attr.blocks + blocks_of(len)).min(blocks_of(attr.size)).max(attr.blocks);
     attr.mtime = now;
     attr.ctime = now;
 }
@@ -910,6 +915,26 @@ mod tests {
         assert_eq!(w.queue(&creds, &append, b"abc"), None, "appends land where the server says");
         w.downgraded(&[h(1)]);
         assert_eq!(w.queue(&creds, &write(1), b"abc"), None, "flushed and downgraded");
+    }
+
+    #[test]
+    fn a_write_into_a_sparse_file_predicts_only_the_blocks_it_wrote() {
+        // Goal: `du` right after a write far into a sparse file shows what was written, not the
+        // hole (the prediction stands until the batch's probe brings the server's figure).
+        let w = WriteBack::new(true);
+        let creds = Credentials { uid: 1000, gid: 1000, groups: vec![] };
+        held(&w, &h(1), Attr { mode: libc::S_IFREG | 0o644, uid: 1000, gid: 1000, ..Attr::default() });
+        let grow = AttrChanges { size: Some(10 << 30), ..Default::default() };
+        let Some(CommandOk::Attr(after)) = w.queue(&creds, &Command::SetAttr { handle: h(1), changes: grow }, &[]) else {
+            panic!("not queued")
+        };
+        assert_eq!(after.blocks, 0, "a truncate upwards allocates nothing");
+        let data = vec![1u8; 1 << 20];
+        w.queue(&creds, &Command::Write { handle: h(1), offset: 5 << 30, len: 1 << 20 }, &data).expect("queued");
+        let (attr, _) = w.exact_attributes(&h(1)).expect("shadow");
+        assert_eq!((attr.size, attr.blocks), (10 << 30, 2048), "1 MiB in 512-byte units");
+        w.queue(&creds, &Command::Write { handle: h(1), offset: 0, len: 100 }, &data[..100]).expect("queued");
+        assert_eq!(w.exact_attributes(&h(1)).expect("shadow").0.blocks, 2056, "a partial block counts whole");
     }
 
     #[test]
