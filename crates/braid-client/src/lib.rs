@@ -396,11 +396,16 @@ impl Client {
         directories.into_iter().map(|handle| Command::SetAttr { handle: handle.clone(), changes: AttrChanges::default() }).collect()
     }
 
-    /// Queues the create `command` (a regular file or directory) if this client may make it in
-    /// its cache, and returns the new object (its handle provisional until the create reaches
-    /// the server) and the lease on it; `None`: send it with [`Self::apply`].
+    /// Queues the create `command` (a regular file or directory, or a hard link of a file) if
+    /// this client may make it in its cache, and returns the object (a new one's handle is
+    /// provisional until the create reaches the server) and the lease on it; `None`: send it
+    /// with [`Self::apply`].
     pub fn create_in_cache(&self, creds: &Credentials, command: &Command) -> Option<(Entry, Lease)> {
-        self.writeback.queue_create(creds, command).map(|(entry, until)| (entry, Some(until)))
+        let queued = match command {
+            Command::Link { .. } => self.writeback.queue_link(creds, command),
+            _ => self.writeback.queue_create(creds, command),
+        };
+        queued.map(|(entry, until)| (entry, Some(until)))
     }
 
     /// Queues the change of names `command` (an unlink, rmdir or rename) if this client may

@@ -700,6 +700,40 @@ impl WriteBack {
         true
     }
 
+    /// Queues a hard link (`Command::Link`) of a regular file held exclusively, whose attributes
+    /// are known, to a free name in a directory held exclusively whose every name this client
+    /// knows; returns the file as the server would (one more link). `None`: it must be sent now.
+    /// (git makes every object file this way: link of a temporary file, then unlink.)
+    pub(crate) fn queue_link(&self, creds: &Credentials, command: &Command) -> Option<(Entry, Instant)> {
+        let mut state = self.lock();
+        let mut command = command.clone();
+        state.canonicalize(&mut command);
+        let now = Instant::now();
+        let Command::Link { handle, new_parent, new_name } = &command else { return None };
+        if state.stop || (creds.uid == 0 && self.root_squash) {
+            return None;
+        }
+        let until = state.held_for_queueing(new_parent, now)?;
+        state.held_for_queueing(handle, now)?;
+        let regular = state.attrs.get(handle).is_some_and(|a| a.mode & libc::S_IFMT == libc::S_IFREG);
+        let free = state.listings.get(new_parent).is_some_and(|names| !names.contains_key(new_name));
+        if !regular || !state.exact.contains(handle) || !free {
+            return None;
+        }
+        let (handle, new_parent, new_name) = (handle.clone(), new_parent.clone(), new_name.clone());
+        let t = self::now();
+        state.entries_changed(&new_parent, t, 0);
+        let attr = state.attrs.get_mut(&handle).expect("checked above");
+        attr.nlink += 1;
+        attr.ctime = t;
+        let attr = *attr;
+        state.listings.get_mut(&new_parent).expect("checked above").insert(new_name, Some(handle.clone()));
+        state.enqueue(Queued { creds: creds.clone(), command, data: Vec::new(), creates: None }, now);
+        drop(state);
+        self.changed.notify_all();
+        Some((Entry { handle, attr }, until))
+    }
+
     /// Whether queued data is beyond the memory bound (the writer should send the queue).
     pub(crate) fn over_limit(&self) -> bool {
         self.lock().bytes >= DIRTY_BYTES_MAX
@@ -1151,6 +1185,29 @@ mod tests {
         let root = Credentials::default();
         queued_create(&w, &creds, &create(&dir, b"g"));
         assert!(!WriteBack::new(true).queue_remove(&root, &unlink(b"g")), "a squashed root");
+    }
+
+    #[test]
+    fn hard_links_of_files_this_client_knows_are_queued() {
+        // Goal: git's way of making an object file (link a temporary file to its final name,
+        // then unlink the temporary) stays in the cache; what the server must decide does not.
+        let (w, creds, dir) = user_in_a_directory_made_here();
+        let file = queued_create(&w, &creds, &create(&dir, b"tmp"));
+        let sub = queued_create(&w, &creds, &Command::Mkdir { parent: dir.clone(), name: b"s".to_vec(), mode: 0o755 });
+        let link = |target: &Handle, name: &[u8], parent: &Handle| Command::Link {
+            handle: target.clone(),
+            new_parent: parent.clone(),
+            new_name: name.to_vec(),
+        };
+        assert!(w.queue_link(&creds, &link(&file.handle, b"s", &dir)).is_none(), "the name is taken");
+        assert!(w.queue_link(&creds, &link(&sub.handle, b"d2", &dir)).is_none(), "a directory");
+        assert!(w.queue_link(&creds, &link(&file.handle, b"x", &h(9))).is_none(), "a directory not held");
+        let (entry, _) = w.queue_link(&creds, &link(&file.handle, b"obj", &sub.handle)).expect("queued");
+        assert_eq!((entry.handle.clone(), entry.attr.nlink), (file.handle.clone(), 2));
+        assert_eq!(w.known_entry(&sub.handle, b"obj").map(|(e, _)| e.handle), Some(file.handle.clone()), "found by name");
+        assert!(w.queue_remove(&creds, &Command::Unlink { parent: dir.clone(), name: b"tmp".to_vec() }));
+        assert_eq!(w.exact_attributes(&file.handle).map(|(a, _)| a.nlink), Some(1), "one name left");
+        assert_eq!(w.begin_shipment(true).ops.len(), 4, "create, mkdir, link and unlink go out in order");
     }
 
     /// A write-back state, a user, and a directory that user made here.
