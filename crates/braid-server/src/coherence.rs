@@ -370,9 +370,23 @@ impl Coherence {
             }
         }
         // Only now: several items may name the same object, and each must reach its holders.
+        // A recalled right on a file ends: the holder drops what it cached of it. A right on a
+        // directory whose names change stays (shared): its holder's kernel keeps the other
+        // names it looked up there, and a later change of one of them must be recalled too.
+        let directories: HashSet<&Handle> = items
+            .iter()
+            .filter_map(|item| match item {
+                Invalidation::Entry { parent, .. } => Some(parent),
+                Invalidation::Object(_) => None,
+            })
+            .collect();
         for handle in &busy {
             if let Some(object) = state.objects.get_mut(handle) {
-                object.holders.retain(|c, _| *c == client);
+                if directories.contains(handle) {
+                    object.holders.iter_mut().filter(|(c, _)| **c != client).for_each(|(_, right)| right.exclusive = false);
+                } else {
+                    object.holders.retain(|c, _| *c == client);
+                }
             }
         }
         let ticket = begin_read_locked(&mut state);
@@ -666,6 +680,30 @@ mod tests {
         let change = c.begin_change(b, &[Invalidation::Object(h(1)), old.clone(), Invalidation::Object(h(1)), new.clone()]);
         let _ = c.end_change(change, []);
         assert_eq!(*got.lock().unwrap(), vec![old, new, Invalidation::Object(h(1))], "entries first, duplicates dropped");
+    }
+
+    #[test]
+    fn a_right_on_a_directory_outlives_changes_of_its_names_and_one_on_a_file_does_not() {
+        // Goal: a holder's kernel keeps every name it looked up in a directory; after one name
+        // there changed, a change of another must still be recalled from it. A file's recall
+        // drops all the holder cached of it: its right ends.
+        let c = Arc::new(Coherence::new(Duration::from_secs(10), false));
+        let (a, b) = (ClientId(1), ClientId(2));
+        let recalls = Arc::new(AtomicUsize::new(0));
+        c.subscribe(a, 1, acking_sink(&c, Duration::ZERO, recalls.clone()));
+        c.subscribe(b, 2, acking_sink(&c, Duration::ZERO, Arc::new(AtomicUsize::new(0))));
+        assert!(c.grant(c.begin_read(), a, [&h(1), &h(2)]).leased());
+        let entry = |name: &[u8]| Invalidation::Entry { parent: h(1), name: name.to_vec() };
+        for name in [&b"lock"[..], b"master", b"other"] {
+            let change = c.begin_change(b, &[Invalidation::Object(h(1)), entry(name)]);
+            let _ = c.end_change(change, []);
+        }
+        assert_eq!(recalls.load(Ordering::SeqCst), 3, "every change of a name recalls the directory's holder");
+        for _ in 0..2 {
+            let change = c.begin_change(b, &[Invalidation::Object(h(2))]);
+            let _ = c.end_change(change, []);
+        }
+        assert_eq!(recalls.load(Ordering::SeqCst), 4, "a file's holder is recalled once");
     }
 
     #[test]

@@ -300,6 +300,27 @@ fn a_killed_client_loses_nothing_it_fsynced_and_blocks_nobody_for_long() {
 }
 
 #[test]
+fn a_name_replaced_by_rename_is_seen_anew_though_another_name_there_changed_first() {
+    // Goal: git's update of a ref (create `master.lock`, write it, rename it over `master`),
+    // done by either client, is read at once by the other. Before the fix the create of the
+    // lock file ended the reader's right on the directory, so the rename recalled nothing from
+    // it and it read the replaced file through the name its kernel still had: every round.
+    let (a, b) = two_clients("30");
+    fs::create_dir(a.m("refs")).unwrap();
+    fs::write(a.m("refs/master"), b"v0").unwrap();
+    assert_eq!(fs::read(b.m("refs/master")).unwrap(), b"v0");
+    for round in 0..6 {
+        let (writer, reader) = if round % 2 == 0 { (a.m("refs"), b.m("refs")) } else { (b.m("refs"), a.m("refs")) };
+        let content = format!("v{} written by {}", round + 1, if round % 2 == 0 { "A" } else { "B" });
+        let mut lock = OpenOptions::new().write(true).create_new(true).open(writer.join("master.lock")).expect("lock file");
+        lock.write_all(content.as_bytes()).unwrap();
+        drop(lock);
+        fs::rename(writer.join("master.lock"), writer.join("master")).expect("rename over");
+        assert_eq!(fs::read_to_string(reader.join("master")).unwrap(), content, "round {round}: stale ref");
+    }
+}
+
+#[test]
 fn after_a_server_restart_no_client_trusts_what_it_cached_before() {
     // Goal: the rights table dies with the server (kill -9), and nobody can recall the old
     // rights. A client drops what it cached when its callback channel breaks, and the restarted
