@@ -47,3 +47,32 @@ fn git_init_commit_clone_and_fsck_work_on_the_mount() {
     git(&f.e("clone"), &["fsck", "--strict"]);
     assert_eq!(git(&f.e("clone"), &["status", "--porcelain"]), "");
 }
+
+#[test]
+fn git_commits_on_one_client_are_seen_at_once_on_the_other() {
+    // Goal: two people working on one repository through two mounts never see a stale HEAD or
+    // a work tree that looks modified. Method: commits alternate between the clients; after
+    // each, the other's HEAD must be the new commit and its `git status` clean.
+    let args = ["--insecure", "--no-root-squash", "--lease", "30"].map(String::from).to_vec();
+    let mut f = Fixture::serving_with_args(|_| {}, args, plain_mount_args());
+    f.mount();
+    let other = f.another_mount("mnt-b");
+    let (a, b) = (f.m("repo"), other.m("repo"));
+    std::fs::create_dir(&a).unwrap();
+    git(&a, &["init", "-q"]);
+    std::fs::write(a.join("notes.txt"), "start\n").unwrap();
+    git(&a, &["add", "notes.txt"]);
+    git(&a, &["commit", "-q", "-m", "start"]);
+    for round in 0..6 {
+        let (writer, reader) = if round % 2 == 0 { (&b, &a) } else { (&a, &b) };
+        let mut notes = std::fs::read_to_string(writer.join("notes.txt")).unwrap();
+        notes.push_str(&format!("round {round}\n"));
+        std::fs::write(writer.join("notes.txt"), &notes).unwrap();
+        git(writer, &["commit", "-q", "-am", &format!("round {round}")]);
+        let head = git(writer, &["rev-parse", "HEAD"]);
+        assert_eq!(git(reader, &["rev-parse", "HEAD"]), head, "round {round}: the other client's HEAD is stale");
+        assert_eq!(git(reader, &["status", "--porcelain"]), "", "round {round}: the other client's work tree looks modified");
+        assert_eq!(std::fs::read_to_string(reader.join("notes.txt")).unwrap(), notes);
+    }
+    git(&a, &["fsck", "--strict"]);
+}
