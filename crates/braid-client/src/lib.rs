@@ -80,16 +80,6 @@ pub struct Client {
     fsync_txn: FsyncTxn,
 }
 
-/// When a transaction is answered.
-enum Answer<'t, 'w> {
-    Applied,
-    /// Once durable, with everything applied before it; `turn` (of the shipment sending it) is
-    /// given up as soon as it is applied, if the server says so apart (`FsyncTxn::Staged`).
-    Durable {
-        turn: Option<&'t mut writeback::Shipment<'w>>,
-    },
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum FsyncTxn {
     /// `StagedTxn` (protocol version 3): answered once applied, when the queue's turn passes
@@ -367,7 +357,7 @@ impl Client {
         commands.extend(self.attribute_probes(&commands));
         let mut shipment = self.writeback.begin_shipment(depends);
         let queued = std::mem::take(&mut shipment.ops);
-        let direct = self.ship(queued, Some(Direct { creds, commands, data }), false, None);
+        let direct = self.ship(queued, Some(Direct { creds, commands, data }), None);
         drop(shipment);
         let (mut results, lease) = direct?.expect("a direct change always has an outcome");
         results.truncate(asked);
@@ -441,7 +431,7 @@ impl Client {
         let mut shipment = self.writeback.begin_shipment(true);
         let queued = std::mem::take(&mut shipment.ops);
         let durable = durable && !queued.is_empty() && self.fsync_txn != FsyncTxn::ThenCommit;
-        let sent = self.ship(queued, None, durable, Some(&mut shipment))?;
+        let sent = self.ship(queued, None, durable.then_some(&mut shipment))?;
         Ok(durable && sent.is_some())
     }
 
@@ -465,17 +455,18 @@ impl Client {
     /// Sends `queued` in batches, then `direct` (with the last batch if it fits); returns the
     /// outcome of `direct`. A queued change the server refuses is recorded for its object; the
     /// changes after it are sent again without it.
-    /// `durable`: the last transaction is answered once durable (`StagedTxn` or `DurableTxn`),
-    /// and the outcome is `Some` only if one was sent (changes naming lost objects are dropped
-    /// before sending). `turn`: the shipment's turn, given up once that transaction is applied.
+    /// `fsync`: the shipment (holding the queue's turn) of an fsync: its last transaction is
+    /// answered once durable (`StagedTxn` or `DurableTxn`), and the outcome is `Some` only if
+    /// one was sent (changes naming lost objects are dropped before sending). The turn passes
+    /// on once nothing of this shipment remains to be sent and the last one is applied.
     fn ship(
         &self,
         queued: Vec<writeback::Queued>,
         direct: Option<Direct>,
-        durable: bool,
-        mut turn: Option<&mut writeback::Shipment<'_>>,
+        mut fsync: Option<&mut writeback::Shipment<'_>>,
     ) -> Result<Option<(TxnResults, Lease)>> {
-        debug_assert!(!(durable && direct.is_some()), "durable shipments are fsyncs: nothing direct");
+        debug_assert!(!(fsync.is_some() && direct.is_some()), "durable shipments are fsyncs: nothing direct");
+        let durable = fsync.is_some();
         let mut batches: VecDeque<Vec<writeback::Queued>> = writeback::batches(queued).into();
         let mut outcome = None;
         while let Some(batch) = batches.pop_front() {
@@ -495,16 +486,11 @@ impl Client {
             let creates: Vec<(usize, Handle)> =
                 batch.iter().enumerate().filter_map(|(at, op)| op.creates.clone().map(|created| (at, created))).collect();
             let last = durable && batches.is_empty();
-            let answer = if last { Answer::Durable { turn: turn.take() } } else { Answer::Applied };
-            let (mut results, lease) = match self.send_txn(batch[0].creds.clone(), &commands, &data, &creates, batch.len(), answer) {
+            let (mut results, lease, staged) = match self.send_txn(batch[0].creds.clone(), &commands, &data, &creates, batch.len(), last) {
                 Ok(done) => done,
                 Err(e) => {
                     // Nothing more will be tried: every change not sent is lost.
-                    for op in batch.iter().chain(batches.iter().flatten()) {
-                        self.write_back_failed(op, Errno(libc::EIO));
-                    }
-                    batches.iter().for_each(|b| self.writeback.sent(b));
-                    self.writeback.sent(&batch);
+                    self.abandon(batch.iter().chain(batches.iter().flatten()));
                     return Err(e);
                 }
             };
@@ -517,6 +503,19 @@ impl Client {
                 }
             }
             self.writeback.sent(&batch[..done]);
+            if let Some(staged) = staged {
+                // Only now may the next shipment go: a refusal may have left part of this batch
+                // to send again, after which it must not be overtaken.
+                if let (true, Some(turn)) = (batches.is_empty(), fsync.as_deref_mut()) {
+                    turn.give_up_turn();
+                }
+                if let Err(e) = staged.durable() {
+                    // As when the send fails: whether the batch is durable is unknown.
+                    batch[..done].iter().for_each(|op| self.write_back_failed(op, Errno(libc::EIO)));
+                    self.abandon(batches.iter().flatten());
+                    return Err(e);
+                }
+            }
             if joins && refused.is_none() {
                 return Ok(Some((results.split_off(batch.len()), lease)));
             }
@@ -525,9 +524,19 @@ impl Client {
             }
         }
         match direct {
-            Some(d) => Ok(Some(self.send_txn(d.creds, &d.commands, &d.data, &[], 0, Answer::Applied)?)),
+            Some(d) => self.send_txn(d.creds, &d.commands, &d.data, &[], 0, false).map(|(results, lease, _)| Some((results, lease))),
             None => Ok(outcome),
         }
+    }
+
+    /// Gives up changes that will not be sent (the transport failed): every one fails with
+    /// EIO, and only then are they no longer pending.
+    fn abandon<'q>(&self, ops: impl Iterator<Item = &'q writeback::Queued>) {
+        let ops: Vec<writeback::Queued> = ops.cloned().collect();
+        for op in &ops {
+            self.write_back_failed(op, Errno(libc::EIO));
+        }
+        self.writeback.sent(&ops);
     }
 
     /// Fails the changes of `batch` that name an object whose create the server refused, and
@@ -548,7 +557,8 @@ impl Client {
 
     /// Sends one transaction of `commands` (the first `queued` of them from the queue, `creates`
     /// the provisional handles their creates give), resolves what it created and records the
-    /// rights its response grants and the attributes and names its results report.
+    /// rights its response grants and the attributes and names its results report. `durable`:
+    /// answered once durable; with `StagedTxn` that answer is still to be awaited (`Staged`).
     fn send_txn(
         &self,
         creds: Credentials,
@@ -556,28 +566,22 @@ impl Client {
         data: &[u8],
         creates: &[(usize, Handle)],
         queued: usize,
-        answer: Answer<'_, '_>,
-    ) -> Result<(TxnResults, Lease)> {
+        durable: bool,
+    ) -> Result<(TxnResults, Lease, Option<connection::Staged>)> {
         let wire = self.writeback.on_the_wire(commands, creates).map_err(ClientError::Errno)?;
         let (seq, replied_below) = self.txns.begin();
         let txn = Txn { seq, replied_below, creds, commands: wire };
-        let (result, staged) = match (&answer, self.fsync_txn) {
-            (Answer::Applied, _) => (self.connection.call_granted(&Request::Txn(txn), data), None),
-            (Answer::Durable { .. }, FsyncTxn::Staged) => match self.connection.call_staged(&Request::StagedTxn(txn), data) {
+        let (result, staged) = match (durable, self.fsync_txn) {
+            (false, _) => (self.connection.call_granted(&Request::Txn(txn), data), None),
+            (true, FsyncTxn::Staged) => match self.connection.call_staged(&Request::StagedTxn(txn), data) {
                 Ok((granted, staged)) => (Ok(granted), Some(staged)),
                 Err(e) => (Err(e), None),
             },
-            (Answer::Durable { .. }, _) => (self.connection.call_granted(&Request::DurableTxn(txn), data), None),
+            (true, _) => (self.connection.call_granted(&Request::DurableTxn(txn), data), None),
         };
         self.txns.end(seq);
-        let applied = self.applied(result?, commands, creates, queued)?;
-        if let (Some(staged), Answer::Durable { turn }) = (staged, answer) {
-            if let Some(turn) = turn {
-                turn.give_up_turn();
-            }
-            staged.durable()?;
-        }
-        Ok(applied)
+        let (results, lease) = self.applied(result?, commands, creates, queued)?;
+        Ok((results, lease, staged))
     }
 
     /// Takes in the outcome of a transaction (see `send_txn`).
