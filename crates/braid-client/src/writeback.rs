@@ -151,9 +151,11 @@ impl State {
         // Queued commands keep naming `provisional`: they are canonicalized when they are sent.
     }
 
-    /// The server reported `attr` for `handle`.
-    fn reported(&mut self, handle: &Handle, attr: &Attr) {
-        if self.exclusive.contains_key(handle) && !self.pending.contains_key(handle) {
+    /// The server reported `attr` for `handle`. `current`: it holds whatever is pending (the
+    /// answer to a command sent directly: the kernel holds the object locked for it, so nothing
+    /// of it was queued since its shipment took the queue, which the server applied first).
+    fn reported(&mut self, handle: &Handle, attr: &Attr, current: bool) {
+        if self.exclusive.contains_key(handle) && (current || !self.pending.contains_key(handle)) {
             self.attrs.insert(handle.clone(), *attr);
             self.exact.insert(handle.clone());
         }
@@ -203,13 +205,24 @@ impl State {
 
     /// Appends `op` to the queue: every object it is part of is pending until it is sent
     /// ([`WriteBack::sent`] counts them down the same way).
-    fn enqueue(&mut self, op: Queued, now: Instant) {
+    /// Returns whether the flusher has work it did not know of: a first change to wait for, or a
+    /// full queue to send at once.
+    #[must_use]
+    fn enqueue(&mut self, op: Queued, now: Instant) -> bool {
         for handle in op.objects() {
             *self.pending.entry(handle.clone()).or_default() += 1;
         }
+        let was_full = self.full();
         self.bytes += op.data.len();
+        let first = self.oldest.is_none();
         self.oldest.get_or_insert(now);
         self.queue.push(op);
+        first || (self.full() && !was_full)
+    }
+
+    /// Whether a transaction's worth is queued (the flusher sends it without waiting).
+    fn full(&self) -> bool {
+        self.queue.len() >= BATCH_COMMANDS_MAX || self.bytes >= DATA_BYTES_MAX
     }
 
     /// The object `name` in `parent` names, if the listing knows it.
@@ -221,8 +234,10 @@ impl State {
 
 pub(crate) struct WriteBack {
     state: Mutex<State>,
-    /// Signalled when the queue or `shipping` changes.
+    /// Signalled when `shipping` changes, changes are sent and creates resolved.
     changed: Condvar,
+    /// Signalled for the flusher: the queue got its first change or filled up, or stopping.
+    work: Condvar,
     root_squash: bool,
 }
 
@@ -257,7 +272,13 @@ impl Drop for Shipment<'_> {
 
 impl WriteBack {
     pub(crate) fn new(root_squash: bool) -> Self {
-        Self { state: Mutex::new(State::default()), changed: Condvar::new(), root_squash }
+        Self { state: Mutex::new(State::default()), changed: Condvar::new(), work: Condvar::new(), root_squash }
+    }
+
+    fn wake_flusher(&self, wake: bool) {
+        if wake {
+            self.work.notify_one();
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -343,7 +364,7 @@ impl WriteBack {
     pub(crate) fn attributes(&self, handle: &Handle, attr: &Attr) {
         let mut state = self.lock();
         let handle = state.canonical(handle);
-        state.reported(&handle, attr);
+        state.reported(&handle, attr, false);
     }
 
     /// Records what a transaction's results tell about objects held exclusively: the names in
@@ -355,7 +376,11 @@ impl WriteBack {
         let mut state = self.lock();
         for (index, (command, result)) in commands.iter().zip(results).enumerate() {
             match (command, result) {
-                (_, Ok(CommandOk::Attr(attr))) => command.handles().into_iter().for_each(|h| state.reported(h, attr)),
+                (_, Ok(CommandOk::Attr(attr))) => {
+                    // A probe may have been sent after changes queued since (see `reported`).
+                    let probe = matches!(command, Command::SetAttr { changes, .. } if *changes == AttrChanges::default());
+                    command.handles().into_iter().for_each(|h| state.reported(h, attr, index >= queued && !probe))
+                }
                 _ if index < queued => {}
                 // They change objects named only by their names (ctime, link count).
                 (Command::Unlink { .. } | Command::Rmdir { .. } | Command::Rename { .. }, _) => state.exact.clear(),
@@ -364,7 +389,7 @@ impl WriteBack {
                 }),
             }
             if let Ok(CommandOk::Entry(entry)) = result {
-                state.reported(&entry.handle, &entry.attr);
+                state.reported(&entry.handle, &entry.attr, false);
             }
         }
     }
@@ -528,9 +553,9 @@ impl WriteBack {
         state.exclusive.insert(handle.clone(), until);
         state.attrs.insert(handle.clone(), attr);
         state.exact.insert(handle.clone());
-        state.enqueue(Queued { creds: creds.clone(), command, data: Vec::new(), creates: Some(handle.clone()) }, now);
+        let wake = state.enqueue(Queued { creds: creds.clone(), command, data: Vec::new(), creates: Some(handle.clone()) }, now);
         drop(state);
-        self.changed.notify_all();
+        self.wake_flusher(wake);
         Some((Entry { handle, attr }, until))
     }
 
@@ -576,9 +601,9 @@ impl WriteBack {
             _ => unreachable!("matched above"),
         };
         let command = sent_command.unwrap_or_else(|| command.clone());
-        state.enqueue(Queued { creds: creds.clone(), command, data: data.to_vec(), creates: None }, now);
+        let wake = state.enqueue(Queued { creds: creds.clone(), command, data: data.to_vec(), creates: None }, now);
         drop(state);
-        self.changed.notify_all();
+        self.wake_flusher(wake);
         Some(ok)
     }
 
@@ -641,9 +666,9 @@ impl WriteBack {
         if rmdir {
             state.listings.remove(&victim);
         }
-        state.enqueue(Queued { creds: creds.clone(), command, data: Vec::new(), creates: None }, now);
+        let wake = state.enqueue(Queued { creds: creds.clone(), command, data: Vec::new(), creates: None }, now);
         drop(state);
-        self.changed.notify_all();
+        self.wake_flusher(wake);
         true
     }
 
@@ -694,9 +719,9 @@ impl WriteBack {
         }
         let entry = state.listings.get_mut(&parent).expect("listed_object found it").remove(&name).flatten();
         state.listings.get_mut(&new_parent).expect("checked above").insert(new_name, entry);
-        state.enqueue(Queued { creds: creds.clone(), command, data: Vec::new(), creates: None }, now);
+        let wake = state.enqueue(Queued { creds: creds.clone(), command, data: Vec::new(), creates: None }, now);
         drop(state);
-        self.changed.notify_all();
+        self.wake_flusher(wake);
         true
     }
 
@@ -728,9 +753,9 @@ impl WriteBack {
         attr.ctime = t;
         let attr = *attr;
         state.listings.get_mut(&new_parent).expect("checked above").insert(new_name, Some(handle.clone()));
-        state.enqueue(Queued { creds: creds.clone(), command, data: Vec::new(), creates: None }, now);
+        let wake = state.enqueue(Queued { creds: creds.clone(), command, data: Vec::new(), creates: None }, now);
         drop(state);
-        self.changed.notify_all();
+        self.wake_flusher(wake);
         Some((Entry { handle, attr }, until))
     }
 
@@ -818,19 +843,18 @@ impl WriteBack {
     pub(crate) fn wait_for_work(&self) -> bool {
         let mut state = self.lock();
         loop {
-            let full = state.queue.len() >= BATCH_COMMANDS_MAX || state.bytes >= DATA_BYTES_MAX;
             match state.oldest {
-                Some(_) if full || state.stop => return true,
+                Some(_) if state.full() || state.stop => return true,
                 Some(oldest) => {
                     let due = oldest + FLUSH_DELAY;
                     let now = Instant::now();
                     if now >= due {
                         return true;
                     }
-                    state = self.changed.wait_timeout(state, due - now).expect("write-back lock").0;
+                    state = self.work.wait_timeout(state, due - now).expect("write-back lock").0;
                 }
                 None if state.stop => return false,
-                None => state = self.changed.wait(state).expect("write-back lock"),
+                None => state = self.work.wait(state).expect("write-back lock"),
             }
         }
     }
@@ -839,6 +863,7 @@ impl WriteBack {
     pub(crate) fn stop(&self) {
         self.lock().stop = true;
         self.changed.notify_all();
+        self.work.notify_all();
     }
 }
 
