@@ -225,6 +225,39 @@ impl BraidFs {
         }
     }
 
+    /// Changes the attributes of `ino` (none: reads them), in the cache if the client may.
+    fn set_attr(&self, req: &Request, ino: INodeNo, changes: AttrChanges) -> Result<(Attr, Lease), Errno> {
+        let handle = self.handle(ino)?;
+        if changes == AttrChanges::default() {
+            return self.check(self.client.getattr(&handle));
+        }
+        let command = Command::SetAttr { handle, changes };
+        if let Some(CommandOk::Attr(attr)) = self.write_back(req, &command, &[]) {
+            return Ok((attr, self.cache.lease_of(ino.0)));
+        }
+        match self.apply(req, &[ino], command, Vec::new())? {
+            (CommandOk::Attr(attr), lease) => Ok((attr, lease)),
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    /// Whether a write by a process without CAP_FSETID may clear set-id bits of `handle`. The
+    /// server decides (whether the set-group-id bit goes depends on the writer's groups).
+    fn write_may_kill_setid(&self, handle: &Handle) -> bool {
+        let Ok((attr, _)) = self.check(self.client.getattr(handle)) else { return false };
+        attr.mode & (libc::S_ISUID | libc::S_ISGID) != 0
+    }
+
+    /// Sends a write that may clear set-id bits to the server, which clears them as a local write
+    /// does (it applies it with the caller's credentials); the empty setattr after it (on its
+    /// own: an append goes alone) brings the new mode into the cache.
+    fn write_killing_setid(&self, req: &Request, ino: INodeNo, command: Command, data: &[u8]) -> Result<(CommandOk, Lease), Errno> {
+        let probe = Command::SetAttr { handle: command.handles()[0].clone(), changes: AttrChanges::default() };
+        let written = self.apply(req, &[ino], command, data.to_vec())?;
+        self.apply(req, &[ino], probe, Vec::new())?;
+        Ok(written)
+    }
+
     fn apply_entry(&self, req: &Request, nodes: &[INodeNo], command: Command) -> Result<(Entry, Lease), Errno> {
         if !self.read_only {
             if let Some(created) = self.client.create_in_cache(&credentials(req), &command) {
@@ -350,7 +383,12 @@ impl Filesystem for BraidFs {
                 | InitFlags::FUSE_POSIX_LOCKS
                 | InitFlags::FUSE_FLOCK_LOCKS
                 // Pages of a file whose lease lapsed unseen are dropped when its mtime changes.
-                | InitFlags::FUSE_AUTO_INVAL_DATA,
+                | InitFlags::FUSE_AUTO_INVAL_DATA
+                // Set-id bits are cleared by the server, which applies writes, truncates and
+                // chowns with the caller's credentials (see `write_killing_setid`). Without it the
+                // kernel asks for security.capability before every write and fetches the
+                // attributes before every chown.
+                | InitFlags::FUSE_HANDLE_KILLPRIV_V2,
         );
         Ok(())
     }
@@ -397,19 +435,7 @@ impl Filesystem for BraidFs {
         reply: ReplyAttr,
     ) {
         let changes = AttrChanges { mode, uid, gid, size, atime: atime.map(time_set), mtime: mtime.map(time_set) };
-        let result = self.handle(ino).and_then(|handle| {
-            if changes == AttrChanges::default() {
-                return self.check(self.client.getattr(&handle));
-            }
-            let command = Command::SetAttr { handle, changes };
-            if let Some(CommandOk::Attr(attr)) = self.write_back(req, &command, &[]) {
-                return Ok((attr, self.cache.lease_of(ino.0)));
-            }
-            match self.apply(req, &[ino], command, Vec::new())? {
-                (CommandOk::Attr(attr), lease) => Ok((attr, lease)),
-                _ => Err(Errno::EIO),
-            }
-        });
+        let result = self.set_attr(req, ino, changes);
         self.reply_attr(reply, ino, result);
     }
 
@@ -518,17 +544,21 @@ impl Filesystem for BraidFs {
         _fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         flags: OpenFlags,
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let result = self.handle(ino).and_then(|handle| {
+            let kills_setid = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) && self.write_may_kill_setid(&handle);
             let len = data.len() as u32;
             // O_APPEND: at the end of the file as the server sees it, so that appends from
             // several clients never overwrite each other.
             let command =
                 if flags.0 & libc::O_APPEND != 0 { Command::Append { handle, len } } else { Command::Write { handle, offset, len } };
+            if kills_setid {
+                return self.write_killing_setid(req, ino, command, data);
+            }
             if let Some(ok) = self.write_back(req, &command, data) {
                 return Ok((ok, None));
             }

@@ -71,6 +71,15 @@ impl Fixture {
         Self::mounted_with(|_| {})
     }
 
+    /// A server with a lease long enough for changes to be queued in the client's cache (the
+    /// client then works at local speed), mounted.
+    pub fn mounted_queueing() -> Self {
+        let args = ["--insecure", "--no-root-squash", "--lease", "30"].map(String::from).to_vec();
+        let mut fixture = Self::serving_with_args(|_| {}, args, plain_mount_args());
+        fixture.mount();
+        fixture
+    }
+
     /// A server on an export that `prepare` fills first, mounted.
     pub fn mounted_with(prepare: impl FnOnce(&Path)) -> Self {
         let mut fixture = Self::serving_with(prepare);
