@@ -26,6 +26,9 @@ pub struct Committer {
     wanted: Mutex<bool>,
     wake: Condvar,
     durable: watch::Sender<Lsn>,
+    /// The lsn the flush under way (or the last one) makes durable: a commit it covers waits
+    /// for it instead of asking for another.
+    flushing: AtomicU64,
     /// Highest lsn whose application has finished (set by the applier).
     pub applied: AtomicU64,
     /// The segment being written (set by the applier); older ones are obsolete after a commit.
@@ -58,6 +61,7 @@ impl Committer {
             wanted: Mutex::new(false),
             wake: Condvar::new(),
             durable: watch::channel(applied).0,
+            flushing: AtomicU64::new(applied.0),
             applied: AtomicU64::new(applied.0),
             segment: AtomicU64::new(segment),
         })
@@ -69,13 +73,22 @@ impl Committer {
 
     /// Returns once everything applied before the call is durable.
     pub async fn commit(&self) -> Lsn {
-        let target = Lsn(self.applied.load(Ordering::Acquire));
+        self.commit_up_to(Lsn(self.applied.load(Ordering::Acquire))).await
+    }
+
+    /// Returns once everything up to `target` (applied already) is durable. A flush is asked
+    /// for only if the one under way started before `target` was applied.
+    pub async fn commit_up_to(&self, target: Lsn) -> Lsn {
         let mut rx = self.durable.subscribe();
         if *rx.borrow() >= target {
             return *rx.borrow();
         }
-        *self.wanted.lock().expect("commit lock") = true;
-        self.wake.notify_one();
+        // `flushing` is stored before its flush starts, and `durable` after it ends: if it
+        // covers `target`, that flush's end will.
+        if self.flushing.load(Ordering::Acquire) < target.0 {
+            *self.wanted.lock().expect("commit lock") = true;
+            self.wake.notify_one();
+        }
         let durable = *rx.wait_for(|d| *d >= target).await.expect("the commit thread never exits while serving");
         durable
     }
@@ -86,6 +99,7 @@ impl Committer {
             self.wait_for_work();
             let target = Lsn(self.applied.load(Ordering::Acquire));
             let segment = self.segment.load(Ordering::Acquire);
+            self.flushing.store(target.0, Ordering::Release);
             targets.flush();
             assert!(target >= self.durable(), "durable lsn moving backwards: {target:?} < {:?}", self.durable());
             self.durable.send_replace(target);

@@ -10,7 +10,7 @@ use std::time::Duration;
 use braid_proto::limits::{HANDSHAKE_TIMEOUT_MS, REQUESTS_IN_FLIGHT_MAX};
 use braid_proto::{
     encode_frame, encode_parts, Algorithms, Callback, Checksum, ClientId, Command, CommandOk, EncodedFrame, Errno, ExportInfo, Frame,
-    FrameHeader, FrameKind, Handle, Hello, Invalidation, LockRequest, Reply, Request, Response, Welcome, WireError, HEADER_BYTES,
+    FrameHeader, FrameKind, Handle, Hello, Invalidation, LockRequest, Lsn, Reply, Request, Response, Welcome, WireError, HEADER_BYTES,
     PROTOCOL_VERSIONS,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
@@ -279,11 +279,12 @@ async fn read_requests(state: &Arc<ServerState>, reader: &mut Reader, tx: mpsc::
             let id = frame.header.request_id;
             if let Request::StagedTxn(txn) = request {
                 let applied = apply_as_txn(&state, who.client, txn, frame).await;
+                let lsn = applied.txn_lsn();
                 drop(budget);
                 if tx.send(outgoing(&state, who, id, applied)).await.is_ok() {
                     // Always a second answer, also after a refusal: the commands before the
                     // one refused were applied, and the client waits for this one.
-                    let committed = Handled::plain(Ok(Reply::Committed(state.committer.commit().await)));
+                    let committed = Handled::plain(Ok(Reply::Committed(commit_txn(&state, lsn).await)));
                     let _ = tx.send(outgoing(&state, who, id, committed)).await;
                 }
                 return;
@@ -391,6 +392,14 @@ impl Handled {
         Self { result: result.map_err(WireError::Errno), data: Vec::new(), grant: Grant::None }
     }
 
+    /// The lsn of the transaction this answers, if it answers one.
+    fn txn_lsn(&self) -> Option<Lsn> {
+        match &self.result {
+            Ok(Reply::Txn(outcome)) => Some(outcome.lsn),
+            _ => None,
+        }
+    }
+
     fn failed(error: WireError) -> Self {
         Self { result: Err(error), data: Vec::new(), grant: Grant::None }
     }
@@ -402,11 +411,20 @@ async fn handle_request(state: &Arc<ServerState>, client: ClientId, request: Req
         Request::DurableTxn(txn) => {
             let handled = apply_as_txn(state, client, txn, frame).await;
             if handled.result.is_ok() {
-                state.committer.commit().await;
+                commit_txn(state, handled.txn_lsn()).await;
             }
             handled
         }
         request => run_blocking(state, client, request, frame).await,
+    }
+}
+
+/// Returns once the transaction applied as `lsn` is durable (if it has none, everything
+/// applied so far).
+async fn commit_txn(state: &ServerState, lsn: Option<Lsn>) -> Lsn {
+    match lsn {
+        Some(lsn) => state.committer.commit_up_to(lsn).await,
+        None => state.committer.commit().await,
     }
 }
 
