@@ -445,6 +445,16 @@ impl Client {
         Ok(())
     }
 
+    /// Returns once every change of `handle` made so far is durable on the server: at once if
+    /// the server has said so already (an fsync of a directory whose renames another fsync
+    /// made durable), else as [`Self::sync`].
+    pub fn fsync(&self, handle: &Handle) -> Result<()> {
+        if self.writeback.is_durable(handle) {
+            return Ok(());
+        }
+        self.sync()
+    }
+
     /// The error of a queued change to `handle` the server refused, not yet reported by an
     /// fsync. `fsync`: it is reported now, and forgotten; a close reports it and leaves it for
     /// the fsync (as NFS does: the close may be another process's, e.g. a child's exec).
@@ -509,11 +519,14 @@ impl Client {
                 if let (true, Some(turn)) = (batches.is_empty(), fsync.as_deref_mut()) {
                     turn.give_up_turn();
                 }
-                if let Err(e) = staged.durable() {
-                    // As when the send fails: whether the batch is durable is unknown.
-                    batch[..done].iter().for_each(|op| self.write_back_failed(op, Errno(libc::EIO)));
-                    self.abandon(batches.iter().flatten());
-                    return Err(e);
+                match staged.durable() {
+                    Ok(lsn) => self.writeback.made_durable(lsn),
+                    Err(e) => {
+                        // As when the send fails: whether the batch is durable is unknown.
+                        batch[..done].iter().for_each(|op| self.write_back_failed(op, Errno(libc::EIO)));
+                        self.abandon(batches.iter().flatten());
+                        return Err(e);
+                    }
                 }
             }
             if joins && refused.is_none() {
@@ -606,7 +619,7 @@ impl Client {
                     _ => None,
                 });
                 self.writeback.granted(commands.iter().flat_map(Command::handles).chain(created), lease, exclusive);
-                self.writeback.applied(&commands, &outcome.results, queued);
+                self.writeback.applied(&commands, &outcome.results, queued, outcome.lsn);
                 Ok((outcome.results, lease))
             }
             (Ok(other), ..) => unexpected(other),
@@ -680,7 +693,10 @@ impl Client {
     /// Returns once every transaction this client has had a reply for is durable.
     pub fn commit(&self) -> Result<Lsn> {
         match self.call(Request::Commit)? {
-            Reply::Committed(lsn) => Ok(lsn),
+            Reply::Committed(lsn) => {
+                self.writeback.made_durable(lsn);
+                Ok(lsn)
+            }
             other => unexpected(other),
         }
     }

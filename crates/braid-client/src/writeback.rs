@@ -30,7 +30,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use braid_proto::limits::{DATA_BYTES_MAX, NAME_BYTES_MAX, TXN_COMMANDS_MAX};
-use braid_proto::{Attr, AttrChanges, Command, CommandOk, Credentials, Entry, Errno, Handle, TimeSet, Timestamp};
+use braid_proto::{Attr, AttrChanges, Command, CommandOk, Credentials, Entry, Errno, Handle, Lsn, TimeSet, Timestamp};
 
 /// How long a change may wait in the queue for others to share its transaction.
 pub const FLUSH_DELAY: Duration = Duration::from_millis(25);
@@ -109,6 +109,11 @@ struct State {
     resolved: HashMap<Handle, Handle>,
     /// Provisional handles whose create the server refused: the object never existed.
     lost: HashMap<Handle, Errno>,
+    /// The lsn of the last transaction of this client that changed each object, until the
+    /// server says that it is durable: an fsync of an object not here needs no round trip.
+    unflushed: HashMap<Handle, Lsn>,
+    /// The highest lsn the server said is durable.
+    durable: Lsn,
     next_provisional: u64,
     shipping: bool,
     stop: bool,
@@ -148,7 +153,22 @@ impl State {
         if self.exact.remove(provisional) {
             self.exact.insert(real.clone());
         }
+        if let Some(lsn) = self.unflushed.remove(provisional) {
+            let at = self.unflushed.entry(real.clone()).or_default();
+            *at = (*at).max(lsn);
+        }
         // Queued commands keep naming `provisional`: they are canonicalized when they are sent.
+    }
+
+    /// The transaction `lsn` changed `handles`.
+    fn changed_at<'h>(&mut self, lsn: Lsn, handles: impl IntoIterator<Item = &'h Handle>) {
+        if lsn <= self.durable {
+            return;
+        }
+        for handle in handles {
+            let at = self.unflushed.entry(self.canonical(handle)).or_default();
+            *at = (*at).max(lsn);
+        }
     }
 
     /// The server reported `attr` for `handle`. `current`: it holds whatever is pending (the
@@ -371,9 +391,16 @@ impl WriteBack {
     /// directories made here, and the attributes of objects whose last command reported them.
     /// `commands` are canonical; the first `queued` of them were queued here, so the shadow
     /// attributes already show what they did.
-    pub(crate) fn applied(&self, commands: &[Command], results: &[Result<CommandOk, Errno>], queued: usize) {
+    /// `lsn`: the transaction's; every object it names or creates is unflushed until it is
+    /// durable.
+    pub(crate) fn applied(&self, commands: &[Command], results: &[Result<CommandOk, Errno>], queued: usize, lsn: Lsn) {
         self.names_changed(commands, results, queued);
         let mut state = self.lock();
+        let created = results.iter().filter_map(|r| match r {
+            Ok(CommandOk::Entry(entry)) => Some(&entry.handle),
+            _ => None,
+        });
+        state.changed_at(lsn, commands.iter().flat_map(Command::handles).chain(created));
         for (index, (command, result)) in commands.iter().zip(results).enumerate() {
             match (command, result) {
                 (_, Ok(CommandOk::Attr(attr))) => {
@@ -759,6 +786,23 @@ impl WriteBack {
         Some((Entry { handle, attr }, until))
     }
 
+    /// The server said every transaction up to `lsn` is durable.
+    pub(crate) fn made_durable(&self, lsn: Lsn) {
+        let mut state = self.lock();
+        if lsn > state.durable {
+            state.durable = lsn;
+            state.unflushed.retain(|_, at| *at > lsn);
+        }
+    }
+
+    /// Whether every change of `handle` this client made is durable on the server, as far as
+    /// it knows: none queued or on its way, and the last transaction that changed it durable.
+    pub(crate) fn is_durable(&self, handle: &Handle) -> bool {
+        let state = self.lock();
+        let handle = state.canonical(handle);
+        !is_provisional(&handle) && !state.pending.contains_key(&handle) && !state.unflushed.contains_key(&handle)
+    }
+
     /// Whether queued data is beyond the memory bound (the writer should send the queue).
     pub(crate) fn over_limit(&self) -> bool {
         self.lock().bytes >= DIRTY_BYTES_MAX
@@ -957,6 +1001,45 @@ mod tests {
     }
 
     #[test]
+    fn an_object_is_durable_once_the_last_transaction_that_changed_it_is() {
+        let w = WriteBack::new(false);
+        let (dir, file, other) = (h(1), h(2), h(3));
+        assert!(w.is_durable(&dir), "never changed here");
+        let rename =
+            Command::Rename { parent: dir.clone(), name: b"a".to_vec(), new_parent: dir.clone(), new_name: b"b".to_vec(), flags: 0 };
+        w.applied(&[rename], &[Ok(CommandOk::Done)], 0, Lsn(5));
+        let write = Command::Write { handle: file.clone(), offset: 0, len: 1 };
+        w.applied(&[write], &[Ok(CommandOk::Written(1))], 0, Lsn(7));
+        assert!(!w.is_durable(&dir) && !w.is_durable(&file));
+        assert!(w.is_durable(&other));
+        w.made_durable(Lsn(6));
+        assert!(w.is_durable(&dir), "its last change (5) is durable");
+        assert!(!w.is_durable(&file), "7 is not");
+        w.made_durable(Lsn(4));
+        assert!(w.is_durable(&dir), "durability never moves back");
+        w.applied(&[Command::Write { handle: file.clone(), offset: 1, len: 1 }], &[Ok(CommandOk::Written(1))], 0, Lsn(3));
+        w.made_durable(Lsn(7));
+        assert!(w.is_durable(&file), "an older transaction does not undo a later one");
+
+        // Queued changes are not durable, whatever the server said.
+        held(&w, &file, Attr::default());
+        assert!(w.queue(&Credentials::default(), &Command::Write { handle: file.clone(), offset: 0, len: 1 }, b"x").is_some());
+        assert!(!w.is_durable(&file));
+
+        // A create made in the cache: its object is durable only after the create is, under
+        // its real handle.
+        let provisional = super::provisional(9);
+        assert!(!w.is_durable(&provisional), "not even on the server");
+        let create = Command::Create { parent: dir.clone(), name: b"n".to_vec(), mode: 0o600, rdev: 0, exclusive: true, pin: false };
+        let made = Entry { handle: h(4), attr: Attr::default() };
+        w.lock().resolve(&provisional, &h(4));
+        w.applied(&[create], &[Ok(CommandOk::Entry(made))], 0, Lsn(8));
+        assert!(!w.is_durable(&provisional) && !w.is_durable(&h(4)) && !w.is_durable(&dir));
+        w.made_durable(Lsn(8));
+        assert!(w.is_durable(&provisional) && w.is_durable(&h(4)) && w.is_durable(&dir));
+    }
+
+    #[test]
     fn only_changes_to_objects_held_exclusively_are_queued() {
         let w = WriteBack::new(true);
         let creds = Credentials::default();
@@ -1098,18 +1181,18 @@ mod tests {
         let create = Command::Create { parent: dir.clone(), name: b"f".to_vec(), mode: 0o644, rdev: 0, exclusive: true, pin: false };
         let probe = Command::SetAttr { handle: dir.clone(), changes: AttrChanges::default() };
         let made = Ok(CommandOk::Entry(Entry { handle: file.clone(), attr: Attr { ino: 2, ..Attr::default() } }));
-        w.applied(std::slice::from_ref(&create), std::slice::from_ref(&made), 0);
+        w.applied(std::slice::from_ref(&create), std::slice::from_ref(&made), 0, Lsn(1));
         assert!(w.exact_attributes(&dir).is_none(), "the create changed the directory");
         assert_eq!(w.exact_attributes(&file).map(|(a, _)| a.ino), Some(2), "the server reported the new file");
-        w.applied(&[create, probe], &[made, Ok(CommandOk::Attr(dir_attr))], 0);
+        w.applied(&[create, probe], &[made, Ok(CommandOk::Attr(dir_attr))], 0, Lsn(1));
         assert_eq!(w.exact_attributes(&dir).map(|(a, _)| a.nlink), Some(2), "the probe reported the directory after it");
         w.queue(&Credentials::default(), &Command::Write { handle: file.clone(), offset: 0, len: 1 }, b"x").expect("queued");
         assert_eq!(w.exact_attributes(&file).map(|(a, _)| a.size), Some(1), "a queued write shows at once");
-        w.applied(&[Command::Write { handle: file.clone(), offset: 0, len: 1 }], &[Ok(CommandOk::Written(1))], 1);
+        w.applied(&[Command::Write { handle: file.clone(), offset: 0, len: 1 }], &[Ok(CommandOk::Written(1))], 1, Lsn(1));
         assert!(w.exact_attributes(&file).is_some(), "a queued write, sent: the shadow had it already");
-        w.applied(&[Command::Write { handle: file.clone(), offset: 0, len: 1 }], &[Ok(CommandOk::Written(1))], 0);
+        w.applied(&[Command::Write { handle: file.clone(), offset: 0, len: 1 }], &[Ok(CommandOk::Written(1))], 0, Lsn(1));
         assert!(w.exact_attributes(&file).is_none(), "a write sent directly changed the file behind the shadow");
-        w.applied(&[Command::Unlink { parent: h(9), name: b"x".to_vec() }], &[Ok(CommandOk::Done)], 0);
+        w.applied(&[Command::Unlink { parent: h(9), name: b"x".to_vec() }], &[Ok(CommandOk::Done)], 0, Lsn(1));
         assert!(w.exact_attributes(&dir).is_none(), "an unlink may change objects known by name only");
     }
 

@@ -258,6 +258,14 @@ impl BraidFs {
         Ok(written)
     }
 
+    /// Returns once the changes of `ino` are durable on the server.
+    fn sync_object(&self, ino: INodeNo) -> Result<(), Errno> {
+        match self.handle(ino) {
+            Ok(handle) => self.check(self.client.fsync(&handle)),
+            Err(_) => self.check(self.client.sync()),
+        }
+    }
+
     fn apply_entry(&self, req: &Request, nodes: &[INodeNo], command: Command) -> Result<(Entry, Lease), Errno> {
         if !self.read_only {
             if let Some(created) = self.client.create_in_cache(&credentials(req), &command) {
@@ -594,7 +602,7 @@ impl Filesystem for BraidFs {
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        let result = self.check(self.client.sync()).and_then(|_| self.write_back_error(ino, true));
+        let result = self.sync_object(ino).and_then(|()| self.write_back_error(ino, true));
         self.reply_empty(reply, result);
     }
 
@@ -659,8 +667,8 @@ impl Filesystem for BraidFs {
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        let result = self.check(self.client.sync()).map(|_| ());
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let result = self.sync_object(ino);
         self.reply_empty(reply, result);
     }
 
