@@ -78,6 +78,8 @@ pub struct Client {
     writeback: Arc<writeback::WriteBack>,
     /// How the last transaction of an fsync goes out, by what the server speaks.
     fsync_txn: FsyncTxn,
+    /// Whether the server answers `XattrNames` (protocol version 4).
+    xattr_names: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,6 +156,7 @@ impl Client {
             releases,
             writeback,
             fsync_txn: FsyncTxn::for_version(info.version),
+            xattr_names: info.version >= braid_proto::XATTR_NAMES_VERSION,
         };
         client.start_flusher().map_err(thread_error)?;
         Ok((client, info))
@@ -308,6 +311,20 @@ impl Client {
         match self.call(Request::ListXattr { handle })? {
             Reply::XattrList(names) => Ok(names),
             other => unexpected(other),
+        }
+    }
+
+    /// The extended attribute names of each of `handles` (server handles, as a listing gives
+    /// them), each `None` if unknown, and the lease they hold under; `None` if the server does
+    /// not answer that (before protocol version 4).
+    pub fn xattr_names(&self, handles: Vec<Handle>) -> Result<Option<(Vec<Option<Vec<u8>>>, Lease)>> {
+        if !self.xattr_names || handles.is_empty() {
+            return Ok(None);
+        }
+        let count = handles.len();
+        match self.call_leased(Request::XattrNames { handles })? {
+            (Reply::XattrNames(names), lease) if names.len() == count => Ok(Some((names, lease))),
+            (other, _) => unexpected(other),
         }
     }
 

@@ -31,7 +31,7 @@ pub struct KernelCache {
     /// Extended attributes known to be missing, per node, until the lease of that answer ends
     /// (the kernel asks for `security.capability` before every write; the kernel itself does
     /// not cache extended attributes).
-    missing_xattrs: Mutex<HashMap<u64, MissingNames>>,
+    missing_xattrs: Mutex<HashMap<u64, XattrKnowledge>>,
     busy: Mutex<HashMap<u64, usize>>,
     /// Notifications waiting for their objects to stop being busy.
     deferred: Mutex<Vec<Notice>>,
@@ -40,8 +40,20 @@ pub struct KernelCache {
     notifier: OnceLock<Notifier>,
 }
 
-/// Names known to be missing, and until when that is known.
-type MissingNames = (HashSet<Vec<u8>>, Instant);
+/// What is known of a node's extended attributes, until when.
+struct XattrKnowledge {
+    /// Names asked for and missing.
+    missing: HashSet<Vec<u8>>,
+    /// Every name it has, if known (`Request::XattrNames`): any other is missing.
+    listed: Option<HashSet<Vec<u8>>>,
+    until: Instant,
+}
+
+impl XattrKnowledge {
+    fn lacks(&self, name: &[u8]) -> bool {
+        self.until > Instant::now() && (self.missing.contains(name) || self.listed.as_ref().is_some_and(|names| !names.contains(name)))
+    }
+}
 
 struct NodeLease {
     until: Instant,
@@ -174,22 +186,31 @@ impl KernelCache {
 
     /// Whether `node` is known, under a lease, to have no extended attribute `name`.
     pub fn xattr_missing(&self, node: u64, name: &[u8]) -> bool {
-        let missing = self.missing_xattrs.lock().expect("xattr lock");
-        missing.get(&node).is_some_and(|(names, until)| *until > Instant::now() && names.contains(name))
+        self.missing_xattrs.lock().expect("xattr lock").get(&node).is_some_and(|known| known.lacks(name))
     }
 
     /// Records that `node` has no extended attribute `name`, as long as `lease` lasts.
     pub fn note_xattr_missing(&self, node: u64, name: &[u8], lease: Lease) {
         let Some(until) = lease else { return };
-        let mut missing = self.missing_xattrs.lock().expect("xattr lock");
-        let (names, expiry) = missing.entry(node).or_insert_with(|| (HashSet::new(), until));
+        let mut known = self.missing_xattrs.lock().expect("xattr lock");
+        let known = known.entry(node).or_insert_with(|| XattrKnowledge { missing: HashSet::new(), listed: None, until });
         // One expiry for all names of a node: the earliest lease still running.
-        if *expiry <= Instant::now() {
-            names.clear();
-            *expiry = until;
+        if known.until <= Instant::now() {
+            known.missing.clear();
+            known.listed = None;
+            known.until = until;
         }
-        *expiry = (*expiry).min(until);
-        names.insert(name.to_vec());
+        known.until = known.until.min(until);
+        known.missing.insert(name.to_vec());
+    }
+
+    /// Records every extended attribute name `node` has (`names`: NUL-terminated, as
+    /// listxattr(2) gives them), as long as `lease` lasts: it replaces what was known.
+    pub fn note_xattr_names(&self, node: u64, names: &[u8], lease: Lease) {
+        let Some(until) = lease else { return };
+        let listed = names.split(|b| *b == 0).filter(|name| !name.is_empty()).map(<[u8]>::to_vec).collect();
+        let known = XattrKnowledge { missing: HashSet::new(), listed: Some(listed), until };
+        self.missing_xattrs.lock().expect("xattr lock").insert(node, known);
     }
 
     /// This mount changes the extended attributes of `node` (its own changes recall nothing here).
@@ -320,6 +341,14 @@ mod tests {
         assert!(!c.xattr_missing(4, b"security.capability"), "recalled");
         c.note_xattr_missing(4, b"security.capability", None);
         assert!(!c.xattr_missing(4, b"security.capability"), "no lease, no memory");
+
+        c.note_xattr_names(5, b"user.a\0security.selinux\0", lease);
+        assert!(c.xattr_missing(5, b"system.posix_acl_access"), "not listed");
+        assert!(!c.xattr_missing(5, b"user.a") && !c.xattr_missing(5, b"security.selinux"), "listed");
+        c.xattrs_changed(5);
+        assert!(!c.xattr_missing(5, b"system.posix_acl_access"), "own setxattr");
+        c.note_xattr_names(6, b"", Some(Instant::now() - Duration::from_secs(1)));
+        assert!(!c.xattr_missing(6, b"user.a"), "lease over");
     }
 
     #[test]

@@ -331,6 +331,23 @@ impl BraidFs {
         Ok((self.handle(parent)?, name.as_bytes().to_vec()))
     }
 
+    /// Asks for the extended attribute names of the objects of a listing, so that a getxattr
+    /// of a name one lacks is answered here: `ls -l` asks for two of every file.
+    fn learn_xattr_names(&self, listing: &[DirEntry]) {
+        let entries: Vec<&Entry> = listing.iter().filter_map(|e| e.entry.as_ref()).collect();
+        match self.client.xattr_names(entries.iter().map(|e| e.handle.clone()).collect()) {
+            Ok(Some((lists, lease))) => {
+                for (entry, names) in entries.iter().zip(lists) {
+                    if let Some(names) = names {
+                        self.cache.note_xattr_names(self.node_of(entry), &names, lease);
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "cannot learn the extended attributes of a listing"),
+        }
+    }
+
     /// Serves one readdir call from the stream's cached entries, fetching more as needed.
     /// Only this stream is locked while the server is asked, so other directories proceed.
     /// `plus`: the entries must carry handles and attributes (readdirplus).
@@ -365,6 +382,9 @@ impl BraidFs {
                 stream.eof = eof || more.is_empty();
                 if more.is_empty() {
                     return Ok(());
+                }
+                if stream.plus {
+                    self.learn_xattr_names(&more);
                 }
                 stream.entries.extend(more.into_iter().map(|e| (e, lease)));
             }

@@ -6,14 +6,17 @@ use serde::{Deserialize, Serialize};
 use crate::codec::Checksum;
 
 /// Protocol versions this build speaks, newest first. 2 added [`Request::DurableTxn`], 3
-/// [`Request::StagedTxn`].
-pub const PROTOCOL_VERSIONS: &[u16] = &[3, 2, 1];
+/// [`Request::StagedTxn`], 4 [`Request::XattrNames`].
+pub const PROTOCOL_VERSIONS: &[u16] = &[4, 3, 2, 1];
 
 /// The first protocol version with [`Request::DurableTxn`].
 pub const DURABLE_TXN_VERSION: u16 = 2;
 
 /// The first protocol version with [`Request::StagedTxn`].
 pub const STAGED_TXN_VERSION: u16 = 3;
+
+/// The first protocol version with [`Request::XattrNames`].
+pub const XATTR_NAMES_VERSION: u16 = 4;
 
 /// Identifies one client (one mount) for deduplication; random, chosen at mount time and kept
 /// across reconnects.
@@ -276,6 +279,13 @@ pub enum Request {
     /// transaction before the disk has flushed: fsyncs of several processes share one flush.
     /// Protocol version 3.
     StagedTxn(Txn),
+    /// The names of the extended attributes of each object (as `ListXattr`), at most
+    /// [`crate::limits::READDIR_ENTRIES_MAX`] of them: asked after a listing, so that `ls -l`
+    /// (which asks for two attributes of every file) is answered from the cache. Protocol
+    /// version 4.
+    XattrNames {
+        handles: Vec<Handle>,
+    },
 }
 
 /// A whole-file or byte-range lock request. `owner` is the client's name for the lock owner
@@ -534,6 +544,9 @@ pub enum Reply {
     Committed(Lsn),
     /// Answer to `Lock` and `TestLock`: the conflicting lock, if any.
     LockTest(Option<LockHeld>),
+    /// Answer to `XattrNames`, in order: each object's names (NUL-terminated, as listxattr(2)
+    /// gives them), or `None` if unknown (the object is gone, or the answer would be too big).
+    XattrNames(Vec<Option<Vec<u8>>>),
 }
 
 /// Errors the server returns instead of a reply.

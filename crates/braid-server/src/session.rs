@@ -520,6 +520,7 @@ fn handle_blocking(state: &ServerState, client: ClientId, request: Request, fram
         Request::StatFs => Handled::plain(export.statfs().map(Reply::StatFs)),
         Request::GetXattr { handle, name } => getxattr(state, client, &handle, &name),
         Request::ListXattr { handle } => Handled::plain(fresh(state, client, &handle, || export.listxattr(&handle)).map(Reply::XattrList)),
+        Request::XattrNames { handles } => xattr_names(state, client, handles),
         Request::Lseek { handle, offset, whence } => {
             Handled::plain(fresh(state, client, &handle, || export.lseek(&handle, offset, whence)).map(Reply::Lseek))
         }
@@ -580,6 +581,31 @@ fn getxattr(state: &ServerState, client: ClientId, handle: &Handle, name: &[u8])
     let (result, grant) = leased(state, client, handle, read, |_| vec![handle.clone()]);
     let result = result.and_then(|value| value.ok_or(Errno(libc::ENODATA)));
     Handled { grant, ..Handled::plain(result.map(Reply::Xattr)) }
+}
+
+/// Bytes of names an `XattrNames` answer carries at most: the objects past them are unknown.
+const XATTR_NAMES_BYTES_MAX: usize = braid_proto::limits::MESSAGE_BYTES_MAX / 2;
+
+/// The extended attribute names of each of `handles`, under a lease on all of them (another
+/// client's change of one is recalled like any change).
+fn xattr_names(state: &ServerState, client: ClientId, handles: Vec<Handle>) -> Handled {
+    if handles.len() > braid_proto::limits::READDIR_ENTRIES_MAX {
+        return Handled::failed(WireError::Malformed(format!("XattrNames of {} objects", handles.len())));
+    }
+    let Some(first) = handles.first() else { return Handled::plain(Ok(Reply::XattrNames(Vec::new()))) };
+    let read = || {
+        let mut budget = XATTR_NAMES_BYTES_MAX;
+        let mut lists = Vec::with_capacity(handles.len());
+        for handle in &handles {
+            // A few bytes of framing per object besides the names.
+            let names = state.export.listxattr(handle).ok().filter(|names| names.len() + 8 <= budget);
+            budget -= names.as_ref().map_or(0, |names| names.len() + 8);
+            lists.push(names);
+        }
+        Ok(lists)
+    };
+    let (result, grant) = leased(state, client, first, read, |_| handles.clone());
+    Handled { grant, ..Handled::plain(result.map(Reply::XattrNames)) }
 }
 
 /// The objects a lookup or readdir reply names: the directory and every entry in it.
@@ -671,7 +697,9 @@ mod tests {
     fn negotiation_picks_common_algorithms_and_names_what_is_missing() {
         // Goal: the refusal names the first missing algorithm; success reports what is in force.
         let (version, algorithms) = negotiate(&hello(), "tls13", "x509").unwrap();
-        assert_eq!(version, 3);
+        assert_eq!(version, 4);
+        let v3_client = Hello { versions: vec![3, 2, 1], ..hello() };
+        assert_eq!(negotiate(&v3_client, "tls13", "x509").unwrap().0, 3, "a version-3 client is still served");
         let v2_client = Hello { versions: vec![2, 1], ..hello() };
         assert_eq!(negotiate(&v2_client, "tls13", "x509").unwrap().0, 2, "a version-2 client is still served");
         let old_client = Hello { versions: vec![1], ..hello() };

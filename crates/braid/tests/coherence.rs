@@ -12,7 +12,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{plain_mount_args, Fixture, OtherMount};
+use common::{getxattr, plain_mount_args, setxattr, Fixture, OtherMount};
 
 /// A server with leases of `lease` seconds, mounted twice: `a` is the fixture's own mount.
 fn two_clients(lease: &str) -> (Fixture, OtherMount) {
@@ -96,6 +96,28 @@ fn set_mtime(path: &std::path::Path, when: libc::timespec) {
     let path = common::cstr(path);
     // SAFETY: a valid C string and an array of two timespecs, as utimensat(2) requires.
     assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) }, 0, "utimensat");
+}
+
+#[test]
+fn extended_attributes_learned_from_a_listing_follow_the_other_clients_changes() {
+    // Goal: B answers getxattr of a name a file lacks from what its listing told it (ls -l
+    // asks for two of every file), and still sees the attribute as soon as A sets it.
+    // Method: B lists the directory and asks for the missing name; A sets it; B asks again.
+    // Then the other way: A removes it, B must see it gone.
+    let (a, b) = two_clients("30");
+    fs::create_dir(a.m("d")).expect("mkdir on A");
+    fs::write(a.m("d/f"), b"x").expect("create on A");
+    for round in 0..3 {
+        let listed: Vec<_> = fs::read_dir(b.m("d")).expect("list on B").map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(listed, ["f"], "round {round}");
+        assert_eq!(getxattr(&b.m("d/f"), "user.k", 64), Err(libc::ENODATA), "round {round}: not set yet");
+        setxattr(&a.m("d/f"), "user.k", b"v", 0).expect("setxattr on A");
+        assert_eq!(getxattr(&b.m("d/f"), "user.k", 64), Ok(b"v".to_vec()), "round {round}: B sees A's attribute");
+        fs::read_dir(b.m("d")).expect("list on B again").for_each(drop);
+        let removed = unsafe { libc::removexattr(common::cstr(&a.m("d/f")).as_ptr(), c"user.k".as_ptr()) };
+        assert_eq!(removed, 0, "removexattr on A");
+        assert_eq!(getxattr(&b.m("d/f"), "user.k", 64), Err(libc::ENODATA), "round {round}: B sees it removed");
+    }
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::os::unix::fs::{symlink, FileExt, FileTypeExt, MetadataExt, OpenOptionsE
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::{cstr, last_errno, Fixture, Rng};
+use common::{cstr, getxattr, last_errno, setxattr, Fixture, Rng};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -645,22 +645,6 @@ fn current_umask() -> u32 {
     let status = fs::read_to_string("/proc/self/status").unwrap();
     let line = status.lines().find(|l| l.starts_with("Umask:")).expect("Umask line in /proc/self/status");
     u32::from_str_radix(line["Umask:".len()..].trim(), 8).unwrap()
-}
-
-fn setxattr(path: &Path, name: &str, value: &[u8], flags: libc::c_int) -> Result<(), i32> {
-    let (path, name) = (cstr(path), CString::new(name).unwrap());
-    check(unsafe { libc::setxattr(path.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), flags) })
-}
-
-fn getxattr(path: &Path, name: &str, size: usize) -> Result<Vec<u8>, i32> {
-    let (path, name) = (cstr(path), CString::new(name).unwrap());
-    let mut buf = vec![0u8; size];
-    let n = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 {
-        return Err(last_errno());
-    }
-    buf.truncate(n as usize);
-    Ok(buf)
 }
 
 fn getxattr_size(path: &Path, name: &str) -> Result<usize, i32> {

@@ -381,6 +381,27 @@ pub fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bo
     }
 }
 
+pub fn setxattr(path: &Path, name: &str, value: &[u8], flags: libc::c_int) -> Result<(), i32> {
+    let (path, name) = (cstr(path), CString::new(name).unwrap());
+    // SAFETY: NUL-terminated strings and a buffer of the length passed, all alive for the call.
+    match unsafe { libc::setxattr(path.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), flags) } {
+        0 => Ok(()),
+        _ => Err(last_errno()),
+    }
+}
+
+pub fn getxattr(path: &Path, name: &str, size: usize) -> Result<Vec<u8>, i32> {
+    let (path, name) = (cstr(path), CString::new(name).unwrap());
+    let mut buf = vec![0u8; size];
+    // SAFETY: as in `setxattr`; the kernel writes at most `buf.len()` bytes.
+    let n = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(last_errno());
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
 pub fn cstr(path: &Path) -> CString {
     CString::new(path.as_os_str().as_bytes()).expect("path without NUL")
 }
