@@ -66,6 +66,9 @@ pub enum ClientError {
 
 pub type Result<T> = std::result::Result<T, ClientError>;
 
+/// Per object, its extended attribute names (NUL-terminated), or `None` if unknown.
+pub type XattrNameLists = Vec<Option<Vec<u8>>>;
+
 #[derive(Clone)]
 pub struct Client {
     connection: Arc<Connection>,
@@ -317,7 +320,7 @@ impl Client {
     /// The extended attribute names of each of `handles` (server handles, as a listing gives
     /// them), each `None` if unknown, and the lease they hold under; `None` if the server does
     /// not answer that (before protocol version 4).
-    pub fn xattr_names(&self, handles: Vec<Handle>) -> Result<Option<(Vec<Option<Vec<u8>>>, Lease)>> {
+    pub fn xattr_names(&self, handles: Vec<Handle>) -> Result<Option<(XattrNameLists, Lease)>> {
         if !self.xattr_names || handles.is_empty() {
             return Ok(None);
         }
