@@ -25,6 +25,7 @@ use braid_proto::{
 
 pub use callbacks::CallbackHandler;
 pub use connection::Connection;
+use writeback::Durability;
 pub use writeback::{is_provisional, PROVISIONAL_INO};
 
 /// Until when the client may cache what a reply said; `None`: not at all.
@@ -81,8 +82,8 @@ pub struct Client {
     writeback: Arc<writeback::WriteBack>,
     /// How the last transaction of an fsync goes out, by what the server speaks.
     fsync_txn: FsyncTxn,
-    /// Whether the server answers `XattrNames` (protocol version 4).
-    xattr_names: bool,
+    /// Whether the server answers `XattrNames` and `CommitUpTo` (protocol version 4).
+    version_4: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,7 +160,7 @@ impl Client {
             releases,
             writeback,
             fsync_txn: FsyncTxn::for_version(info.version),
-            xattr_names: info.version >= braid_proto::XATTR_NAMES_VERSION,
+            version_4: info.version >= braid_proto::XATTR_NAMES_VERSION,
         };
         client.start_flusher().map_err(thread_error)?;
         Ok((client, info))
@@ -321,7 +322,7 @@ impl Client {
     /// them), each `None` if unknown, and the lease they hold under; `None` if the server does
     /// not answer that (before protocol version 4).
     pub fn xattr_names(&self, handles: Vec<Handle>) -> Result<Option<(XattrNameLists, Lease)>> {
-        if !self.xattr_names || handles.is_empty() {
+        if !self.version_4 || handles.is_empty() {
             return Ok(None);
         }
         let count = handles.len();
@@ -469,10 +470,12 @@ impl Client {
     /// the server has said so already (an fsync of a directory whose renames another fsync
     /// made durable), else as [`Self::sync`].
     pub fn fsync(&self, handle: &Handle) -> Result<()> {
-        if self.writeback.is_durable(handle) {
-            return Ok(());
+        match self.writeback.durability(handle) {
+            Durability::Durable => Ok(()),
+            // Waits only for the flush that covers it, not for one covering everything since.
+            Durability::Applied(lsn) if self.version_4 => self.commit_up_to(lsn).map(|_| ()),
+            _ => self.sync(),
         }
-        self.sync()
     }
 
     /// The error of a queued change to `handle` the server refused, not yet reported by an
@@ -712,7 +715,16 @@ impl Client {
 
     /// Returns once every transaction this client has had a reply for is durable.
     pub fn commit(&self) -> Result<Lsn> {
-        match self.call(Request::Commit)? {
+        self.commit_request(Request::Commit)
+    }
+
+    /// Returns once every transaction up to `lsn` is durable (protocol version 4).
+    fn commit_up_to(&self, lsn: Lsn) -> Result<Lsn> {
+        self.commit_request(Request::CommitUpTo(lsn))
+    }
+
+    fn commit_request(&self, request: Request) -> Result<Lsn> {
+        match self.call(request)? {
             Reply::Committed(lsn) => {
                 self.writeback.made_durable(lsn);
                 Ok(lsn)

@@ -795,12 +795,17 @@ impl WriteBack {
         }
     }
 
-    /// Whether every change of `handle` this client made is durable on the server, as far as
-    /// it knows: none queued or on its way, and the last transaction that changed it durable.
-    pub(crate) fn is_durable(&self, handle: &Handle) -> bool {
+    /// How far the changes of `handle` this client made are from durable, as far as it knows.
+    pub(crate) fn durability(&self, handle: &Handle) -> Durability {
         let state = self.lock();
         let handle = state.canonical(handle);
-        !is_provisional(&handle) && !state.pending.contains_key(&handle) && !state.unflushed.contains_key(&handle)
+        if is_provisional(&handle) || state.pending.contains_key(&handle) {
+            return Durability::Pending;
+        }
+        match state.unflushed.get(&handle) {
+            Some(lsn) => Durability::Applied(*lsn),
+            None => Durability::Durable,
+        }
     }
 
     /// Whether queued data is beyond the memory bound (the writer should send the queue).
@@ -911,6 +916,17 @@ impl WriteBack {
     }
 }
 
+/// How far an object's changes are from durable (see [`WriteBack::durability`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Durability {
+    /// Some are queued or on their way.
+    Pending,
+    /// All applied, the last one at this lsn, which the server has not said is durable.
+    Applied(Lsn),
+    /// All durable.
+    Durable,
+}
+
 /// A transaction's worth of queued changes (the flusher sends the queue once it holds that many).
 pub(crate) const BATCH_COMMANDS_MAX: usize = TXN_COMMANDS_MAX / 2;
 
@@ -1000,43 +1016,50 @@ mod tests {
         w.attributes(handle, &attr);
     }
 
+    impl WriteBack {
+        fn durable(&self, handle: &Handle) -> bool {
+            self.durability(handle) == Durability::Durable
+        }
+    }
+
     #[test]
     fn an_object_is_durable_once_the_last_transaction_that_changed_it_is() {
         let w = WriteBack::new(false);
         let (dir, file, other) = (h(1), h(2), h(3));
-        assert!(w.is_durable(&dir), "never changed here");
+        assert!(w.durable(&dir), "never changed here");
         let rename =
             Command::Rename { parent: dir.clone(), name: b"a".to_vec(), new_parent: dir.clone(), new_name: b"b".to_vec(), flags: 0 };
         w.applied(&[rename], &[Ok(CommandOk::Done)], 0, Lsn(5));
         let write = Command::Write { handle: file.clone(), offset: 0, len: 1 };
         w.applied(&[write], &[Ok(CommandOk::Written(1))], 0, Lsn(7));
-        assert!(!w.is_durable(&dir) && !w.is_durable(&file));
-        assert!(w.is_durable(&other));
+        assert!(!w.durable(&dir) && !w.durable(&file));
+        assert_eq!(w.durability(&file), Durability::Applied(Lsn(7)));
+        assert!(w.durable(&other));
         w.made_durable(Lsn(6));
-        assert!(w.is_durable(&dir), "its last change (5) is durable");
-        assert!(!w.is_durable(&file), "7 is not");
+        assert!(w.durable(&dir), "its last change (5) is durable");
+        assert!(!w.durable(&file), "7 is not");
         w.made_durable(Lsn(4));
-        assert!(w.is_durable(&dir), "durability never moves back");
+        assert!(w.durable(&dir), "durability never moves back");
         w.applied(&[Command::Write { handle: file.clone(), offset: 1, len: 1 }], &[Ok(CommandOk::Written(1))], 0, Lsn(3));
         w.made_durable(Lsn(7));
-        assert!(w.is_durable(&file), "an older transaction does not undo a later one");
+        assert!(w.durable(&file), "an older transaction does not undo a later one");
 
         // Queued changes are not durable, whatever the server said.
         held(&w, &file, Attr::default());
         assert!(w.queue(&Credentials::default(), &Command::Write { handle: file.clone(), offset: 0, len: 1 }, b"x").is_some());
-        assert!(!w.is_durable(&file));
+        assert!(!w.durable(&file));
 
         // A create made in the cache: its object is durable only after the create is, under
         // its real handle.
         let provisional = super::provisional(9);
-        assert!(!w.is_durable(&provisional), "not even on the server");
+        assert!(!w.durable(&provisional), "not even on the server");
         let create = Command::Create { parent: dir.clone(), name: b"n".to_vec(), mode: 0o600, rdev: 0, exclusive: true, pin: false };
         let made = Entry { handle: h(4), attr: Attr::default() };
         w.lock().resolve(&provisional, &h(4));
         w.applied(&[create], &[Ok(CommandOk::Entry(made))], 0, Lsn(8));
-        assert!(!w.is_durable(&provisional) && !w.is_durable(&h(4)) && !w.is_durable(&dir));
+        assert!(!w.durable(&provisional) && !w.durable(&h(4)) && !w.durable(&dir));
         w.made_durable(Lsn(8));
-        assert!(w.is_durable(&provisional) && w.is_durable(&h(4)) && w.is_durable(&dir));
+        assert!(w.durable(&provisional) && w.durable(&h(4)) && w.durable(&dir));
     }
 
     #[test]

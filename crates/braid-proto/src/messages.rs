@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::codec::Checksum;
 
 /// Protocol versions this build speaks, newest first. 2 added [`Request::DurableTxn`], 3
-/// [`Request::StagedTxn`], 4 [`Request::XattrNames`].
+/// [`Request::StagedTxn`], 4 [`Request::XattrNames`] and [`Request::CommitUpTo`].
 pub const PROTOCOL_VERSIONS: &[u16] = &[4, 3, 2, 1];
 
 /// The first protocol version with [`Request::DurableTxn`].
@@ -15,7 +15,7 @@ pub const DURABLE_TXN_VERSION: u16 = 2;
 /// The first protocol version with [`Request::StagedTxn`].
 pub const STAGED_TXN_VERSION: u16 = 3;
 
-/// The first protocol version with [`Request::XattrNames`].
+/// The first protocol version with [`Request::XattrNames`] and [`Request::CommitUpTo`].
 pub const XATTR_NAMES_VERSION: u16 = 4;
 
 /// Identifies one client (one mount) for deduplication; random, chosen at mount time and kept
@@ -286,6 +286,10 @@ pub enum Request {
     XattrNames {
         handles: Vec<Handle>,
     },
+    /// Returns once every transaction up to this lsn (or, if it is beyond, every one applied)
+    /// is durable, answered `Committed`: an fsync of an object whose last change another
+    /// client request sent waits only for the flush that covers it. Protocol version 4.
+    CommitUpTo(Lsn),
 }
 
 /// A whole-file or byte-range lock request. `owner` is the client's name for the lock owner

@@ -67,13 +67,18 @@ impl Committer {
         })
     }
 
+    /// The highest lsn whose application has finished.
+    pub fn applied(&self) -> Lsn {
+        Lsn(self.applied.load(Ordering::Acquire))
+    }
+
     pub fn durable(&self) -> Lsn {
         *self.durable.borrow()
     }
 
     /// Returns once everything applied before the call is durable.
     pub async fn commit(&self) -> Lsn {
-        self.commit_up_to(Lsn(self.applied.load(Ordering::Acquire))).await
+        self.commit_up_to(self.applied()).await
     }
 
     /// Returns once everything up to `target` (applied already) is durable. A flush is asked

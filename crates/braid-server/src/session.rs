@@ -371,7 +371,7 @@ fn effective_creds(state: &ServerState, creds: braid_proto::Credentials) -> brai
 fn is_quick(state: &ServerState, client: ClientId, request: &Request) -> bool {
     match request {
         Request::Read { len, .. } => *len <= 128 * 1024 && !state.coherence.exclusive_elsewhere(client),
-        Request::Commit | Request::DurableTxn(_) | Request::StagedTxn(_) => false,
+        Request::Commit | Request::CommitUpTo(_) | Request::DurableTxn(_) | Request::StagedTxn(_) => false,
         Request::Txn(txn) => txn.commands.len() <= 16 && !state.coherence.shared(client) && !state.coherence.in_grace(),
         Request::StatFs | Request::Release { .. } | Request::CallbackDone { .. } | Request::Unsubscribe => true,
         Request::Lock(_) | Request::TestLock(_) | Request::Subscribe => true,
@@ -408,6 +408,11 @@ impl Handled {
 async fn handle_request(state: &Arc<ServerState>, client: ClientId, request: Request, frame: Frame) -> Handled {
     match request {
         Request::Commit => Handled::plain(Ok(Reply::Committed(state.committer.commit().await))),
+        Request::CommitUpTo(lsn) => {
+            // Never beyond what was applied: that lsn might never come.
+            let target = lsn.min(state.committer.applied());
+            Handled::plain(Ok(Reply::Committed(state.committer.commit_up_to(target).await)))
+        }
         Request::DurableTxn(txn) => {
             let handled = apply_as_txn(state, client, txn, frame).await;
             if handled.result.is_ok() {
@@ -566,7 +571,9 @@ fn handle_blocking(state: &ServerState, client: ClientId, request: Request, fram
             Handled::plain(Ok(Reply::Done))
         }
         Request::Subscribe => unreachable!("handled on the connection's task"),
-        Request::Commit | Request::DurableTxn(_) | Request::StagedTxn(_) => unreachable!("handled by handle_request"),
+        Request::Commit | Request::CommitUpTo(_) | Request::DurableTxn(_) | Request::StagedTxn(_) => {
+            unreachable!("handled by handle_request")
+        }
     }
 }
 

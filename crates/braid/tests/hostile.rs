@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use braid_proto::limits::{DATA_BYTES_MAX, MESSAGE_BYTES_MAX};
 use braid_proto::{
-    encode_frame, AttrChanges, ClientId, Command, CommandOk, Errno, FrameHeader, FrameKind, Handle, Hello, LockKind, LockRequest, Reply,
-    Request, TimeSet, Timestamp, Welcome, Whence, WireError, HEADER_BYTES,
+    encode_frame, AttrChanges, ClientId, Command, CommandOk, Errno, FrameHeader, FrameKind, Handle, Hello, LockKind, LockRequest, Lsn,
+    Reply, Request, TimeSet, Timestamp, Welcome, Whence, WireError, HEADER_BYTES,
 };
 use common::{assert_closed_by_peer, wait_until, Fixture, RawSession, Rng};
 
@@ -237,6 +237,16 @@ fn absurd_but_well_formed_requests_get_errors_not_crashes() {
     assert!(matches!(session.txn(vec![short], b"abc"), Err(WireError::Malformed(_))), "write longer than its data");
     let no_owner = Command::Unlink { parent: root.clone(), name: b"none".to_vec() };
     assert!(matches!(session.txn(vec![no_owner], b"stray bytes"), Err(WireError::Malformed(_))), "data of no write");
+
+    // An lsn never applied is not waited for (it might never come); too many objects at once
+    // are refused.
+    let started = std::time::Instant::now();
+    assert!(matches!(session.call(&Request::CommitUpTo(Lsn(u64::MAX)), &[]), Ok((Reply::Committed(_), _))));
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "CommitUpTo(u64::MAX) waited for the never-applied");
+    let names = session.call(&Request::XattrNames { handles: vec![target.clone(), root.clone(), Handle(vec![7; 20])] }, &[]);
+    assert!(matches!(&names, Ok((Reply::XattrNames(lists), _)) if lists.len() == 3 && lists[2].is_none()), "{names:?}");
+    let too_many = Request::XattrNames { handles: vec![target.clone(); 5000] };
+    assert!(matches!(session.call(&too_many, &[]), Err(WireError::Malformed(_))), "XattrNames of 5000 objects");
 
     assert!(session.getattr(&root).is_ok(), "the raw session still works");
     assert_eq!(&fs::read(fx.e("target")).unwrap()[..10], b"0123456789", "no absurd write landed at a wrapped offset");
