@@ -201,6 +201,11 @@ impl Connection {
         ClientError::TimedOut { server: self.config.server.clone(), budget_ms: budget.as_millis() }
     }
 
+    /// The server process this client last connected to (it changes when the server restarts).
+    pub fn server_instance(&self) -> u64 {
+        self.server_instance.load(Ordering::Acquire)
+    }
+
     /// Connects a new channel, retrying with backoff until `deadline`.
     fn open_channel(self: &Arc<Self>, deadline: Option<Instant>) -> Result<Channel> {
         let mut backoff = Duration::from_millis(10);

@@ -543,7 +543,7 @@ impl Client {
                     turn.give_up_turn();
                 }
                 match staged.durable() {
-                    Ok(lsn) => self.writeback.made_durable(lsn),
+                    Ok(lsn) => self.writeback.made_durable(lsn, self.connection.server_instance()),
                     Err(e) => {
                         // As when the send fails: whether the batch is durable is unknown.
                         batch[..done].iter().for_each(|op| self.write_back_failed(op, Errno(libc::EIO)));
@@ -642,7 +642,7 @@ impl Client {
                     _ => None,
                 });
                 self.writeback.granted(commands.iter().flat_map(Command::handles).chain(created), lease, exclusive);
-                self.writeback.applied(&commands, &outcome.results, queued, outcome.lsn);
+                self.writeback.applied(&commands, &outcome.results, queued, (outcome.lsn, self.connection.server_instance()));
                 Ok((outcome.results, lease))
             }
             (Ok(other), ..) => unexpected(other),
@@ -726,7 +726,7 @@ impl Client {
     fn commit_request(&self, request: Request) -> Result<Lsn> {
         match self.call(request)? {
             Reply::Committed(lsn) => {
-                self.writeback.made_durable(lsn);
+                self.writeback.made_durable(lsn, self.connection.server_instance());
                 Ok(lsn)
             }
             other => unexpected(other),

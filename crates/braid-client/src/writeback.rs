@@ -114,6 +114,8 @@ struct State {
     unflushed: HashMap<Handle, Lsn>,
     /// The highest lsn the server said is durable.
     durable: Lsn,
+    /// The server process `durable` is from (`Connection::server_instance`).
+    instance: u64,
     next_provisional: u64,
     shipping: bool,
     stop: bool,
@@ -160,8 +162,20 @@ impl State {
         // Queued commands keep naming `provisional`: they are canonicalized when they are sent.
     }
 
-    /// The transaction `lsn` changed `handles`.
-    fn changed_at<'h>(&mut self, lsn: Lsn, handles: impl IntoIterator<Item = &'h Handle>) {
+    /// Lsns of server process `instance` from now on. A new process may count from anywhere
+    /// (its state may have been restored): what the old one said is durable says nothing of
+    /// the new one's lsns. The lsns of changes not known durable stay: they are only compared
+    /// with what the new process says, at worst asking it for a commit once more.
+    fn lsns_of(&mut self, instance: u64) {
+        if instance != self.instance {
+            self.instance = instance;
+            self.durable = Lsn(0);
+        }
+    }
+
+    /// The transaction `lsn` of server process `instance` changed `handles`.
+    fn changed_at<'h>(&mut self, lsn: Lsn, instance: u64, handles: impl IntoIterator<Item = &'h Handle>) {
+        self.lsns_of(instance);
         if lsn <= self.durable {
             return;
         }
@@ -391,16 +405,16 @@ impl WriteBack {
     /// directories made here, and the attributes of objects whose last command reported them.
     /// `commands` are canonical; the first `queued` of them were queued here, so the shadow
     /// attributes already show what they did.
-    /// `lsn`: the transaction's; every object it names or creates is unflushed until it is
-    /// durable.
-    pub(crate) fn applied(&self, commands: &[Command], results: &[Result<CommandOk, Errno>], queued: usize, lsn: Lsn) {
+    /// `lsn`: the transaction's, and the server process it is from; every object it names or
+    /// creates is unflushed until it is durable.
+    pub(crate) fn applied(&self, commands: &[Command], results: &[Result<CommandOk, Errno>], queued: usize, lsn: (Lsn, u64)) {
         self.names_changed(commands, results, queued);
         let mut state = self.lock();
         let created = results.iter().filter_map(|r| match r {
             Ok(CommandOk::Entry(entry)) => Some(&entry.handle),
             _ => None,
         });
-        state.changed_at(lsn, commands.iter().flat_map(Command::handles).chain(created));
+        state.changed_at(lsn.0, lsn.1, commands.iter().flat_map(Command::handles).chain(created));
         for (index, (command, result)) in commands.iter().zip(results).enumerate() {
             match (command, result) {
                 (_, Ok(CommandOk::Attr(attr))) => {
@@ -786,9 +800,10 @@ impl WriteBack {
         Some((Entry { handle, attr }, until))
     }
 
-    /// The server said every transaction up to `lsn` is durable.
-    pub(crate) fn made_durable(&self, lsn: Lsn) {
+    /// Server process `instance` said every transaction up to `lsn` is durable.
+    pub(crate) fn made_durable(&self, lsn: Lsn, instance: u64) {
         let mut state = self.lock();
+        state.lsns_of(instance);
         if lsn > state.durable {
             state.durable = lsn;
             state.unflushed.retain(|_, at| *at > lsn);
@@ -1029,19 +1044,19 @@ mod tests {
         assert!(w.durable(&dir), "never changed here");
         let rename =
             Command::Rename { parent: dir.clone(), name: b"a".to_vec(), new_parent: dir.clone(), new_name: b"b".to_vec(), flags: 0 };
-        w.applied(&[rename], &[Ok(CommandOk::Done)], 0, Lsn(5));
+        w.applied(&[rename], &[Ok(CommandOk::Done)], 0, (Lsn(5), 1));
         let write = Command::Write { handle: file.clone(), offset: 0, len: 1 };
-        w.applied(&[write], &[Ok(CommandOk::Written(1))], 0, Lsn(7));
+        w.applied(&[write], &[Ok(CommandOk::Written(1))], 0, (Lsn(7), 1));
         assert!(!w.durable(&dir) && !w.durable(&file));
         assert_eq!(w.durability(&file), Durability::Applied(Lsn(7)));
         assert!(w.durable(&other));
-        w.made_durable(Lsn(6));
+        w.made_durable(Lsn(6), 1);
         assert!(w.durable(&dir), "its last change (5) is durable");
         assert!(!w.durable(&file), "7 is not");
-        w.made_durable(Lsn(4));
+        w.made_durable(Lsn(4), 1);
         assert!(w.durable(&dir), "durability never moves back");
-        w.applied(&[Command::Write { handle: file.clone(), offset: 1, len: 1 }], &[Ok(CommandOk::Written(1))], 0, Lsn(3));
-        w.made_durable(Lsn(7));
+        w.applied(&[Command::Write { handle: file.clone(), offset: 1, len: 1 }], &[Ok(CommandOk::Written(1))], 0, (Lsn(3), 1));
+        w.made_durable(Lsn(7), 1);
         assert!(w.durable(&file), "an older transaction does not undo a later one");
 
         // Queued changes are not durable, whatever the server said.
@@ -1056,10 +1071,18 @@ mod tests {
         let create = Command::Create { parent: dir.clone(), name: b"n".to_vec(), mode: 0o600, rdev: 0, exclusive: true, pin: false };
         let made = Entry { handle: h(4), attr: Attr::default() };
         w.lock().resolve(&provisional, &h(4));
-        w.applied(&[create], &[Ok(CommandOk::Entry(made))], 0, Lsn(8));
+        w.applied(&[create], &[Ok(CommandOk::Entry(made))], 0, (Lsn(8), 1));
         assert!(!w.durable(&provisional) && !w.durable(&h(4)) && !w.durable(&dir));
-        w.made_durable(Lsn(8));
+        w.made_durable(Lsn(8), 1);
         assert!(w.durable(&provisional) && w.durable(&h(4)) && w.durable(&dir));
+
+        // A restarted server whose lsns start again lower: its transaction 2 is not durable
+        // because the old process's 8 was.
+        let later = h(5);
+        w.applied(&[Command::Write { handle: later.clone(), offset: 0, len: 1 }], &[Ok(CommandOk::Written(1))], 0, (Lsn(2), 2));
+        assert_eq!(w.durability(&later), Durability::Applied(Lsn(2)));
+        w.made_durable(Lsn(2), 2);
+        assert!(w.durable(&later));
     }
 
     #[test]
@@ -1204,18 +1227,18 @@ mod tests {
         let create = Command::Create { parent: dir.clone(), name: b"f".to_vec(), mode: 0o644, rdev: 0, exclusive: true, pin: false };
         let probe = Command::SetAttr { handle: dir.clone(), changes: AttrChanges::default() };
         let made = Ok(CommandOk::Entry(Entry { handle: file.clone(), attr: Attr { ino: 2, ..Attr::default() } }));
-        w.applied(std::slice::from_ref(&create), std::slice::from_ref(&made), 0, Lsn(1));
+        w.applied(std::slice::from_ref(&create), std::slice::from_ref(&made), 0, (Lsn(1), 1));
         assert!(w.exact_attributes(&dir).is_none(), "the create changed the directory");
         assert_eq!(w.exact_attributes(&file).map(|(a, _)| a.ino), Some(2), "the server reported the new file");
-        w.applied(&[create, probe], &[made, Ok(CommandOk::Attr(dir_attr))], 0, Lsn(1));
+        w.applied(&[create, probe], &[made, Ok(CommandOk::Attr(dir_attr))], 0, (Lsn(1), 1));
         assert_eq!(w.exact_attributes(&dir).map(|(a, _)| a.nlink), Some(2), "the probe reported the directory after it");
         w.queue(&Credentials::default(), &Command::Write { handle: file.clone(), offset: 0, len: 1 }, b"x").expect("queued");
         assert_eq!(w.exact_attributes(&file).map(|(a, _)| a.size), Some(1), "a queued write shows at once");
-        w.applied(&[Command::Write { handle: file.clone(), offset: 0, len: 1 }], &[Ok(CommandOk::Written(1))], 1, Lsn(1));
+        w.applied(&[Command::Write { handle: file.clone(), offset: 0, len: 1 }], &[Ok(CommandOk::Written(1))], 1, (Lsn(1), 1));
         assert!(w.exact_attributes(&file).is_some(), "a queued write, sent: the shadow had it already");
-        w.applied(&[Command::Write { handle: file.clone(), offset: 0, len: 1 }], &[Ok(CommandOk::Written(1))], 0, Lsn(1));
+        w.applied(&[Command::Write { handle: file.clone(), offset: 0, len: 1 }], &[Ok(CommandOk::Written(1))], 0, (Lsn(1), 1));
         assert!(w.exact_attributes(&file).is_none(), "a write sent directly changed the file behind the shadow");
-        w.applied(&[Command::Unlink { parent: h(9), name: b"x".to_vec() }], &[Ok(CommandOk::Done)], 0, Lsn(1));
+        w.applied(&[Command::Unlink { parent: h(9), name: b"x".to_vec() }], &[Ok(CommandOk::Done)], 0, (Lsn(1), 1));
         assert!(w.exact_attributes(&dir).is_none(), "an unlink may change objects known by name only");
     }
 
