@@ -227,6 +227,12 @@ impl Client {
         Ok((entry, lease))
     }
 
+    /// The attributes of `handle` if this client knows them without asking (it holds the
+    /// object exclusively and its shadow is exact).
+    pub fn known_attributes(&self, handle: &Handle) -> Option<Attr> {
+        self.writeback.exact_attributes(handle).map(|(attr, _)| attr)
+    }
+
     pub fn getattr(&self, handle: &Handle) -> Result<(Attr, Lease)> {
         if let Some((attr, until)) = self.writeback.exact_attributes(handle) {
             return Ok((attr, Some(until)));

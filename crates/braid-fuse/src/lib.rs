@@ -241,21 +241,26 @@ impl BraidFs {
         }
     }
 
-    /// Whether a write by a process without CAP_FSETID may clear set-id bits of `handle`. The
-    /// server decides (whether the set-group-id bit goes depends on the writer's groups).
+    /// Whether a write by a process without CAP_FSETID may clear set-id bits of `handle`: the
+    /// server decides (whether the set-group-id bit goes depends on the writer's groups), and
+    /// unless this client holds the object, it does not know its mode for sure.
     fn write_may_kill_setid(&self, handle: &Handle) -> bool {
-        let Ok((attr, _)) = self.check(self.client.getattr(handle)) else { return false };
-        attr.mode & (libc::S_ISUID | libc::S_ISGID) != 0
+        self.client.known_attributes(handle).is_none_or(|attr| attr.mode & (libc::S_ISUID | libc::S_ISGID) != 0)
     }
 
-    /// Sends a write that may clear set-id bits to the server, which clears them as a local write
-    /// does (it applies it with the caller's credentials); the empty setattr after it (on its
-    /// own: an append goes alone) brings the new mode into the cache.
+    /// Sends a write that may clear set-id bits to the server, which clears them as a local
+    /// write does (it applies it with the caller's credentials); the shadow, if any, then takes
+    /// the server's mode (an empty setattr, on its own: an append goes alone). The kernel asks
+    /// for the attributes after a write anyway, and the mount is nosuid.
     fn write_killing_setid(&self, req: &Request, ino: INodeNo, command: Command, data: &[u8]) -> Result<(CommandOk, Lease), Errno> {
-        let probe = Command::SetAttr { handle: command.handles()[0].clone(), changes: AttrChanges::default() };
-        let written = self.apply(req, &[ino], command, data.to_vec())?;
-        self.apply(req, &[ino], probe, Vec::new())?;
-        Ok(written)
+        let handle = command.handles()[0].clone();
+        let held = self.client.known_attributes(&handle).is_some();
+        let written = self.apply(req, &[ino], command, data.to_vec());
+        if held {
+            let probe = Command::SetAttr { handle, changes: AttrChanges::default() };
+            let _ = self.apply(req, &[ino], probe, Vec::new());
+        }
+        written
     }
 
     /// Returns once the changes of `ino` are durable on the server.

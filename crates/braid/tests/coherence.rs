@@ -12,7 +12,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{getxattr, plain_mount_args, setxattr, Fixture, OtherMount};
+use common::{getxattr, plain_mount_args, setxattr, write_as_user, Fixture, OtherMount};
 
 /// A server with leases of `lease` seconds, mounted twice: `a` is the fixture's own mount.
 fn two_clients(lease: &str) -> (Fixture, OtherMount) {
@@ -118,6 +118,24 @@ fn extended_attributes_learned_from_a_listing_follow_the_other_clients_changes()
         assert_eq!(removed, 0, "removexattr on A");
         assert_eq!(getxattr(&b.m("d/f"), "user.k", 64), Err(libc::ENODATA), "round {round}: B sees it removed");
     }
+}
+
+#[test]
+fn a_users_write_to_a_shared_set_uid_file_clears_the_bit_on_both_clients_at_once() {
+    // Goal: where no client holds the file alone (both read it), a write by a user without
+    // CAP_FSETID still clears set-uid at once in the writer's kernel (which must never run a
+    // modified program set-user-id) and on the other client.
+    let (a, b) = two_clients("30");
+    fs::write(a.m("prog"), b"#!").expect("create on A");
+    fs::set_permissions(a.m("prog"), fs::Permissions::from_mode(0o4777)).expect("chmod on A");
+    for (reader, name) in [(&a.mnt, "A"), (&b.mnt, "B")] {
+        assert_eq!(fs::metadata(reader.join("prog")).unwrap().mode() & 0o7777, 0o4777, "set-uid seen on {name}");
+        fs::read(reader.join("prog")).expect("read");
+    }
+    write_as_user(&a.m("prog"));
+    assert_eq!(fs::metadata(a.m("prog")).unwrap().mode() & 0o7777, 0o777, "the writer's kernel dropped set-uid");
+    assert_eq!(fs::metadata(b.m("prog")).unwrap().mode() & 0o7777, 0o777, "the other client sees it dropped");
+    assert_eq!(fs::read(b.m("prog")).unwrap(), b"#b", "the write landed");
 }
 
 #[test]

@@ -6,13 +6,12 @@ mod common;
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{symlink, FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::{cstr, getxattr, last_errno, setxattr, Fixture, Rng};
+use common::{cstr, getxattr, last_errno, setxattr, write_as_user, Fixture, Rng};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -604,20 +603,6 @@ fn a_write_without_cap_fsetid_clears_set_id_bits_as_locally() {
     }
     assert_eq!(seen[&fx.m("by-root")] & 0o7777, 0o6777, "root keeps the bits");
     assert_eq!(seen[&fx.m("suid")] & 0o7777, 0o777, "a user's write clears set-uid");
-}
-
-/// Writes "b" at offset 1 of `path` as uid/gid 1000 (not an append: a write the client may
-/// keep in its cache).
-fn write_as_user(path: &Path) {
-    let mut child = std::process::Command::new("setpriv")
-        .args(["--reuid=1000", "--regid=1000", "--clear-groups", "dd", "bs=1", "seek=1", "conv=notrunc", "status=none"])
-        .arg(format!("of={}", path.display()))
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("setpriv runs");
-    child.stdin.take().unwrap().write_all(b"b").unwrap();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "write as uid 1000 to {} failed: {status}", path.display());
 }
 
 // ---- helpers ----------------------------------------------------------------------------

@@ -381,6 +381,20 @@ pub fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bo
     }
 }
 
+/// Writes "b" at offset 1 of `path` as uid/gid 1000 (not an append: a write the client may
+/// keep in its cache).
+pub fn write_as_user(path: &Path) {
+    let mut child = std::process::Command::new("setpriv")
+        .args(["--reuid=1000", "--regid=1000", "--clear-groups", "dd", "bs=1", "seek=1", "conv=notrunc", "status=none"])
+        .arg(format!("of={}", path.display()))
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("setpriv runs");
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"b").unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "write as uid 1000 to {} failed: {status}", path.display());
+}
+
 pub fn setxattr(path: &Path, name: &str, value: &[u8], flags: libc::c_int) -> Result<(), i32> {
     let (path, name) = (cstr(path), CString::new(name).unwrap());
     // SAFETY: NUL-terminated strings and a buffer of the length passed, all alive for the call.
