@@ -66,7 +66,16 @@ pub struct BraidFs {
     /// The lock owners that took locks through each open file: OFD and flock locks end with
     /// the open file, and the kernel does not name their owner when it releases it.
     owners_by_file: Mutex<HashMap<u64, HashSet<u64>>>,
+    /// Objects of recent listings, by node, with the listing batch they came in: the first
+    /// getxattr of one the cache cannot answer asks for the names of the whole batch at once.
+    unasked_xattrs: Mutex<HashMap<u64, ListedBatch>>,
 }
+
+/// The objects (node, handle) of one batch of a readdirplus listing.
+type ListedBatch = Arc<Vec<(u64, Handle)>>;
+
+/// Listed objects remembered for `unasked_xattrs` at most; past that the memory starts over.
+const UNASKED_XATTRS_MAX: usize = 1 << 16;
 
 /// Entries of one open directory, fetched from the server in batches and kept until
 /// `releasedir`, so the kernel's small readdir calls do not each cost a round trip.
@@ -140,6 +149,7 @@ impl BraidFs {
             read_only: info.read_only,
             lockers: Mutex::new(HashSet::new()),
             owners_by_file: Mutex::new(HashMap::new()),
+            unasked_xattrs: Mutex::new(HashMap::new()),
         }
     }
 
@@ -336,20 +346,44 @@ impl BraidFs {
         Ok((self.handle(parent)?, name.as_bytes().to_vec()))
     }
 
-    /// Asks for the extended attribute names of the objects of a listing, so that a getxattr
-    /// of a name one lacks is answered here: `ls -l` asks for two of every file.
-    fn learn_xattr_names(&self, listing: &[DirEntry]) {
-        let entries: Vec<&Entry> = listing.iter().filter_map(|e| e.entry.as_ref()).collect();
-        match self.client.xattr_names(entries.iter().map(|e| e.handle.clone()).collect()) {
+    /// Remembers the objects of a listing batch: `ls -l` asks for two extended attributes of
+    /// every file, and one request can then answer them all (`learn_xattr_names`); `find`,
+    /// which asks for none, costs nothing more.
+    fn listed(&self, listing: &[DirEntry]) {
+        let batch: ListedBatch =
+            Arc::new(listing.iter().filter_map(|e| e.entry.as_ref()).map(|e| (self.node_of(e), e.handle.clone())).collect());
+        let mut unasked = self.unasked_xattrs.lock().expect("unasked lock");
+        if unasked.len() + batch.len() > UNASKED_XATTRS_MAX {
+            unasked.clear();
+        }
+        unasked.extend(batch.iter().map(|(node, _)| (*node, batch.clone())));
+    }
+
+    /// Asks for the extended attribute names of every object of the listing batch `node` came
+    /// in, if it is still unasked; returns whether it asked.
+    fn learn_xattr_names(&self, node: u64) -> bool {
+        let batch = {
+            let mut unasked = self.unasked_xattrs.lock().expect("unasked lock");
+            let Some(batch) = unasked.remove(&node) else { return false };
+            batch.iter().for_each(|(node, _)| {
+                unasked.remove(node);
+            });
+            batch
+        };
+        match self.client.xattr_names(batch.iter().map(|(_, handle)| handle.clone()).collect()) {
             Ok(Some((lists, lease))) => {
-                for (entry, names) in entries.iter().zip(lists) {
+                for ((node, _), names) in batch.iter().zip(lists) {
                     if let Some(names) = names {
-                        self.cache.note_xattr_names(self.node_of(entry), &names, lease);
+                        self.cache.note_xattr_names(*node, &names, lease);
                     }
                 }
+                true
             }
-            Ok(None) => {}
-            Err(e) => tracing::debug!(error = %e, "cannot learn the extended attributes of a listing"),
+            Ok(None) => false,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot learn the extended attributes of a listing");
+                false
+            }
         }
     }
 
@@ -389,7 +423,7 @@ impl BraidFs {
                     return Ok(());
                 }
                 if stream.plus {
-                    self.learn_xattr_names(&more);
+                    self.listed(&more);
                 }
                 stream.entries.extend(more.into_iter().map(|e| (e, lease)));
             }
@@ -733,7 +767,8 @@ impl Filesystem for BraidFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let name = name.as_bytes();
-        if self.cache.xattr_missing(ino.0, name) {
+        let missing = || self.cache.xattr_missing(ino.0, name);
+        if missing() || (self.learn_xattr_names(ino.0) && missing()) {
             return reply.error(Errno::ENODATA);
         }
         let value = self.handle(ino).and_then(|h| self.check(self.client.getxattr(&h, name))).and_then(|(value, lease)| {
