@@ -727,7 +727,8 @@ impl Filesystem for BraidFs {
     }
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        let result = self.sync_object(ino);
+        // A refused create, link, rename or removal in the directory is reported here, once.
+        let result = self.sync_object(ino).and_then(|()| self.write_back_error(ino, true));
         self.reply_empty(reply, result);
     }
 

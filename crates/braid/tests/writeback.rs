@@ -101,6 +101,25 @@ fn fsync_reports_a_change_the_server_refused() {
 }
 
 #[test]
+fn fsyncdir_reports_a_create_the_server_refused() {
+    // Goal: a create queued in the cache that the server refuses is not swallowed: the fsync
+    // of its directory fails (once), as the fsync of a refused write does.
+    // Method: the client makes d (it then knows d's every name and queues creates in it); a
+    // file of the same name appears in the export behind its back; the client's create of it
+    // is refused by the server when it arrives.
+    let f = serving(&[]);
+    fs::create_dir(f.m("d")).expect("mkdir d");
+    fs::write(f.m("d/mine"), b"m").expect("create d/mine");
+    fs::write(f.e("d/x"), b"theirs").expect("create d/x in the export");
+    let created = OpenOptions::new().write(true).create_new(true).open(f.m("d/x"));
+    let dir = File::open(f.m("d")).expect("open d");
+    let synced = dir.sync_all();
+    assert!(created.is_err() || synced.is_err(), "a refused create was reported nowhere\n{}", f.logs_tail());
+    assert!(dir.sync_all().is_ok(), "reported once");
+    assert_eq!(fs::read(f.e("d/x")).expect("read the export"), b"theirs", "theirs is left alone");
+}
+
+#[test]
 fn a_clean_unmount_writes_everything_back() {
     // Goal: changes queued when the mount goes away are on the server once unmount returns.
     let f = serving(&[]);
