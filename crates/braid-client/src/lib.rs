@@ -643,10 +643,7 @@ impl Client {
                     }
                 }
                 let commands = self.writeback.canonical(commands);
-                let created = outcome.results.iter().filter_map(|r| match r {
-                    Ok(CommandOk::Entry(entry)) => Some(&entry.handle),
-                    _ => None,
-                });
+                let created = writeback::created(&outcome.results);
                 self.writeback.granted(commands.iter().flat_map(Command::handles).chain(created), lease, exclusive);
                 self.writeback.applied(&commands, &outcome.results, queued, (outcome.lsn, self.connection.server_instance()));
                 Ok((outcome.results, lease))

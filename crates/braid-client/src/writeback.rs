@@ -156,8 +156,7 @@ impl State {
             self.exact.insert(real.clone());
         }
         if let Some(lsn) = self.unflushed.remove(provisional) {
-            let at = self.unflushed.entry(real.clone()).or_default();
-            *at = (*at).max(lsn);
+            self.unflushed_at(real.clone(), lsn);
         }
         // Queued commands keep naming `provisional`: they are canonicalized when they are sent.
     }
@@ -180,9 +179,14 @@ impl State {
             return;
         }
         for handle in handles {
-            let at = self.unflushed.entry(self.canonical(handle)).or_default();
-            *at = (*at).max(lsn);
+            self.unflushed_at(self.canonical(handle), lsn);
         }
+    }
+
+    /// `handle` was changed by the transaction `lsn` (kept if a later one is known).
+    fn unflushed_at(&mut self, handle: Handle, lsn: Lsn) {
+        let at = self.unflushed.entry(handle).or_default();
+        *at = (*at).max(lsn);
     }
 
     /// The server reported `attr` for `handle`. `current`: it holds whatever is pending (the
@@ -410,11 +414,7 @@ impl WriteBack {
     pub(crate) fn applied(&self, commands: &[Command], results: &[Result<CommandOk, Errno>], queued: usize, lsn: (Lsn, u64)) {
         self.names_changed(commands, results, queued);
         let mut state = self.lock();
-        let created = results.iter().filter_map(|r| match r {
-            Ok(CommandOk::Entry(entry)) => Some(&entry.handle),
-            _ => None,
-        });
-        state.changed_at(lsn.0, lsn.1, commands.iter().flat_map(Command::handles).chain(created));
+        state.changed_at(lsn.0, lsn.1, commands.iter().flat_map(Command::handles).chain(created(results)));
         for (index, (command, result)) in commands.iter().zip(results).enumerate() {
             match (command, result) {
                 (_, Ok(CommandOk::Attr(attr))) => {
@@ -940,6 +940,14 @@ pub(crate) enum Durability {
     Applied(Lsn),
     /// All durable.
     Durable,
+}
+
+/// The objects a transaction's `results` created.
+pub(crate) fn created(results: &[Result<CommandOk, Errno>]) -> impl Iterator<Item = &Handle> {
+    results.iter().filter_map(|r| match r {
+        Ok(CommandOk::Entry(entry)) => Some(&entry.handle),
+        _ => None,
+    })
 }
 
 /// A transaction's worth of queued changes (the flusher sends the queue once it holds that many).

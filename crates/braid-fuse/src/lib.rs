@@ -273,12 +273,14 @@ impl BraidFs {
         written
     }
 
-    /// Returns once the changes of `ino` are durable on the server.
-    fn sync_object(&self, ino: INodeNo) -> Result<(), Errno> {
-        match self.handle(ino) {
-            Ok(handle) => self.check(self.client.fsync(&handle)),
-            Err(_) => self.check(self.client.sync()),
-        }
+    /// Returns once the changes of `ino` are durable on the server, and reports (once) a queued
+    /// change of it the server refused: for a directory, a create, link, rename or removal in it.
+    fn fsync_object(&self, ino: INodeNo) -> Result<(), Errno> {
+        let synced = match self.handle(ino) {
+            Ok(handle) => self.client.fsync(&handle),
+            Err(_) => self.client.sync(),
+        };
+        self.check(synced).and_then(|()| self.write_back_error(ino, true))
     }
 
     fn apply_entry(&self, req: &Request, nodes: &[INodeNo], command: Command) -> Result<(Entry, Lease), Errno> {
@@ -661,7 +663,7 @@ impl Filesystem for BraidFs {
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        let result = self.sync_object(ino).and_then(|()| self.write_back_error(ino, true));
+        let result = self.fsync_object(ino);
         self.reply_empty(reply, result);
     }
 
@@ -727,8 +729,7 @@ impl Filesystem for BraidFs {
     }
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        // A refused create, link, rename or removal in the directory is reported here, once.
-        let result = self.sync_object(ino).and_then(|()| self.write_back_error(ino, true));
+        let result = self.fsync_object(ino);
         self.reply_empty(reply, result);
     }
 

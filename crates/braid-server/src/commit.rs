@@ -68,7 +68,7 @@ impl Committer {
     }
 
     /// The highest lsn whose application has finished.
-    pub fn applied(&self) -> Lsn {
+    fn applied(&self) -> Lsn {
         Lsn(self.applied.load(Ordering::Acquire))
     }
 
@@ -81,9 +81,11 @@ impl Committer {
         self.commit_up_to(self.applied()).await
     }
 
-    /// Returns once everything up to `target` (applied already) is durable. A flush is asked
-    /// for only if the one under way started before `target` was applied.
+    /// Returns once everything up to `target` is durable; a `target` not applied yet stands for
+    /// everything applied (it might never come). A flush is asked for only if the one under way
+    /// started before `target` was applied.
     pub async fn commit_up_to(&self, target: Lsn) -> Lsn {
+        let target = target.min(self.applied());
         let mut rx = self.durable.subscribe();
         if *rx.borrow() >= target {
             return *rx.borrow();

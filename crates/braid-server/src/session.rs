@@ -408,11 +408,7 @@ impl Handled {
 async fn handle_request(state: &Arc<ServerState>, client: ClientId, request: Request, frame: Frame) -> Handled {
     match request {
         Request::Commit => Handled::plain(Ok(Reply::Committed(state.committer.commit().await))),
-        Request::CommitUpTo(lsn) => {
-            // Never beyond what was applied: that lsn might never come.
-            let target = lsn.min(state.committer.applied());
-            Handled::plain(Ok(Reply::Committed(state.committer.commit_up_to(target).await)))
-        }
+        Request::CommitUpTo(lsn) => Handled::plain(Ok(Reply::Committed(state.committer.commit_up_to(lsn).await))),
         Request::DurableTxn(txn) => {
             let handled = apply_as_txn(state, client, txn, frame).await;
             if handled.result.is_ok() {
