@@ -7,7 +7,8 @@
 #   pjdfstest tests/conformance/pjdfstest.sh on a fresh braid mount (tests/e2e/with-mount.sh)
 #   fsx       tests/conformance/fsx.sh on a fresh braid mount while a second client reads the files
 #   coherence tests/conformance/fscheck.sh: the lab's checks on one mount and across two
-#   crash     tests/crash/maildir-crash.sh (maildir delivery across server kills) and
+#   crash     tests/crash/run.sh maildir_crash.py (maildir delivery across server kills),
+#             tests/crash/run.sh power_cut.py (an emulated power cut of the server's machine) and
 #             tests/crash/fsx-kill.sh (fsx across server kills); each manages its own server/mount
 #   fuzz      scripts/fuzz.sh: the frame and message decoders under libFuzzer, FUZZ_SECONDS each
 # Prints PASS/FAIL/SKIP and seconds per stage, and a summary. Budget: ~30 min on 2 cores.
@@ -48,6 +49,6 @@ stage test cargo test --release --workspace
 stage pjdfstest tests/e2e/with-mount.sh tests/conformance/pjdfstest.sh
 stage fsx env SECOND_MOUNT=1 tests/e2e/with-mount.sh tests/conformance/fsx-with-reader.sh
 stage coherence env SECOND_MOUNT=1 tests/e2e/with-mount.sh tests/conformance/fscheck.sh
-stage crash bash -c 'tests/crash/maildir-crash.sh && tests/crash/fsx-kill.sh'
+stage crash bash -c 'tests/crash/run.sh maildir_crash.py && tests/crash/run.sh power_cut.py && tests/crash/fsx-kill.sh'
 stage fuzz scripts/fuzz.sh "${FUZZ_SECONDS:-20}"
 finish; echo "ALL PASSED"

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use braid_proto::{
     encode_frame, encode_parts, Checksum, ClientId, Credentials, EncodedFrame, ExportInfo, Frame, FrameHeader, FrameKind, Handle, Hello,
-    Lsn, Reply, Request, Response, Welcome, HEADER_BYTES,
+    Lsn, Predecessor, Reply, Request, Response, Welcome, HEADER_BYTES,
 };
 
 use crate::{wire_error, ClientConfig, ClientError, Lease, Result};
@@ -46,9 +46,28 @@ pub struct Connection {
     lease_ms: AtomicU64,
 }
 
-/// A response as `call_granted` returns it: the outcome, the bulk data, the lease on what it
-/// names, and whether the rights granted are exclusive.
-pub type Granted = (Result<Reply>, Vec<u8>, Lease, bool);
+/// A response as `call_granted` returns it.
+pub struct Granted {
+    pub result: Result<Reply>,
+    /// The bulk data.
+    pub data: Vec<u8>,
+    /// Until when what the reply names may be cached.
+    pub lease: Lease,
+    /// Whether the rights granted are exclusive.
+    pub exclusive: bool,
+    /// The server process that answered: the lsns in the reply are its own.
+    pub epoch: Arc<Epoch>,
+}
+
+/// A server process, as a channel to it knows it. Lsns are comparable only within one: a new
+/// process may count from anywhere (a crash of the machine may have undone the last ones).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Epoch {
+    pub instance: u64,
+    /// What the process has of its predecessors' lsns; `None` from a server older than
+    /// protocol version 5, which does not say.
+    pub predecessors: Option<Vec<Predecessor>>,
+}
 
 /// A byte stream to the server: plain TCP or TLS over TCP.
 trait Transport: Read + Write + Send {}
@@ -62,6 +81,8 @@ pub(crate) struct Channel {
     pub(crate) socket: TcpStream,
     /// The payload checksum negotiated for this channel.
     checksum: Checksum,
+    /// The server process at the other end.
+    epoch: Arc<Epoch>,
 }
 
 /// A counting gate bounding concurrent calls to the number of channels.
@@ -130,14 +151,15 @@ impl Connection {
 
     /// Like `call_leased`, keeping the lease of an error reply (a missing attribute is leased).
     pub fn call_outcome(self: &Arc<Self>, request: &Request, data: &[u8]) -> Result<(Result<Reply>, Vec<u8>, Lease)> {
-        self.call_granted(request, data).map(|(result, data, lease, _)| (result, data, lease))
+        self.call_granted(request, data).map(|granted| (granted.result, granted.data, granted.lease))
     }
 
     /// Like `call_outcome`, and whether the rights granted are exclusive.
     pub fn call_granted(self: &Arc<Self>, request: &Request, data: &[u8]) -> Result<Granted> {
         let (response, sent, channel, _) = self.call_on_a_channel(request, data)?;
+        let epoch = channel.epoch.clone();
         self.idle.lock().expect("idle lock").push(channel);
-        self.decode_granted(response, sent)
+        self.decode_granted(response, sent, epoch)
     }
 
     /// Sends a `StagedTxn` and returns its first answer (applied) as `call_granted` does, with
@@ -145,13 +167,15 @@ impl Connection {
     pub fn call_staged(self: &Arc<Self>, request: &Request, data: &[u8]) -> Result<(Granted, Staged)> {
         debug_assert!(matches!(request, Request::StagedTxn(_)));
         let (response, sent, channel, id) = self.call_on_a_channel(request, data)?;
-        Ok((self.decode_granted(response, sent)?, Staged { connection: self.clone(), channel, id }))
+        let granted = self.decode_granted(response, sent, channel.epoch.clone())?;
+        Ok((granted, Staged { connection: self.clone(), channel, id }))
     }
 
-    fn decode_granted(&self, response: Frame, sent: Instant) -> Result<Granted> {
+    fn decode_granted(&self, response: Frame, sent: Instant, epoch: Arc<Epoch>) -> Result<Granted> {
         let decoded: Response = response.decode().map_err(|e| ClientError::Protocol(e.to_string()))?;
         let lease = decoded.leased.then(|| sent + Duration::from_millis(self.lease_ms.load(Ordering::Relaxed) * 3 / 4));
-        Ok((decoded.result.map_err(wire_error), response.data, lease, decoded.exclusive && lease.is_some()))
+        let exclusive = decoded.exclusive && lease.is_some();
+        Ok(Granted { result: decoded.result.map_err(wire_error), data: response.data, lease, exclusive, epoch })
     }
 
     /// Sends `request` and reads its (first) response, across reconnects, within the retry
@@ -264,22 +288,24 @@ pub struct Staged {
 }
 
 impl Staged {
-    /// Returns once the transaction is durable. If its channel fails meanwhile, a `Commit`
-    /// makes sure of it: the transaction was applied before its first answer, so any commit
-    /// that starts later covers it.
-    pub fn durable(mut self) -> Result<Lsn> {
+    /// Returns once the transaction is durable, with the lsn up to which all is and the server
+    /// process that says so. If its channel fails meanwhile, a `Commit` makes sure of it: the
+    /// transaction was applied before its first answer, so any commit that starts later covers
+    /// it, unless a new server process answers it (the epoch tells; see `Epoch`).
+    pub fn durable(mut self) -> Result<(Lsn, Arc<Epoch>)> {
         let answer = self.channel.response(self.id).and_then(|frame| frame.decode::<Response>().map_err(|e| e.to_string()));
         match answer {
             Ok(Response { result: Ok(Reply::Committed(lsn)), .. }) => {
+                let epoch = self.channel.epoch.clone();
                 self.connection.idle.lock().expect("idle lock").push(self.channel);
-                Ok(lsn)
+                Ok((lsn, epoch))
             }
             Ok(other) => Err(ClientError::Protocol(format!("unexpected second answer to a staged txn: {other:?}"))),
             Err(error) => {
                 tracing::debug!(%error, "staged txn's channel failed before it was durable; committing on another");
-                match self.connection.call(&Request::Commit, &[])? {
-                    (Reply::Committed(lsn), _) => Ok(lsn),
-                    (other, _) => Err(ClientError::Protocol(format!("unexpected reply to a commit: {other:?}"))),
+                match self.connection.call_granted(&Request::Commit, &[])? {
+                    Granted { result: Ok(Reply::Committed(lsn)), epoch, .. } => Ok((lsn, epoch)),
+                    Granted { result, .. } => Err(ClientError::Protocol(format!("unexpected reply to a commit: {:?}", result?))),
                 }
             }
         }
@@ -414,22 +440,23 @@ fn connect(config: &ClientConfig, client_id: ClientId) -> Result<(Channel, Expor
     if frame.header.kind != FrameKind::Welcome {
         return Err(ClientError::Protocol(format!("expected welcome, got {:?}", frame.header.kind)));
     }
-    match frame.decode::<Welcome>().map_err(|e| ClientError::Protocol(e.to_string()))? {
-        Welcome::Accepted(info) => {
-            if let Some(missing) = config.require.iter().find(|r| !info.algorithms.names().contains(&r.as_str())) {
-                return Err(ClientError::Refused {
-                    server: config.server.clone(),
-                    reason: format!("the server does not use required algorithm {missing}"),
-                });
-            }
-            // No payload checksum is only acceptable where the channel's encryption covers it.
-            let checksum = Checksum::from_name(&info.algorithms.checksum).filter(|c| c.fits(config.tls.is_some())).ok_or_else(|| {
-                ClientError::Protocol(format!("the server picked checksum {:?}, not usable here", info.algorithms.checksum))
-            })?;
-            Ok((Channel { stream: BufReader::with_capacity(64 * 1024, stream), socket, checksum }, *info))
-        }
-        Welcome::Refused { reason } => Err(ClientError::Refused { server: config.server.clone(), reason }),
+    let (info, predecessors) = match frame.decode::<Welcome>().map_err(|e| ClientError::Protocol(e.to_string()))? {
+        Welcome::Accepted(info) => (info, None),
+        Welcome::AcceptedAfter { info, predecessors } => (info, Some(predecessors)),
+        Welcome::Refused { reason } => return Err(ClientError::Refused { server: config.server.clone(), reason }),
+    };
+    if let Some(missing) = config.require.iter().find(|r| !info.algorithms.names().contains(&r.as_str())) {
+        return Err(ClientError::Refused {
+            server: config.server.clone(),
+            reason: format!("the server does not use required algorithm {missing}"),
+        });
     }
+    // No payload checksum is only acceptable where the channel's encryption covers it.
+    let checksum = Checksum::from_name(&info.algorithms.checksum)
+        .filter(|c| c.fits(config.tls.is_some()))
+        .ok_or_else(|| ClientError::Protocol(format!("the server picked checksum {:?}, not usable here", info.algorithms.checksum)))?;
+    let epoch = Arc::new(Epoch { instance: info.server_instance, predecessors });
+    Ok((Channel { stream: BufReader::with_capacity(64 * 1024, stream), socket, checksum, epoch }, *info))
 }
 
 #[cfg(test)]
@@ -498,9 +525,10 @@ mod tests {
         let (connection, info) = Connection::open(config, ClientId(3)).expect("connects");
         assert_eq!(info.version, 3);
         let txn = Txn { seq: TxnSeq(1), replied_below: TxnSeq(1), creds: Credentials::default(), commands: Vec::new() };
-        let ((result, ..), staged) = connection.call_staged(&Request::StagedTxn(txn), &[]).expect("first answer");
-        assert!(matches!(result, Ok(Reply::Txn(_))), "{result:?}");
-        assert_eq!(staged.durable().expect("durable"), Lsn(5));
+        let (applied, staged) = connection.call_staged(&Request::StagedTxn(txn), &[]).expect("first answer");
+        assert!(matches!(applied.result, Ok(Reply::Txn(_))), "{:?}", applied.result);
+        let (lsn, epoch) = staged.durable().expect("durable");
+        assert_eq!((lsn, epoch.instance, &epoch.predecessors), (Lsn(5), 7, &None));
         script.join().expect("the server's script ran to its end");
     }
 }

@@ -549,7 +549,7 @@ impl Client {
                     turn.give_up_turn();
                 }
                 match staged.durable() {
-                    Ok(lsn) => self.writeback.made_durable(lsn, self.connection.server_instance()),
+                    Ok((lsn, epoch)) => self.writeback.made_durable(lsn, &epoch),
                     Err(e) => {
                         // As when the send fails: whether the batch is durable is unknown.
                         batch[..done].iter().for_each(|op| self.write_back_failed(op, Errno(libc::EIO)));
@@ -634,8 +634,9 @@ impl Client {
         creates: &[(usize, Handle)],
         queued: usize,
     ) -> Result<(TxnResults, Lease)> {
+        let connection::Granted { result, lease, exclusive, epoch, .. } = result;
         match result {
-            (Ok(Reply::Txn(outcome)), _, lease, exclusive) => {
+            Ok(Reply::Txn(outcome)) => {
                 tracing::trace!(?lease, exclusive, commands = commands.len(), "txn applied");
                 for (at, provisional) in creates {
                     if let Some(Ok(CommandOk::Entry(entry))) = outcome.results.get(*at) {
@@ -645,11 +646,11 @@ impl Client {
                 let commands = self.writeback.canonical(commands);
                 let created = writeback::created(&outcome.results);
                 self.writeback.granted(commands.iter().flat_map(Command::handles).chain(created), lease, exclusive);
-                self.writeback.applied(&commands, &outcome.results, queued, (outcome.lsn, self.connection.server_instance()));
+                self.writeback.applied(&commands, &outcome.results, queued, (outcome.lsn, &epoch));
                 Ok((outcome.results, lease))
             }
-            (Ok(other), ..) => unexpected(other),
-            (Err(e), ..) => Err(e),
+            Ok(other) => unexpected(other),
+            Err(e) => Err(e),
         }
         .inspect_err(|_| {
             // Whether it was applied is unknown: so is everything exclusivity let us know.
@@ -727,9 +728,10 @@ impl Client {
     }
 
     fn commit_request(&self, request: Request) -> Result<Lsn> {
-        match self.call(request)? {
+        let granted = self.connection.call_granted(&request, &[])?;
+        match granted.result? {
             Reply::Committed(lsn) => {
-                self.writeback.made_durable(lsn, self.connection.server_instance());
+                self.writeback.made_durable(lsn, &granted.epoch);
                 Ok(lsn)
             }
             other => unexpected(other),

@@ -29,6 +29,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::connection::Epoch;
 use braid_proto::limits::{DATA_BYTES_MAX, NAME_BYTES_MAX, TXN_COMMANDS_MAX};
 use braid_proto::{Attr, AttrChanges, Command, CommandOk, Credentials, Entry, Errno, Handle, Lsn, TimeSet, Timestamp};
 
@@ -114,8 +115,10 @@ struct State {
     unflushed: HashMap<Handle, Lsn>,
     /// The highest lsn the server said is durable.
     durable: Lsn,
-    /// The server process `durable` is from (`Connection::server_instance`).
+    /// The server process `durable` and `unflushed` are from (0 before the first reply).
     instance: u64,
+    /// Server processes gone, each with the last of its lsns that survived into its successor.
+    retired: HashMap<u64, Lsn>,
     next_provisional: u64,
     shipping: bool,
     stop: bool,
@@ -161,25 +164,53 @@ impl State {
         // Queued commands keep naming `provisional`: they are canonicalized when they are sent.
     }
 
-    /// Lsns of server process `instance` from now on. A new process may count from anywhere
-    /// (its state may have been restored): what the old one said is durable says nothing of
-    /// the new one's lsns. The lsns of changes not known durable stay: they are only compared
-    /// with what the new process says, at worst asking it for a commit once more.
-    fn lsns_of(&mut self, instance: u64) {
-        if instance != self.instance {
-            self.instance = instance;
-            self.durable = Lsn(0);
+    /// How the lsns of server process `epoch` compare: with `durable` if it is the current
+    /// process (a new one becomes current), or with the last of them that survived if it is
+    /// gone (a reply it sent before the switch, read after it).
+    fn era(&mut self, epoch: &Epoch) -> Era {
+        if epoch.instance == self.instance {
+            return Era::Current;
+        }
+        if let Some(kept) = self.retired.get(&epoch.instance) {
+            return Era::Retired(*kept);
+        }
+        self.succeeded_by(epoch);
+        Era::Current
+    }
+
+    /// Server process `epoch` took over from the current one. What it says of its predecessors
+    /// settles every change not known durable: durable if its lsn survived, else lost in a
+    /// crash of the server's machine (its fsync fails). A server that does not say (older than
+    /// protocol version 5) leaves them to be compared with the new process's lsns, as before.
+    fn succeeded_by(&mut self, epoch: &Epoch) {
+        let previous = std::mem::replace(&mut self.instance, epoch.instance);
+        self.durable = Lsn(0);
+        let Some(predecessors) = epoch.predecessors.as_ref().filter(|_| previous != 0) else { return };
+        // Not named (more restarts than the server remembers, or a new state): nothing is known.
+        let kept = predecessors.iter().find(|p| p.instance == previous).map_or(Lsn(0), |p| p.durable);
+        self.retired.insert(previous, kept);
+        for (handle, lsn) in std::mem::take(&mut self.unflushed) {
+            if lsn > kept {
+                self.lose(handle);
+            }
         }
     }
 
-    /// The transaction `lsn` of server process `instance` changed `handles`.
-    fn changed_at<'h>(&mut self, lsn: Lsn, instance: u64, handles: impl IntoIterator<Item = &'h Handle>) {
-        self.lsns_of(instance);
-        if lsn <= self.durable {
-            return;
-        }
-        for handle in handles {
-            self.unflushed_at(self.canonical(handle), lsn);
+    /// A change to `handle` the server applied was lost by a crash of its machine before it
+    /// was durable: the next fsync of `handle` fails.
+    fn lose(&mut self, handle: Handle) {
+        tracing::error!(?handle, "a change the server had applied was lost in a crash of its machine; its fsync will fail");
+        self.not_exclusive(&handle);
+        self.errors.entry(handle).or_insert(Errno(libc::EIO));
+    }
+
+    /// The transaction `lsn` of server process `epoch` changed `handles`.
+    fn changed_at<'h>(&mut self, lsn: Lsn, epoch: &Epoch, handles: impl IntoIterator<Item = &'h Handle>) {
+        match self.era(epoch) {
+            Era::Current if lsn <= self.durable => {}
+            Era::Current => handles.into_iter().for_each(|handle| self.unflushed_at(self.canonical(handle), lsn)),
+            Era::Retired(kept) if lsn <= kept => {}
+            Era::Retired(_) => handles.into_iter().for_each(|handle| self.lose(self.canonical(handle))),
         }
     }
 
@@ -411,7 +442,7 @@ impl WriteBack {
     /// attributes already show what they did.
     /// `lsn`: the transaction's, and the server process it is from; every object it names or
     /// creates is unflushed until it is durable.
-    pub(crate) fn applied(&self, commands: &[Command], results: &[Result<CommandOk, Errno>], queued: usize, lsn: (Lsn, u64)) {
+    pub(crate) fn applied(&self, commands: &[Command], results: &[Result<CommandOk, Errno>], queued: usize, lsn: (Lsn, &Epoch)) {
         self.names_changed(commands, results, queued);
         let mut state = self.lock();
         state.changed_at(lsn.0, lsn.1, commands.iter().flat_map(Command::handles).chain(created(results)));
@@ -800,11 +831,10 @@ impl WriteBack {
         Some((Entry { handle, attr }, until))
     }
 
-    /// Server process `instance` said every transaction up to `lsn` is durable.
-    pub(crate) fn made_durable(&self, lsn: Lsn, instance: u64) {
+    /// Server process `epoch` said every transaction up to `lsn` is durable.
+    pub(crate) fn made_durable(&self, lsn: Lsn, epoch: &Epoch) {
         let mut state = self.lock();
-        state.lsns_of(instance);
-        if lsn > state.durable {
+        if state.era(epoch) == Era::Current && lsn > state.durable {
             state.durable = lsn;
             state.unflushed.retain(|_, at| *at > lsn);
         }
@@ -931,6 +961,13 @@ impl WriteBack {
     }
 }
 
+/// How a server process's lsns compare with what this client knows (see `State::era`).
+#[derive(Debug, PartialEq, Eq)]
+enum Era {
+    Current,
+    Retired(Lsn),
+}
+
 /// How far an object's changes are from durable (see [`WriteBack::durability`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Durability {
@@ -1029,9 +1066,15 @@ fn now() -> Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use braid_proto::Predecessor;
 
     fn h(n: u8) -> Handle {
         Handle(vec![n])
+    }
+
+    /// A server process of a version that does not name its predecessors.
+    fn epoch(instance: u64) -> Epoch {
+        Epoch { instance, predecessors: None }
     }
 
     fn held(w: &WriteBack, handle: &Handle, attr: Attr) {
@@ -1052,19 +1095,19 @@ mod tests {
         assert!(w.durable(&dir), "never changed here");
         let rename =
             Command::Rename { parent: dir.clone(), name: b"a".to_vec(), new_parent: dir.clone(), new_name: b"b".to_vec(), flags: 0 };
-        w.applied(&[rename], &[Ok(CommandOk::Done)], 0, (Lsn(5), 1));
+        w.applied(&[rename], &[Ok(CommandOk::Done)], 0, (Lsn(5), &epoch(1)));
         let write = Command::Write { handle: file.clone(), offset: 0, len: 1 };
-        w.applied(&[write], &[Ok(CommandOk::Written(1))], 0, (Lsn(7), 1));
+        w.applied(&[write], &[Ok(CommandOk::Written(1))], 0, (Lsn(7), &epoch(1)));
         assert!(!w.durable(&dir) && !w.durable(&file));
         assert_eq!(w.durability(&file), Durability::Applied(Lsn(7)));
         assert!(w.durable(&other));
-        w.made_durable(Lsn(6), 1);
+        w.made_durable(Lsn(6), &epoch(1));
         assert!(w.durable(&dir), "its last change (5) is durable");
         assert!(!w.durable(&file), "7 is not");
-        w.made_durable(Lsn(4), 1);
+        w.made_durable(Lsn(4), &epoch(1));
         assert!(w.durable(&dir), "durability never moves back");
-        w.applied(&[Command::Write { handle: file.clone(), offset: 1, len: 1 }], &[Ok(CommandOk::Written(1))], 0, (Lsn(3), 1));
-        w.made_durable(Lsn(7), 1);
+        w.applied(&[Command::Write { handle: file.clone(), offset: 1, len: 1 }], &[Ok(CommandOk::Written(1))], 0, (Lsn(3), &epoch(1)));
+        w.made_durable(Lsn(7), &epoch(1));
         assert!(w.durable(&file), "an older transaction does not undo a later one");
 
         // Queued changes are not durable, whatever the server said.
@@ -1079,18 +1122,54 @@ mod tests {
         let create = Command::Create { parent: dir.clone(), name: b"n".to_vec(), mode: 0o600, rdev: 0, exclusive: true, pin: false };
         let made = Entry { handle: h(4), attr: Attr::default() };
         w.lock().resolve(&provisional, &h(4));
-        w.applied(&[create], &[Ok(CommandOk::Entry(made))], 0, (Lsn(8), 1));
+        w.applied(&[create], &[Ok(CommandOk::Entry(made))], 0, (Lsn(8), &epoch(1)));
         assert!(!w.durable(&provisional) && !w.durable(&h(4)) && !w.durable(&dir));
-        w.made_durable(Lsn(8), 1);
+        w.made_durable(Lsn(8), &epoch(1));
         assert!(w.durable(&provisional) && w.durable(&h(4)) && w.durable(&dir));
 
         // A restarted server whose lsns start again lower: its transaction 2 is not durable
         // because the old process's 8 was.
         let later = h(5);
-        w.applied(&[Command::Write { handle: later.clone(), offset: 0, len: 1 }], &[Ok(CommandOk::Written(1))], 0, (Lsn(2), 2));
+        w.applied(&[Command::Write { handle: later.clone(), offset: 0, len: 1 }], &[Ok(CommandOk::Written(1))], 0, (Lsn(2), &epoch(2)));
         assert_eq!(w.durability(&later), Durability::Applied(Lsn(2)));
-        w.made_durable(Lsn(2), 2);
+        w.made_durable(Lsn(2), &epoch(2));
         assert!(w.durable(&later));
+    }
+
+    #[test]
+    fn a_server_that_names_its_predecessor_settles_what_was_not_durable() {
+        // Goal: after a crash of the server's machine, a change its old process applied but
+        // had not made durable is reported lost (the fsync fails) and one it had is durable;
+        // a late reply of the old process counts the same way, and never makes the old
+        // process current again. Method: changes under process 1, then replies of process 2
+        // that says how much of 1 survived.
+        let w = WriteBack::new(false);
+        let (kept, lost, late_kept, late_lost) = (h(1), h(2), h(3), h(4));
+        let write = |handle: &Handle| [Command::Write { handle: handle.clone(), offset: 0, len: 1 }];
+        let written = [Ok(CommandOk::Written(1))];
+        let one = Epoch { instance: 1, predecessors: Some(vec![]) };
+        w.applied(&write(&kept), &written, 0, (Lsn(4), &one));
+        w.applied(&write(&lost), &written, 0, (Lsn(6), &one));
+        let two = Epoch { instance: 2, predecessors: Some(vec![Predecessor { instance: 1, durable: Lsn(5) }]) };
+        w.made_durable(Lsn(1), &two);
+        assert!(w.durable(&kept), "4 survived");
+        assert!(w.durable(&lost), "nothing to wait for any more");
+        assert_eq!(w.error(&lost, true), Some(Errno(libc::EIO)), "6 did not: the fsync fails");
+        assert_eq!(w.error(&kept, true), None);
+
+        w.applied(&write(&late_kept), &written, 0, (Lsn(5), &one));
+        w.applied(&write(&late_lost), &written, 0, (Lsn(7), &one));
+        assert!(w.durable(&late_kept));
+        assert_eq!(w.error(&late_lost, true), Some(Errno(libc::EIO)));
+        w.made_durable(Lsn(9), &one);
+        w.applied(&write(&kept), &written, 0, (Lsn(3), &two));
+        assert_eq!(w.durability(&kept), Durability::Applied(Lsn(3)), "process 2's own lsns count from its own durable (1)");
+
+        // A successor that does not name process 2 (a new state, or more restarts than it
+        // remembers): none of 2's changes is known to have survived.
+        let three = Epoch { instance: 3, predecessors: Some(vec![]) };
+        w.made_durable(Lsn(1), &three);
+        assert_eq!(w.error(&kept, true), Some(Errno(libc::EIO)));
     }
 
     #[test]
@@ -1235,18 +1314,18 @@ mod tests {
         let create = Command::Create { parent: dir.clone(), name: b"f".to_vec(), mode: 0o644, rdev: 0, exclusive: true, pin: false };
         let probe = Command::SetAttr { handle: dir.clone(), changes: AttrChanges::default() };
         let made = Ok(CommandOk::Entry(Entry { handle: file.clone(), attr: Attr { ino: 2, ..Attr::default() } }));
-        w.applied(std::slice::from_ref(&create), std::slice::from_ref(&made), 0, (Lsn(1), 1));
+        w.applied(std::slice::from_ref(&create), std::slice::from_ref(&made), 0, (Lsn(1), &epoch(1)));
         assert!(w.exact_attributes(&dir).is_none(), "the create changed the directory");
         assert_eq!(w.exact_attributes(&file).map(|(a, _)| a.ino), Some(2), "the server reported the new file");
-        w.applied(&[create, probe], &[made, Ok(CommandOk::Attr(dir_attr))], 0, (Lsn(1), 1));
+        w.applied(&[create, probe], &[made, Ok(CommandOk::Attr(dir_attr))], 0, (Lsn(1), &epoch(1)));
         assert_eq!(w.exact_attributes(&dir).map(|(a, _)| a.nlink), Some(2), "the probe reported the directory after it");
         w.queue(&Credentials::default(), &Command::Write { handle: file.clone(), offset: 0, len: 1 }, b"x").expect("queued");
         assert_eq!(w.exact_attributes(&file).map(|(a, _)| a.size), Some(1), "a queued write shows at once");
-        w.applied(&[Command::Write { handle: file.clone(), offset: 0, len: 1 }], &[Ok(CommandOk::Written(1))], 1, (Lsn(1), 1));
+        w.applied(&[Command::Write { handle: file.clone(), offset: 0, len: 1 }], &[Ok(CommandOk::Written(1))], 1, (Lsn(1), &epoch(1)));
         assert!(w.exact_attributes(&file).is_some(), "a queued write, sent: the shadow had it already");
-        w.applied(&[Command::Write { handle: file.clone(), offset: 0, len: 1 }], &[Ok(CommandOk::Written(1))], 0, (Lsn(1), 1));
+        w.applied(&[Command::Write { handle: file.clone(), offset: 0, len: 1 }], &[Ok(CommandOk::Written(1))], 0, (Lsn(1), &epoch(1)));
         assert!(w.exact_attributes(&file).is_none(), "a write sent directly changed the file behind the shadow");
-        w.applied(&[Command::Unlink { parent: h(9), name: b"x".to_vec() }], &[Ok(CommandOk::Done)], 0, (Lsn(1), 1));
+        w.applied(&[Command::Unlink { parent: h(9), name: b"x".to_vec() }], &[Ok(CommandOk::Done)], 0, (Lsn(1), &epoch(1)));
         assert!(w.exact_attributes(&dir).is_none(), "an unlink may change objects known by name only");
     }
 

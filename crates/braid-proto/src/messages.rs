@@ -6,8 +6,9 @@ use serde::{Deserialize, Serialize};
 use crate::codec::Checksum;
 
 /// Protocol versions this build speaks, newest first. 2 added [`Request::DurableTxn`], 3
-/// [`Request::StagedTxn`], 4 [`Request::XattrNames`] and [`Request::CommitUpTo`].
-pub const PROTOCOL_VERSIONS: &[u16] = &[4, 3, 2, 1];
+/// [`Request::StagedTxn`], 4 [`Request::XattrNames`] and [`Request::CommitUpTo`], 5
+/// [`Welcome::AcceptedAfter`].
+pub const PROTOCOL_VERSIONS: &[u16] = &[5, 4, 3, 2, 1];
 
 /// The first protocol version with [`Request::DurableTxn`].
 pub const DURABLE_TXN_VERSION: u16 = 2;
@@ -17,6 +18,9 @@ pub const STAGED_TXN_VERSION: u16 = 3;
 
 /// The first protocol version with [`Request::XattrNames`] and [`Request::CommitUpTo`].
 pub const XATTR_NAMES_VERSION: u16 = 4;
+
+/// The first protocol version whose server names its predecessors ([`Welcome::AcceptedAfter`]).
+pub const PREDECESSORS_VERSION: u16 = 5;
 
 /// Identifies one client (one mount) for deduplication; random, chosen at mount time and kept
 /// across reconnects.
@@ -107,6 +111,19 @@ pub enum Welcome {
     Accepted(Box<ExportInfo>),
     /// The server refuses the client; the reason is for humans.
     Refused { reason: String },
+    /// As `Accepted` (protocol version 5 and later), with what this server process has of the
+    /// transactions of the processes that ran before it on the same state.
+    AcceptedAfter { info: Box<ExportInfo>, predecessors: Vec<Predecessor> },
+}
+
+/// An earlier server process on the same state, and the last of its lsns that survived into
+/// this one: every transaction it applied up to `durable` is durable, none after it is there
+/// (a crash of the machine undid them). A client that was told an lsn above `durable` by that
+/// process lost that change, and its fsync must fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Predecessor {
+    pub instance: u64,
+    pub durable: Lsn,
 }
 
 /// What the server tells a client about the export at mount time.

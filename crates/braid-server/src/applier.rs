@@ -182,8 +182,8 @@ mod tests {
         std::fs::create_dir(&data).unwrap();
         std::fs::write(data.join("f"), b"abc").unwrap();
         let export = Export::open(&data, [7; 32], None).unwrap();
-        let (wal, recovered) = Wal::open(&dir.join("wal")).unwrap();
-        let committer = Committer::new(Lsn(0), wal.segment());
+        let (wal, recovered) = Wal::open(&dir.join("wal"), None).unwrap();
+        let committer = Committer::new(Lsn(0), wal.segment(), std::time::Duration::from_secs(1));
         let applier = Mutex::new(Applier::new(wal, recovered.cache, recovered.next_lsn));
         let f = export.lookup(&export.root_entry().unwrap().handle, b"f").unwrap().handle;
         (export, applier, committer, f)
@@ -212,7 +212,7 @@ mod tests {
 
         // The log holds a write at offset 3: replaying it finds the transaction as logged.
         drop(applier);
-        let (_, recovered) = Wal::open(&dir.path().join("wal")).unwrap();
+        let (_, recovered) = Wal::open(&dir.path().join("wal"), None).unwrap();
         assert!(matches!(recovered.cache.check(client, TxnSeq(1)), Seen::Done(_)));
 
         // A crash after the log append and the write, before the reply record: torn.
@@ -220,7 +220,7 @@ mod tests {
         let logged = Txn { commands: vec![Command::Write { handle: f.clone(), offset: 3, len: 3 }], ..append(&f, 2) };
         let logged = LoggedTxn { message: postcard::to_stdvec(&Request::Txn(logged)).unwrap(), data: b"xyz".to_vec() };
         torn.logged(client, TxnSeq(2), Some(logged));
-        let (wal, _) = Wal::open(&dir.path().join("wal2")).unwrap();
+        let (wal, _) = Wal::open(&dir.path().join("wal2"), None).unwrap();
         let applier = Mutex::new(Applier::new(wal, torn, Lsn(10)));
         let resent = append(&f, 2);
         let message = postcard::to_stdvec(&Request::Txn(resent.clone())).unwrap();

@@ -15,12 +15,9 @@ use std::time::Duration;
 use braid_proto::Lsn;
 use tokio::sync::watch;
 
+use crate::instances::DurableMark;
 use crate::sys;
 use crate::wal;
-
-/// An idle server still commits what was applied at least this often, which bounds the work a
-/// crash of the whole machine can undo and lets old log segments be deleted.
-const BACKGROUND_COMMIT_MS: u64 = 1000;
 
 pub struct Committer {
     wanted: Mutex<bool>,
@@ -33,20 +30,26 @@ pub struct Committer {
     pub applied: AtomicU64,
     /// The segment being written (set by the applier); older ones are obsolete after a commit.
     pub segment: AtomicU64,
+    /// An idle server still commits what was applied at least this often, which bounds the
+    /// work a crash of the whole machine can undo and lets old log segments be deleted.
+    interval: Duration,
 }
 
-/// What the commit thread flushes: the export's file system and, if it is another one, the
-/// state directory's.
+/// The export's file system and, if it is another one, the state directory's.
+pub struct FileSystems(pub Vec<OwnedFd>);
+
+/// What the commit thread flushes, and where it records what it made durable.
 pub struct FlushTargets {
-    pub file_systems: Vec<OwnedFd>,
+    pub file_systems: FileSystems,
     pub wal_dir: PathBuf,
+    pub mark: DurableMark,
 }
 
-impl FlushTargets {
+impl FileSystems {
     /// Makes everything written to the export and the log so far durable. A failure stops
     /// the process (see the module notes).
     pub fn flush(&self) {
-        for fd in &self.file_systems {
+        for fd in &self.0 {
             if let Err(e) = sys::syncfs(fd.as_fd()) {
                 tracing::error!(error = %e, "syncfs failed: stopping the server so that nothing unflushed is acked");
                 std::process::exit(70);
@@ -56,7 +59,7 @@ impl FlushTargets {
 }
 
 impl Committer {
-    pub fn new(applied: Lsn, segment: u64) -> Arc<Self> {
+    pub fn new(applied: Lsn, segment: u64, interval: Duration) -> Arc<Self> {
         Arc::new(Self {
             wanted: Mutex::new(false),
             wake: Condvar::new(),
@@ -64,6 +67,7 @@ impl Committer {
             flushing: AtomicU64::new(applied.0),
             applied: AtomicU64::new(applied.0),
             segment: AtomicU64::new(segment),
+            interval,
         })
     }
 
@@ -107,12 +111,24 @@ impl Committer {
             let target = Lsn(self.applied.load(Ordering::Acquire));
             let segment = self.segment.load(Ordering::Acquire);
             self.flushing.store(target.0, Ordering::Release);
-            targets.flush();
+            targets.file_systems.flush();
             assert!(target >= self.durable(), "durable lsn moving backwards: {target:?} < {:?}", self.durable());
             self.durable.send_replace(target);
+            self.mark_durable(&targets.mark, target);
             if let Err(e) = wal::delete_segments_before(&targets.wal_dir, segment) {
                 tracing::warn!(error = %e, "cannot delete old log segments");
             }
+        }
+    }
+
+    /// Records `lsn` as durable for a restart after a crash of the machine. The mark is made
+    /// durable by the next flush, or now if none is wanted yet (a flush is then not near, and
+    /// the mark of the last commit before a crash must survive it). A failure only makes the
+    /// mark older: clients would take more of their changes as lost, never fewer.
+    fn mark_durable(&self, mark: &DurableMark, lsn: Lsn) {
+        let idle = !*self.wanted.lock().expect("commit lock");
+        if let Err(e) = mark.record(lsn).and_then(|()| if idle { mark.sync() } else { Ok(()) }) {
+            tracing::warn!(error = %e, "cannot record the durable lsn");
         }
     }
 
@@ -123,7 +139,7 @@ impl Committer {
                 *wanted = false;
                 return;
             }
-            let (guard, timeout) = self.wake.wait_timeout(wanted, Duration::from_millis(BACKGROUND_COMMIT_MS)).expect("commit lock");
+            let (guard, timeout) = self.wake.wait_timeout(wanted, self.interval).expect("commit lock");
             wanted = guard;
             if timeout.timed_out() && self.applied.load(Ordering::Acquire) > self.durable().0 {
                 return;

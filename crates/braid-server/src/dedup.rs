@@ -83,6 +83,19 @@ impl ReplyCache {
         }
     }
 
+    /// A transaction recorded as applied may have been lost by a crash of the machine: it
+    /// counts as torn again, in its `logged` form. Returns whether it was done (a transaction
+    /// the client acknowledged is left alone: it will not be resent).
+    pub fn undo(&mut self, client: ClientId, seq: TxnSeq, logged: LoggedTxn) -> bool {
+        let Some(known) = self.clients.get_mut(&client.0) else { return false };
+        if seq.0 < known.replied_below || known.replies.remove(&seq.0).is_none() {
+            return false;
+        }
+        known.torn.insert(seq.0);
+        self.logged_forms.insert((client.0, seq.0), logged);
+        true
+    }
+
     /// Replaces this cache by a snapshot read from the log, keeping the logged forms of the
     /// transactions the snapshot still counts as torn (snapshots do not carry them).
     pub fn adopt_snapshot(&mut self, snapshot: ReplyCache) {

@@ -12,6 +12,7 @@ pub mod commit;
 pub mod dedup;
 pub mod export;
 pub mod handles;
+pub mod instances;
 pub mod locks;
 pub mod quota;
 pub mod session;
@@ -21,7 +22,7 @@ pub mod wal;
 use std::fs;
 use std::io;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -47,6 +48,8 @@ pub struct ServerConfig {
     /// How long a client's right to cache an object lasts without renewal; also how long a
     /// vanished client can delay others' changes and hold its locks.
     pub lease: std::time::Duration,
+    /// How long applied changes may wait for a commit nobody asked for.
+    pub commit_interval: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +71,8 @@ pub struct ServerState {
     pub read_only: bool,
     /// Random per process start; tells clients the server restarted.
     pub instance: u64,
+    /// The processes that served this state before, and what survived of each.
+    pub predecessors: Vec<braid_proto::Predecessor>,
     /// Bytes of request payloads held in memory, over all connections.
     pub in_flight_bytes: Arc<tokio::sync::Semaphore>,
     pub root_squash: bool,
@@ -100,15 +105,26 @@ impl Server {
         let served_before = mark_served(&state_dir).map_err(state_err)?;
         let export = Export::open(&data, key, config.max_bytes)?;
         let wal_dir = state_dir.join("wal");
-        let (wal, recovered) = wal::Wal::open(&wal_dir)?;
-        tracing::info!(records = recovered.records, next_lsn = recovered.next_lsn.0, "transaction log recovered");
+        let previous = instances::Previous::find(&state_dir).map_err(state_err)?;
+        let lost_above = previous.as_ref().and_then(instances::Previous::lost_above);
+        let (wal, recovered) = wal::Wal::open(&wal_dir, lost_above)?;
+        tracing::info!(
+            records = recovered.records,
+            next_lsn = recovered.next_lsn.0,
+            undone = recovered.undone,
+            "transaction log recovered"
+        );
         let applied = braid_proto::Lsn(recovered.next_lsn.0 - 1);
-        let targets = flush_targets(&export, &state_dir, wal_dir).map_err(state_err)?;
+        let instance = rand::random();
+        let predecessors = instances::start(&state_dir, instance, previous.as_ref(), applied).map_err(state_err)?;
         // What the log says was applied is durable only once flushed: after a crash of the
         // process (not of the machine) it may still be in the page cache only, and a resent
         // txn answered from the reply cache, then an fsync, must not be acked before it is.
-        targets.flush();
-        let committer = Committer::new(applied, wal.segment());
+        let file_systems = flush_file_systems(&export, &state_dir).map_err(state_err)?;
+        file_systems.flush();
+        let mark = instances::DurableMark::open(&state_dir, instance, applied).map_err(state_err)?;
+        let targets = FlushTargets { file_systems, wal_dir, mark };
+        let committer = Committer::new(applied, wal.segment(), config.commit_interval);
         let thread_committer = committer.clone();
         std::thread::Builder::new().name("braid-commit".into()).spawn(move || thread_committer.run(targets)).map_err(state_err)?;
         let state = ServerState {
@@ -116,7 +132,8 @@ impl Server {
             applier: Mutex::new(Applier::new(wal, recovered.cache, recovered.next_lsn)),
             committer,
             read_only: config.read_only,
-            instance: rand::random(),
+            instance,
+            predecessors,
             in_flight_bytes: Arc::new(tokio::sync::Semaphore::new(braid_proto::limits::IN_FLIGHT_BYTES_MAX)),
             root_squash: config.root_squash,
             tls: config.tls.clone().map(tokio_rustls::TlsAcceptor::from),
@@ -165,7 +182,8 @@ fn raise_descriptor_limit() {
     }
 }
 
-fn flush_targets(export: &Export, state_dir: &Path, wal_dir: PathBuf) -> io::Result<FlushTargets> {
+/// The export's file system and, if it is another one, the state directory's.
+fn flush_file_systems(export: &Export, state_dir: &Path) -> io::Result<commit::FileSystems> {
     let export_fd = export.root_fd().try_clone_to_owned()?;
     let mut file_systems = vec![export_fd];
     let state_fd = fs::File::open(state_dir)?;
@@ -173,7 +191,7 @@ fn flush_targets(export: &Export, state_dir: &Path, wal_dir: PathBuf) -> io::Res
     if state_fd.metadata()?.dev() != export_dev {
         file_systems.push(state_fd.as_fd().try_clone_to_owned()?);
     }
-    Ok(FlushTargets { file_systems, wal_dir })
+    Ok(commit::FileSystems(file_systems))
 }
 
 /// Records that this state directory has served; returns whether it had before.
@@ -199,12 +217,7 @@ fn load_or_create_key(path: &Path) -> io::Result<[u8; 32]> {
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let key: [u8; 32] = rand::random();
-            let tmp = path.with_extension("tmp");
-            let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-            io::Write::write_all(&mut file, &key)?;
-            file.sync_all()?;
-            fs::rename(&tmp, path)?;
-            fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()?;
+            instances::replace_durably(path, &key)?;
             Ok(key)
         }
         Err(e) => Err(e),

@@ -11,7 +11,7 @@ use braid_proto::limits::{HANDSHAKE_TIMEOUT_MS, REQUESTS_IN_FLIGHT_MAX};
 use braid_proto::{
     encode_frame, encode_parts, Algorithms, Callback, Checksum, ClientId, Command, CommandOk, EncodedFrame, Errno, ExportInfo, Frame,
     FrameHeader, FrameKind, Handle, Hello, Invalidation, LockRequest, Lsn, Reply, Request, Response, Welcome, WireError, HEADER_BYTES,
-    PROTOCOL_VERSIONS,
+    PREDECESSORS_VERSION, PROTOCOL_VERSIONS,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
@@ -156,6 +156,9 @@ async fn handshake(
     }
     let hello: Hello = frame.decode()?;
     let welcome = match welcome(state, &hello, transport) {
+        Ok(info) if info.version >= PREDECESSORS_VERSION => {
+            Welcome::AcceptedAfter { info: Box::new(info), predecessors: state.predecessors.clone() }
+        }
         Ok(info) => Welcome::Accepted(Box::new(info)),
         Err(reason) => Welcome::Refused { reason },
     };
@@ -163,7 +166,7 @@ async fn handshake(
     writer.write_all(&bytes).await?;
     writer.flush().await?;
     match welcome {
-        Welcome::Accepted(info) => {
+        Welcome::Accepted(info) | Welcome::AcceptedAfter { info, .. } => {
             let checksum = Checksum::from_name(&info.algorithms.checksum).expect("negotiate picks a checksum of this build");
             Ok((hello, checksum))
         }
@@ -700,7 +703,7 @@ mod tests {
     fn negotiation_picks_common_algorithms_and_names_what_is_missing() {
         // Goal: the refusal names the first missing algorithm; success reports what is in force.
         let (version, algorithms) = negotiate(&hello(), "tls13", "x509").unwrap();
-        assert_eq!(version, 4);
+        assert_eq!(version, 5);
         let v3_client = Hello { versions: vec![3, 2, 1], ..hello() };
         assert_eq!(negotiate(&v3_client, "tls13", "x509").unwrap().0, 3, "a version-3 client is still served");
         let v2_client = Hello { versions: vec![2, 1], ..hello() };

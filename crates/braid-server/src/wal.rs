@@ -10,7 +10,9 @@
 //! by the committer (`commit.rs`), never here.
 //!
 //! Recovery reads every segment up to its first invalid record (a torn tail), rebuilds the reply
-//! cache and the next lsn, and starts a fresh segment.
+//! cache and the next lsn, and starts a fresh segment. After a crash of the machine, what was
+//! applied after the last commit may be gone from the export although its records survived:
+//! those transactions count as torn again, so that a client resending one has it applied.
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -73,17 +75,33 @@ pub struct Recovered {
     pub cache: ReplyCache,
     pub next_lsn: Lsn,
     pub records: u64,
+    /// Transactions counted as torn again because they were above the lost bound.
+    pub undone: u64,
+}
+
+/// Recovery under way: what is recovered, and the transactions that may have been lost.
+struct Replay {
+    into: Recovered,
+    lost_above: Option<Lsn>,
+    above: Vec<(ClientId, TxnSeq, crate::dedup::LoggedTxn)>,
 }
 
 impl Wal {
     /// Opens (creating if needed) the log in `dir`, recovers its state, and starts a new segment.
-    pub fn open(dir: &Path) -> Result<(Self, Recovered), WalError> {
+    /// `lost_above`: the transactions after this lsn may have been lost (by a crash of the
+    /// machine) even where the log has them.
+    pub fn open(dir: &Path, lost_above: Option<Lsn>) -> Result<(Self, Recovered), WalError> {
         let io_err = |source| WalError::Io { path: dir.to_path_buf(), source };
         fs::create_dir_all(dir).map_err(io_err)?;
         let segments = list_segments(dir).map_err(io_err)?;
-        let mut recovered = Recovered { cache: ReplyCache::default(), next_lsn: Lsn(1), records: 0 };
+        let recovered = Recovered { cache: ReplyCache::default(), next_lsn: Lsn(1), records: 0, undone: 0 };
+        let mut replay = Replay { into: recovered, lost_above, above: Vec::new() };
         for &id in &segments {
-            replay_segment(&segment_path(dir, id), &mut recovered).map_err(io_err)?;
+            replay_segment(&segment_path(dir, id), &mut replay).map_err(io_err)?;
+        }
+        let mut recovered = replay.into;
+        for (client, seq, logged) in replay.above {
+            recovered.undone += u64::from(recovered.cache.undo(client, seq, logged));
         }
         let next_segment = segments.last().map_or(1, |last| last + 1);
         let file = create_segment(dir, next_segment).map_err(io_err)?;
@@ -187,7 +205,7 @@ fn create_segment(dir: &Path, id: u64) -> io::Result<File> {
     Ok(file)
 }
 
-fn replay_segment(path: &Path, into: &mut Recovered) -> io::Result<()> {
+fn replay_segment(path: &Path, into: &mut Replay) -> io::Result<()> {
     let mut file = File::open(path)?;
     let len = file.seek(SeekFrom::End(0))?;
     file.seek(SeekFrom::Start(0))?;
@@ -219,11 +237,15 @@ fn replay_segment(path: &Path, into: &mut Recovered) -> io::Result<()> {
     }
 }
 
-fn apply_record(record: WalRecord<'_>, into: &mut Recovered) {
+fn apply_record(record: WalRecord<'_>, replay: &mut Replay) {
+    let into = &mut replay.into;
     into.records += 1;
     match record {
         WalRecord::Txn { lsn, client, seq, message, data } => {
             let logged = crate::dedup::LoggedTxn { message: message.to_vec(), data: data.to_vec() };
+            if replay.lost_above.is_some_and(|bound| lsn > bound.0) {
+                replay.above.push((ClientId(client), TxnSeq(seq), logged.clone()));
+            }
             into.cache.logged(ClientId(client), TxnSeq(seq), Some(logged));
             into.next_lsn = into.next_lsn.max(Lsn(lsn + 1));
         }
@@ -252,17 +274,37 @@ mod tests {
         // txn is torn, and lsns continue. Method: write records, reopen the log.
         let dir = tempfile::tempdir().unwrap();
         {
-            let (mut wal, rec) = Wal::open(dir.path()).unwrap();
+            let (mut wal, rec) = Wal::open(dir.path(), None).unwrap();
             assert_eq!(rec.next_lsn, Lsn(1));
             wal.append_txn(&txn(1, 10), &rec.cache, Lsn(1)).unwrap();
             wal.append_applied(&WalRecord::Applied { lsn: 1, client: 7, seq: 10, reply: b"r10" }).unwrap();
             wal.append_txn(&txn(2, 11), &rec.cache, Lsn(2)).unwrap();
         }
-        let (_, rec) = Wal::open(dir.path()).unwrap();
+        let (_, rec) = Wal::open(dir.path(), None).unwrap();
         assert_eq!(rec.next_lsn, Lsn(3));
         assert_eq!(rec.cache.check(ClientId(7), TxnSeq(10)), Seen::Done(b"r10".to_vec()));
         assert!(matches!(rec.cache.check(ClientId(7), TxnSeq(11)), Seen::Torn(Some(_))));
         assert_eq!(rec.cache.check(ClientId(7), TxnSeq(12)), Seen::New);
+    }
+
+    #[test]
+    fn after_a_crash_of_the_machine_transactions_above_the_bound_are_torn_again() {
+        // Goal: a txn applied after the last durable lsn may be gone from the export although
+        // its records survived: its resend must be applied (tolerantly), not answered from the
+        // cache. Method: log two applied txns, reopen with the bound between them.
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut wal, rec) = Wal::open(dir.path(), None).unwrap();
+            for (lsn, seq) in [(1, 10), (2, 11)] {
+                wal.append_txn(&txn(lsn, seq), &rec.cache, Lsn(lsn)).unwrap();
+                wal.append_applied(&WalRecord::Applied { lsn, client: 7, seq, reply: b"r" }).unwrap();
+            }
+        }
+        let (_, rec) = Wal::open(dir.path(), Some(Lsn(1))).unwrap();
+        assert_eq!(rec.undone, 1);
+        assert_eq!(rec.cache.check(ClientId(7), TxnSeq(10)), Seen::Done(b"r".to_vec()));
+        let torn = crate::dedup::LoggedTxn { message: b"m".to_vec(), data: b"data".to_vec() };
+        assert_eq!(rec.cache.check(ClientId(7), TxnSeq(11)), Seen::Torn(Some(torn)));
     }
 
     #[test]
@@ -271,7 +313,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path;
         {
-            let (mut wal, rec) = Wal::open(dir.path()).unwrap();
+            let (mut wal, rec) = Wal::open(dir.path(), None).unwrap();
             wal.append_txn(&txn(1, 1), &rec.cache, Lsn(1)).unwrap();
             let good_end = wal.offset;
             wal.append_txn(&txn(2, 2), &rec.cache, Lsn(2)).unwrap();
@@ -280,7 +322,7 @@ mod tests {
             // Flip a byte inside the second record's body.
             wal.file.write_all_at(&[0xff], good_end + 12).unwrap();
         }
-        let (_, rec) = Wal::open(dir.path()).unwrap();
+        let (_, rec) = Wal::open(dir.path(), None).unwrap();
         assert!(path.exists());
         assert_eq!(rec.next_lsn, Lsn(2));
         assert!(matches!(rec.cache.check(ClientId(7), TxnSeq(1)), Seen::Torn(Some(_))));
@@ -292,14 +334,14 @@ mod tests {
         // Goal: after rotation and deletion of old segments, nothing known is lost.
         let dir = tempfile::tempdir().unwrap();
         {
-            let (mut wal, mut rec) = Wal::open(dir.path()).unwrap();
+            let (mut wal, mut rec) = Wal::open(dir.path(), None).unwrap();
             wal.append_txn(&txn(1, 1), &rec.cache, Lsn(1)).unwrap();
             wal.append_applied(&WalRecord::Applied { lsn: 1, client: 7, seq: 1, reply: b"one" }).unwrap();
             rec.cache.record(ClientId(7), TxnSeq(1), b"one".to_vec());
             wal.rotate(&rec.cache, Lsn(2)).unwrap();
             delete_segments_before(dir.path(), wal.segment()).unwrap();
         }
-        let (_, rec) = Wal::open(dir.path()).unwrap();
+        let (_, rec) = Wal::open(dir.path(), None).unwrap();
         assert_eq!(rec.next_lsn, Lsn(2));
         assert_eq!(rec.cache.check(ClientId(7), TxnSeq(1)), Seen::Done(b"one".to_vec()));
     }

@@ -91,6 +91,10 @@ struct ServeArgs {
     /// client that vanished without unmounting can delay others' changes and keep its locks.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = parse_lease)]
     lease: f64,
+    /// Seconds after which changes nobody asked to make durable (no fsync) are made durable
+    /// anyway: the most work a crash of the server's machine can undo.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0, value_parser = parse_commit_interval)]
+    commit_interval: f64,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -184,6 +188,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         root_squash: !args.no_root_squash,
         tls,
         lease: Duration::from_secs_f64(args.lease),
+        commit_interval: Duration::from_secs_f64(args.commit_interval),
     };
     let server = braid_server::Server::open(&config).with_context(|| format!("cannot start serving {}", args.data.display()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("braid-server").build()?;
@@ -250,15 +255,23 @@ fn default_tls_dir() -> PathBuf {
     home.join(".config/braid")
 }
 
-/// Parses a size such as 1048576, 512K, 20M, 3G or 1T (powers of 1024).
 fn parse_lease(text: &str) -> std::result::Result<f64, String> {
+    parse_seconds(text, 0.1..=3600.0, "a lease lasts")
+}
+
+fn parse_commit_interval(text: &str) -> std::result::Result<f64, String> {
+    parse_seconds(text, 0.01..=3600.0, "the commit interval is")
+}
+
+fn parse_seconds(text: &str, range: std::ops::RangeInclusive<f64>, what: &str) -> std::result::Result<f64, String> {
     match text.parse::<f64>() {
-        Ok(seconds) if (0.1..=3600.0).contains(&seconds) => Ok(seconds),
-        Ok(_) => Err("a lease lasts from 0.1 to 3600 seconds".into()),
+        Ok(seconds) if range.contains(&seconds) => Ok(seconds),
+        Ok(_) => Err(format!("{what} from {} to {} seconds", range.start(), range.end())),
         Err(e) => Err(format!("not a number of seconds: {e}")),
     }
 }
 
+/// Parses a size such as 1048576, 512K, 20M, 3G or 1T (powers of 1024).
 fn parse_size(text: &str) -> std::result::Result<u64, String> {
     let text = text.trim();
     let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {

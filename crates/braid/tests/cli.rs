@@ -21,7 +21,21 @@ fn every_subcommand_has_help() {
         assert!(top.contains(word), "top-level help lacks {word}: {top}");
     }
     let expected: &[(&str, &[&str])] = &[
-        ("serve", &["--data", "--listen", "--state", "--read-only", "--max-size", "--no-root-squash", "--tls-dir", "--insecure"]),
+        (
+            "serve",
+            &[
+                "--data",
+                "--listen",
+                "--state",
+                "--read-only",
+                "--max-size",
+                "--no-root-squash",
+                "--lease",
+                "--commit-interval",
+                "--tls-dir",
+                "--insecure",
+            ],
+        ),
         ("mount", &["--foreground", "--timeout", "--log-file", "--require", "--tls-dir", "--insecure"]),
         ("init", &["--dir", "--server-name", "--client", "--force"]),
         ("umount", &["MOUNTPOINT"]),
@@ -48,6 +62,9 @@ fn bad_arguments_fail_with_a_clear_message() {
         ),
         (&["serve", "--data", "/tmp", "--tls-dir", "/nonexistent/braid-tls"], "braid init"),
         (&["serve", "--data", "/tmp", "--insecure", "--max-size", "12X"], "unknown unit"),
+        (&["serve", "--data", "/tmp", "--insecure", "--lease", "0"], "a lease lasts from 0.1 to 3600 seconds"),
+        (&["serve", "--data", "/tmp", "--insecure", "--commit-interval", "1h"], "not a number of seconds"),
+        (&["serve", "--data", "/tmp", "--insecure", "--commit-interval", "0"], "the commit interval is from 0.01 to 3600 seconds"),
         (&["mount", "127.0.0.1:1", "/nonexistent/braid-mnt"], "not a directory"),
         (&["frobnicate"], "unrecognized subcommand"),
     ];

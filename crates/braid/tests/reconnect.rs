@@ -154,6 +154,33 @@ fn resent_transaction_after_restart_gets_its_original_reply() {
     assert!(!fx.e("once.link").exists());
 }
 
+#[test]
+fn a_server_restarted_after_kill_names_its_predecessor_and_keeps_all_it_applied() {
+    // Goal: after a crash of the server process alone (same boot), the new process tells
+    // clients that everything its predecessor applied survived, durable or not (the page cache
+    // kept it), so that no client takes a change as lost; the new process's own lsns go on
+    // from there. Method: apply a txn with a raw session and kill -9 the server at once; the
+    // restarted server's welcome must name the old instance with a durable lsn covering it.
+    let mut fx = Fixture::serving_with(|_| {});
+    let mut session = RawSession::open(fx.addr());
+    let (root, before) = (session.root(), session.info.server_instance);
+    let create =
+        Command::Create { parent: root, name: b"applied".to_vec(), mode: libc::S_IFREG | 0o644, rdev: 0, exclusive: true, pin: false };
+    let txn = Txn { seq: TxnSeq(1), replied_below: TxnSeq(1), creds: Credentials::default(), commands: vec![create] };
+    let applied = match session.call(&Request::Txn(txn), &[]) {
+        Ok((Reply::Txn(outcome), _)) => outcome.lsn,
+        other => panic!("txn: {other:?}"),
+    };
+    fx.kill_server();
+    fx.start_server();
+    let restarted = RawSession::open(fx.addr());
+    assert_ne!(restarted.info.server_instance, before, "a new process");
+    let predecessor = restarted.predecessors.last().copied().expect("the restarted server names its predecessor");
+    assert_eq!(predecessor.instance, before);
+    assert!(predecessor.durable >= applied, "{predecessor:?}: lsn {applied:?} was applied before the kill and survived it");
+    assert!(fx.e("applied").is_file());
+}
+
 /// Drops the client kernel's cached pages of `file`, so that the next read asks the server.
 fn drop_page_cache(file: &fs::File) {
     let ret = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use braid_proto::{
     encode_frame, Attr, ClientId, Command, CommandOk, Credentials, Entry, Errno, ExportInfo, Frame, FrameHeader, FrameKind, Handle, Hello,
-    Reply, Request, Response, Txn, TxnSeq, Welcome, WireError, HEADER_BYTES,
+    Predecessor, Reply, Request, Response, Txn, TxnSeq, Welcome, WireError, HEADER_BYTES,
 };
 
 /// How long a process may take to come up (listen, or complete the FUSE mount).
@@ -453,6 +453,8 @@ impl Rng {
 pub struct RawSession {
     pub stream: TcpStream,
     pub info: ExportInfo,
+    /// What the server said of the processes before it (empty from a version-4 welcome).
+    pub predecessors: Vec<Predecessor>,
     next_request_id: u64,
     next_seq: u64,
 }
@@ -474,7 +476,8 @@ impl RawSession {
         let frame = read_frame(&mut stream).expect("read welcome");
         assert_eq!(frame.header.kind, FrameKind::Welcome);
         match frame.decode::<Welcome>().expect("welcome decodes") {
-            Welcome::Accepted(info) => Self { stream, info: *info, next_request_id: 1, next_seq: 1 },
+            Welcome::Accepted(info) => Self { stream, info: *info, predecessors: Vec::new(), next_request_id: 1, next_seq: 1 },
+            Welcome::AcceptedAfter { info, predecessors } => Self { stream, info: *info, predecessors, next_request_id: 1, next_seq: 1 },
             Welcome::Refused { reason } => panic!("server refused the raw session: {reason}"),
         }
     }
