@@ -10,12 +10,18 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use braid_proto::Lsn;
 use tokio::sync::watch;
 
 use crate::instances::DurableMark;
+
+/// How long the durable mark of the last commit waits for the next commit's flush to carry it
+/// before it is synced on its own: under load no commit waits for a sync of the mark, and when
+/// idle the mark of the last commit before a crash of the machine survives it (unless the crash
+/// comes within this delay: clients then take that commit's changes as lost, which is safe).
+const MARK_SYNC_DELAY: Duration = Duration::from_millis(20);
 use crate::sys;
 use crate::wal;
 
@@ -106,44 +112,54 @@ impl Committer {
 
     /// Runs the commit loop on the current thread, forever.
     pub fn run(self: Arc<Self>, targets: FlushTargets) -> ! {
+        let mut mark_unsynced = false;
         loop {
-            self.wait_for_work();
-            let target = Lsn(self.applied.load(Ordering::Acquire));
+            let patience = if mark_unsynced { MARK_SYNC_DELAY } else { self.interval };
+            if !self.wait_for_work(patience) {
+                if mark_unsynced {
+                    sync_mark(&targets.mark);
+                    mark_unsynced = false;
+                }
+                if self.applied() <= self.durable() {
+                    continue;
+                }
+            }
+            let target = self.applied();
             let segment = self.segment.load(Ordering::Acquire);
             self.flushing.store(target.0, Ordering::Release);
             targets.file_systems.flush();
             assert!(target >= self.durable(), "durable lsn moving backwards: {target:?} < {:?}", self.durable());
             self.durable.send_replace(target);
-            self.mark_durable(&targets.mark, target);
+            // A failure only leaves the mark older: clients would take more of their changes
+            // as lost after a crash of the machine, never fewer.
+            match targets.mark.record(target) {
+                Ok(()) => mark_unsynced = true,
+                Err(e) => tracing::warn!(error = %e, "cannot record the durable lsn"),
+            }
             if let Err(e) = wal::delete_segments_before(&targets.wal_dir, segment) {
                 tracing::warn!(error = %e, "cannot delete old log segments");
             }
         }
     }
 
-    /// Records `lsn` as durable for a restart after a crash of the machine. The mark is made
-    /// durable by the next flush, or now if none is wanted yet (a flush is then not near, and
-    /// the mark of the last commit before a crash must survive it). A failure only makes the
-    /// mark older: clients would take more of their changes as lost, never fewer.
-    fn mark_durable(&self, mark: &DurableMark, lsn: Lsn) {
-        let idle = !*self.wanted.lock().expect("commit lock");
-        if let Err(e) = mark.record(lsn).and_then(|()| if idle { mark.sync() } else { Ok(()) }) {
-            tracing::warn!(error = %e, "cannot record the durable lsn");
-        }
-    }
-
-    fn wait_for_work(&self) {
+    /// Waits until a commit is wanted (true) or `patience` has passed (false).
+    fn wait_for_work(&self, patience: Duration) -> bool {
+        let deadline = Instant::now() + patience;
         let mut wanted = self.wanted.lock().expect("commit lock");
-        loop {
-            if *wanted {
-                *wanted = false;
-                return;
+        while !*wanted {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
             }
-            let (guard, timeout) = self.wake.wait_timeout(wanted, self.interval).expect("commit lock");
-            wanted = guard;
-            if timeout.timed_out() && self.applied.load(Ordering::Acquire) > self.durable().0 {
-                return;
-            }
+            wanted = self.wake.wait_timeout(wanted, deadline - now).expect("commit lock").0;
         }
+        *wanted = false;
+        true
+    }
+}
+
+fn sync_mark(mark: &DurableMark) {
+    if let Err(e) = mark.sync() {
+        tracing::warn!(error = %e, "cannot sync the durable lsn's mark");
     }
 }

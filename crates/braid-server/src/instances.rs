@@ -15,7 +15,8 @@
 //! value read from it after a crash is durable. After a crash of the process alone the page
 //! cache kept everything the process applied, and the restart's flush makes it durable; after a
 //! crash of the machine (the boot id differs) only what `state/durable` says survived. The mark
-//! is itself made durable by the next commit's flush, or at once when no commit follows.
+//! is itself made durable by the next commit's flush, or on its own when none follows soon
+//! (`commit::MARK_SYNC_DELAY`).
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
