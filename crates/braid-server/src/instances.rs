@@ -56,8 +56,13 @@ impl Previous {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        let instances: Instances = postcard::from_bytes(&bytes)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", state_dir.join("instances").display())))?;
+        let Ok(instances) = postcard::from_bytes::<Instances>(&bytes) else {
+            // Written by rename, so only a damaged disk gets here. Nothing is known of the
+            // process before: as after a crash of the machine with nothing marked durable,
+            // logged txns count as torn and clients take their unflushed changes as lost.
+            tracing::error!(path = %state_dir.join("instances").display(), "unreadable; taking every change not known durable as lost");
+            return Ok(Some(Self { instance: 0, same_boot: false, marked: None, history: Vec::new() }));
+        };
         let marked = read_mark(&state_dir.join("durable"))?.filter(|(instance, _)| *instance == instances.serving).map(|(_, lsn)| lsn);
         Ok(Some(Self { instance: instances.serving, same_boot: instances.boot == boot_id()?, marked, history: instances.predecessors }))
     }
@@ -73,7 +78,8 @@ impl Previous {
 /// those up to `recovered` survived; returns the predecessors to tell clients about.
 pub fn start(state_dir: &Path, instance: u64, previous: Option<&Previous>, recovered: Lsn) -> io::Result<Vec<Predecessor>> {
     let mut predecessors = previous.map(|p| p.history.clone()).unwrap_or_default();
-    if let Some(previous) = previous {
+    // Instance 0 stands for an unknown predecessor: no client was told of it.
+    if let Some(previous) = previous.filter(|p| p.instance != 0) {
         predecessors.push(Predecessor { instance: previous.instance, durable: previous.lost_above().unwrap_or(recovered) });
     }
     let excess = predecessors.len().saturating_sub(PREDECESSORS_MAX);
@@ -184,6 +190,17 @@ mod tests {
         let old = Instances { serving: 22, boot: "yet another".into(), predecessors: vec![] };
         replace_durably(&dir.path().join("instances"), &postcard::to_stdvec(&old).unwrap()).unwrap();
         assert_eq!(Previous::find(dir.path()).unwrap().unwrap().lost_above(), Some(Lsn(0)));
+    }
+
+    #[test]
+    fn an_unreadable_record_counts_as_a_crash_of_the_machine_with_nothing_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("instances"), b"\xff\xff\xff").unwrap();
+        let previous = Previous::find(dir.path()).unwrap().unwrap();
+        assert_eq!(previous.lost_above(), Some(Lsn(0)));
+        let told = start(dir.path(), 5, Some(&previous), Lsn(9)).unwrap();
+        assert_eq!(told, vec![], "no predecessor is known");
+        assert_eq!(Previous::find(dir.path()).unwrap().unwrap().instance, 5, "rewritten whole");
     }
 
     #[test]
