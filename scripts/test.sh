@@ -20,7 +20,7 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 export TEST_OUT=${TEST_OUT:-/tmp/braid-test-$(date +%Y%m%d-%H%M%S)}
 export PJDFS_OUT=$TEST_OUT/pjdfstest FSX_OUT=$TEST_OUT/fsx
 # keep the worst case inside the budget: pjdfstest takes seconds, fsx a few minutes per variant
-export PJDFS_TIMEOUT=${PJDFS_TIMEOUT:-600} FSX_TIMEOUT=${FSX_TIMEOUT:-420}
+export PJDFS_TIMEOUT=${PJDFS_TIMEOUT:-600} FSX_TIMEOUT=${FSX_TIMEOUT:-600}
 STAGES=${STAGES:-deps build lint test pjdfstest fsx coherence crash fuzz}
 summary=()
 
