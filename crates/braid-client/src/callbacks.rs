@@ -27,6 +27,10 @@ pub trait CallbackHandler: Send + Sync {
     /// as `real` with inode number `ino`; recalls will name `real`. Called from threads serving
     /// requests.
     fn created(&self, provisional: &Handle, real: &Handle, ino: u64);
+    /// The exclusive rights on `handles` were renewed until `until`: what the caches hold of
+    /// them under an unbroken lease stays good that long. Never starts a lease (a recall may
+    /// have ended it meanwhile). Called from the renewal thread.
+    fn renewed(&self, handles: &[Handle], until: std::time::Instant);
 }
 
 const BACKOFF_MAX: Duration = Duration::from_secs(1);

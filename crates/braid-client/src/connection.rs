@@ -171,9 +171,33 @@ impl Connection {
         Ok((granted, Staged { connection: self.clone(), channel, id }))
     }
 
+    /// Sends `Renew(handles)`; returns which rights the server extended, and until when the
+    /// client may count on those: a lease from when the request was (last) sent, shortened as
+    /// every lease is.
+    pub fn renew(self: &Arc<Self>, handles: &[Handle]) -> Result<(Vec<bool>, Instant)> {
+        let (response, sent, channel, _) = self.call_on_a_channel(&Request::Renew(handles.to_vec()), &[])?;
+        self.idle.lock().expect("idle lock").push(channel);
+        let decoded: Response = response.decode().map_err(|e| ClientError::Protocol(e.to_string()))?;
+        match decoded.result.map_err(wire_error)? {
+            Reply::Renewed(renewed) if renewed.len() == handles.len() => Ok((renewed, self.lease_from(sent))),
+            other => Err(ClientError::Protocol(format!("unexpected reply to a renewal: {other:?}"))),
+        }
+    }
+
+    /// The end of a lease granted by a request sent at `sent`, minus a quarter for clock drift
+    /// and delays, so that the client always stops trusting before the server stops protecting.
+    fn lease_from(&self, sent: Instant) -> Instant {
+        sent + Duration::from_millis(self.lease_ms.load(Ordering::Relaxed) * 3 / 4)
+    }
+
+    /// How long the server's rights last (from the latest welcome).
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms.load(Ordering::Relaxed))
+    }
+
     fn decode_granted(&self, response: Frame, sent: Instant, epoch: Arc<Epoch>) -> Result<Granted> {
         let decoded: Response = response.decode().map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let lease = decoded.leased.then(|| sent + Duration::from_millis(self.lease_ms.load(Ordering::Relaxed) * 3 / 4));
+        let lease = decoded.leased.then(|| self.lease_from(sent));
         let exclusive = decoded.exclusive && lease.is_some();
         Ok(Granted { result: decoded.result.map_err(wire_error), data: response.data, lease, exclusive, epoch })
     }

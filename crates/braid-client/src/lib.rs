@@ -163,6 +163,9 @@ impl Client {
             version_4: info.version >= braid_proto::XATTR_NAMES_VERSION,
         };
         client.start_flusher().map_err(thread_error)?;
+        if info.version >= braid_proto::RENEW_VERSION {
+            start_renewal_thread(client.clone()).map_err(thread_error)?;
+        }
         Ok((client, info))
     }
 
@@ -745,6 +748,33 @@ impl Client {
     fn call_leased(&self, request: Request) -> Result<(Reply, Lease)> {
         self.connection.call_leased(&request, &[]).map(|(reply, _, lease)| (reply, lease))
     }
+}
+
+/// Renews the exclusive rights this client was granted lately, a quarter of a lease before
+/// they would end, until unmount (see `writeback::RENEW_HORIZON`).
+fn start_renewal_thread(client: Client) -> std::io::Result<()> {
+    std::thread::Builder::new().name("braid-renew".into()).spawn(move || {
+        while !client.writeback.stopped() {
+            let lease = client.connection.lease();
+            std::thread::sleep(lease / 4);
+            let due = client.writeback.rights_to_renew(Instant::now(), lease / 2);
+            for handles in due.chunks(braid_proto::limits::READDIR_ENTRIES_MAX) {
+                match client.connection.renew(handles) {
+                    Ok((renewed, until)) => {
+                        let extended = client.writeback.renewed(handles, &renewed, until);
+                        if let Some(handler) = client.handler.get() {
+                            handler.renewed(&extended, until);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot renew rights; they will lapse");
+                        break;
+                    }
+                }
+            }
+        }
+    })?;
+    Ok(())
 }
 
 /// Sends the releases of closed files, in order, for as long as the client exists. A file is

@@ -39,6 +39,12 @@ pub const FLUSH_DELAY: Duration = Duration::from_millis(25);
 /// Queued data beyond which writers wait for the queue to drain (the memory bound).
 pub const DIRTY_BYTES_MAX: usize = 64 << 20;
 
+/// How long after its grant an exclusive right is renewed (`Request::Renew`) before it ends:
+/// an object this client changed stays changeable in its cache for that long although nothing
+/// touched it since (postmark, `rm -rf` a while after an untar), while the rights of objects
+/// long unused lapse instead of being renewed for ever.
+pub(crate) const RENEW_HORIZON: Duration = Duration::from_secs(60);
+
 /// An exclusive right is used for queueing only if it lasts at least this much longer: the
 /// queue must reach the server before the right ends.
 const RIGHT_MARGIN: Duration = Duration::from_secs(1);
@@ -95,6 +101,9 @@ struct State {
     pending: HashMap<Handle, usize>,
     /// Exclusive rights held, and until when.
     exclusive: HashMap<Handle, Instant>,
+    /// When each exclusive right was last granted (not renewed): rights are renewed only for
+    /// [`RENEW_HORIZON`] after that.
+    granted_at: HashMap<Handle, Instant>,
     /// Attributes of exclusively held objects, with the queued changes applied.
     attrs: HashMap<Handle, Attr>,
     /// Objects whose `attrs` are the server's own (no change since it reported them): the
@@ -149,6 +158,7 @@ impl State {
             }
         }
         rekey(&mut self.exclusive, provisional, real);
+        rekey(&mut self.granted_at, provisional, real);
         rekey(&mut self.attrs, provisional, real);
         rekey(&mut self.listings, provisional, real);
         rekey(&mut self.errors, provisional, real);
@@ -230,9 +240,16 @@ impl State {
         }
     }
 
+    /// Records an exclusive right on `handle` granted now, until `until`.
+    fn hold(&mut self, handle: Handle, until: Instant) {
+        self.granted_at.insert(handle.clone(), Instant::now());
+        self.exclusive.insert(handle, until);
+    }
+
     /// Forgets what only an exclusive right on `handle` let this client know.
     fn not_exclusive(&mut self, handle: &Handle) {
         self.exclusive.remove(handle);
+        self.granted_at.remove(handle);
         self.attrs.remove(handle);
         self.exact.remove(handle);
         self.listings.remove(handle);
@@ -360,9 +377,7 @@ impl WriteBack {
         for handle in handles {
             let handle = state.canonical(handle);
             match until {
-                Some(until) if exclusive => {
-                    state.exclusive.insert(handle, until);
-                }
+                Some(until) if exclusive => state.hold(handle, until),
                 _ => state.not_exclusive(&handle),
             }
         }
@@ -566,6 +581,7 @@ impl WriteBack {
     pub(crate) fn lost_rights(&self) {
         let mut state = self.lock();
         state.exclusive.clear();
+        state.granted_at.clear();
         state.attrs.clear();
         state.exact.clear();
         state.listings.clear();
@@ -622,7 +638,7 @@ impl WriteBack {
         if directory {
             state.listings.insert(handle.clone(), HashMap::new());
         }
-        state.exclusive.insert(handle.clone(), until);
+        state.hold(handle.clone(), until);
         state.attrs.insert(handle.clone(), attr);
         state.exact.insert(handle.clone());
         let wake = state.enqueue(Queued { creds: creds.clone(), command, data: Vec::new(), creates: Some(handle.clone()) }, now);
@@ -851,6 +867,39 @@ impl WriteBack {
             Some(lsn) => Durability::Applied(*lsn),
             None => Durability::Durable,
         }
+    }
+
+    /// Exclusive rights to renew now: not ended at `now`, ending within `within`, and granted
+    /// less than [`RENEW_HORIZON`] ago.
+    pub(crate) fn rights_to_renew(&self, now: Instant, within: Duration) -> Vec<Handle> {
+        let state = self.lock();
+        let due = |(handle, until): (&Handle, &Instant)| {
+            let recent = state.granted_at.get(handle).is_some_and(|at| now.saturating_duration_since(*at) < RENEW_HORIZON);
+            let due = *until > now && *until < now + within && recent && !is_provisional(handle);
+            due.then(|| handle.clone())
+        };
+        state.exclusive.iter().filter_map(due).collect()
+    }
+
+    /// The server renewed the rights on `handles` where `renewed` says so, and this client may
+    /// count on them until `until`, if it still holds them (a recall meanwhile took them; a
+    /// right granted again since lasts at least as long). Returns the rights extended.
+    pub(crate) fn renewed(&self, handles: &[Handle], renewed: &[bool], until: Instant) -> Vec<Handle> {
+        assert_eq!(handles.len(), renewed.len(), "one answer per right");
+        let mut state = self.lock();
+        let mut extended = Vec::new();
+        for (handle, _) in handles.iter().zip(renewed).filter(|(_, renewed)| **renewed) {
+            if let Some(held) = state.exclusive.get_mut(handle) {
+                *held = (*held).max(until);
+                extended.push(handle.clone());
+            }
+        }
+        extended
+    }
+
+    /// Whether the client is stopping (unmount): no more changes are queued.
+    pub(crate) fn stopped(&self) -> bool {
+        self.lock().stop
     }
 
     /// Whether queued data is beyond the memory bound (the writer should send the queue).
@@ -1170,6 +1219,31 @@ mod tests {
         let three = Epoch { instance: 3, predecessors: Some(vec![]) };
         w.made_durable(Lsn(1), &three);
         assert_eq!(w.error(&kept, true), Some(Errno(libc::EIO)));
+    }
+
+    #[test]
+    fn rights_are_renewed_shortly_before_they_end_and_only_for_a_while_after_their_grant() {
+        // Goal: a right is due for renewal once it ends within the window, a renewal extends it
+        // only if it is still held, and rights granted longer than RENEW_HORIZON ago lapse.
+        let w = WriteBack::new(false);
+        let (file, other) = (h(1), h(2));
+        let now = Instant::now();
+        held(&w, &file, Attr::default());
+        let window = Duration::from_secs(5);
+        assert!(w.rights_to_renew(now, window).is_empty(), "ends in 10 s: not yet");
+        assert_eq!(w.rights_to_renew(now + Duration::from_secs(6), window), vec![file.clone()]);
+        assert!(w.rights_to_renew(now + Duration::from_secs(11), window).is_empty(), "ended: never revived");
+
+        w.renewed(&[file.clone(), other.clone()], &[true, true], now + Duration::from_secs(100));
+        assert!(w.holds(&file), "renewed");
+        assert!(!w.holds(&other), "a renewal does not grant what is not held");
+        assert!(w.rights_to_renew(now + Duration::from_secs(6), window).is_empty(), "ends in 94 s now");
+        let late = now + RENEW_HORIZON + Duration::from_secs(1);
+        assert!(w.rights_to_renew(late, Duration::from_secs(99)).is_empty(), "granted too long ago");
+        assert_eq!(w.rights_to_renew(now + Duration::from_secs(30), Duration::from_secs(99)), vec![file.clone()]);
+        w.renewed(std::slice::from_ref(&file), &[false], now + Duration::from_secs(200));
+        let ends_by_101 = w.rights_to_renew(now + Duration::from_secs(30), Duration::from_secs(71));
+        assert_eq!(ends_by_101, vec![file.clone()], "a refusal extends nothing: it still ends at 100 s");
     }
 
     #[test]

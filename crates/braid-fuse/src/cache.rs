@@ -301,6 +301,21 @@ impl CallbackHandler for KernelCache {
     fn created(&self, provisional: &Handle, real: &Handle, ino: u64) {
         self.inodes.lock().expect("inode lock").created(provisional, real, ino);
     }
+
+    fn renewed(&self, handles: &[Handle], until: Instant) {
+        let nodes: Vec<u64> = {
+            let inodes = self.inodes.lock().expect("inode lock");
+            handles.iter().filter_map(|handle| inodes.node_of(handle)).collect()
+        };
+        let now = Instant::now();
+        let mut leases = self.leases.lock().expect("lease lock");
+        for node in nodes {
+            // Only a lease still running: one a recall dropped is not started again.
+            if let Some(held) = leases.get_mut(&node).filter(|held| held.until > now && !held.gap) {
+                held.until = held.until.max(until);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

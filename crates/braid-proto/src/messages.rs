@@ -7,7 +7,7 @@ use crate::codec::Checksum;
 
 /// Protocol versions this build speaks, newest first. 2 added [`Request::DurableTxn`], 3
 /// [`Request::StagedTxn`], 4 [`Request::XattrNames`] and [`Request::CommitUpTo`], 5
-/// [`Welcome::AcceptedAfter`].
+/// [`Welcome::AcceptedAfter`] and [`Request::Renew`].
 pub const PROTOCOL_VERSIONS: &[u16] = &[5, 4, 3, 2, 1];
 
 /// The first protocol version with [`Request::DurableTxn`].
@@ -21,6 +21,9 @@ pub const XATTR_NAMES_VERSION: u16 = 4;
 
 /// The first protocol version whose server names its predecessors ([`Welcome::AcceptedAfter`]).
 pub const PREDECESSORS_VERSION: u16 = 5;
+
+/// The first protocol version with [`Request::Renew`].
+pub const RENEW_VERSION: u16 = 5;
 
 /// Identifies one client (one mount) for deduplication; random, chosen at mount time and kept
 /// across reconnects.
@@ -307,6 +310,12 @@ pub enum Request {
     /// is durable, answered `Committed`: an fsync of an object whose last change another
     /// client request sent waits only for the flush that covers it. Protocol version 4.
     CommitUpTo(Lsn),
+    /// Extends the client's exclusive rights on these objects (at most
+    /// [`crate::limits::READDIR_ENTRIES_MAX`]) by a lease from when the server reads this, on
+    /// each it still holds exclusively and nobody else is changing or lately used; answered
+    /// `Renewed`. A right that ended is never revived (the object may have changed since
+    /// without a recall). Protocol version 5.
+    Renew(Vec<Handle>),
 }
 
 /// A whole-file or byte-range lock request. `owner` is the client's name for the lock owner
@@ -568,6 +577,8 @@ pub enum Reply {
     /// Answer to `XattrNames`, in order: each object's names (NUL-terminated, as listxattr(2)
     /// gives them), or `None` if unknown (the object is gone, or the answer would be too big).
     XattrNames(Vec<Option<Vec<u8>>>),
+    /// Answer to `Renew`, in order: whether each right was extended.
+    Renewed(Vec<bool>),
 }
 
 /// Errors the server returns instead of a reply.

@@ -282,6 +282,39 @@ impl Coherence {
         }
     }
 
+    /// Extends `client`'s exclusive rights on `handles` by a lease from now, on each it still
+    /// holds exclusively, that no other client's change is in flight on and that nobody else
+    /// used lately; returns which were extended. A right that ended is never revived: its
+    /// object may have changed since without a recall. Only a client with a callback channel
+    /// is renewed, since a right it held could not be recalled otherwise.
+    pub fn renew(&self, client: ClientId, handles: &[Handle]) -> Vec<bool> {
+        let mut state = self.lock();
+        if !state.subscribers.contains_key(&client) {
+            return vec![false; handles.len()];
+        }
+        let now = Instant::now();
+        let until = now + self.lease;
+        let renewed: Vec<bool> = handles
+            .iter()
+            .map(|handle| {
+                let Some(object) = state.objects.get_mut(handle) else { return false };
+                let free = object.busy.iter().all(|c| *c == client) && object.contended_until.is_none_or(|t| t <= now);
+                match object.holders.get_mut(&client) {
+                    Some(right) if free && right.exclusive && right.until > now => {
+                        right.until = until;
+                        true
+                    }
+                    _ => false,
+                }
+            })
+            .collect();
+        if renewed.contains(&true) {
+            let last = state.exclusive_until.entry(client).or_insert(until);
+            *last = (*last).max(until);
+        }
+        renewed
+    }
+
     /// Before `client` is told about `handles`: asks every other client holding one of them
     /// exclusively to write its changes back, and waits until each has (or its lease ran out).
     /// Their rights become shared. Returns whether anything was asked (the read must then be
@@ -640,6 +673,35 @@ mod tests {
         assert_eq!(c.grant(c.begin_read(), b, [&h(1)]), Grant::Shared);
         let change = c.begin_change(a, &[Invalidation::Object(h(1))]);
         assert_eq!(c.end_change(change, [&h(1)]), Grant::Shared, "contended: no exclusive right for a lease");
+    }
+
+    #[test]
+    fn renewal_extends_only_exclusive_rights_still_held_and_uncontended() {
+        // Goal: a renewal keeps an exclusive right alive past its lease; it never revives an
+        // ended right, nor extends one that another client's read made shared, nor renews a
+        // client without a callback channel. Method: a 300 ms lease, renewals before and after
+        // it would end.
+        let c = Arc::new(Coherence::new(Duration::from_millis(300), false));
+        let (a, b) = (ClientId(1), ClientId(2));
+        c.subscribe(a, 1, acking_sink(&c, Duration::ZERO, Arc::new(AtomicUsize::new(0))));
+        c.subscribe(b, 2, acking_sink(&c, Duration::ZERO, Arc::new(AtomicUsize::new(0))));
+        let change = c.begin_change(a, &[Invalidation::Object(h(1)), Invalidation::Object(h(2))]);
+        assert_eq!(c.end_change(change, [&h(1), &h(2)]), Grant::Exclusive);
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(200));
+            assert_eq!(c.renew(a, &[h(1), h(3)]), vec![true, false], "h(3) was never held");
+        }
+        let now = Instant::now();
+        assert!(c.lock().objects[&h(1)].holders[&a].until > now, "alive 600 ms into a 300 ms lease");
+        assert!(c.lock().objects[&h(2)].holders[&a].until <= now, "not renewed: ended");
+        assert_eq!(c.renew(a, &[h(2)]), vec![false], "an ended right is not revived");
+        assert!(c.exclusive_elsewhere(b), "B's reads still know to ask A");
+
+        assert!(c.flush_others(b, &[h(1)]), "B's read makes A write back");
+        assert_eq!(c.renew(a, &[h(1)]), vec![false], "shared now: not renewed as exclusive");
+        assert_eq!(c.renew(b, &[h(1)]), vec![false], "B holds no exclusive right");
+        c.unsubscribe(a);
+        assert_eq!(c.renew(a, &[h(1)]), vec![false], "no callback channel, no renewal");
     }
 
     #[test]

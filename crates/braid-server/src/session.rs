@@ -376,7 +376,7 @@ fn is_quick(state: &ServerState, client: ClientId, request: &Request) -> bool {
         Request::Read { len, .. } => *len <= 128 * 1024 && !state.coherence.exclusive_elsewhere(client),
         Request::Commit | Request::CommitUpTo(_) | Request::DurableTxn(_) | Request::StagedTxn(_) => false,
         Request::Txn(txn) => txn.commands.len() <= 16 && !state.coherence.shared(client) && !state.coherence.in_grace(),
-        Request::StatFs | Request::Release { .. } | Request::CallbackDone { .. } | Request::Unsubscribe => true,
+        Request::StatFs | Request::Release { .. } | Request::CallbackDone { .. } | Request::Unsubscribe | Request::Renew(_) => true,
         Request::Lock(_) | Request::TestLock(_) | Request::Subscribe => true,
         _ => !state.coherence.exclusive_elsewhere(client),
     }
@@ -525,6 +525,10 @@ fn handle_blocking(state: &ServerState, client: ClientId, request: Request, fram
         Request::GetXattr { handle, name } => getxattr(state, client, &handle, &name),
         Request::ListXattr { handle } => Handled::plain(fresh(state, client, &handle, || export.listxattr(&handle)).map(Reply::XattrList)),
         Request::XattrNames { handles } => xattr_names(state, client, handles),
+        Request::Renew(handles) if handles.len() > braid_proto::limits::READDIR_ENTRIES_MAX => {
+            Handled::failed(WireError::Malformed(format!("Renew of {} objects", handles.len())))
+        }
+        Request::Renew(handles) => Handled::plain(Ok(Reply::Renewed(state.coherence.renew(client, &handles)))),
         Request::Lseek { handle, offset, whence } => {
             Handled::plain(fresh(state, client, &handle, || export.lseek(&handle, offset, whence)).map(Reply::Lseek))
         }

@@ -12,7 +12,11 @@ use std::time::Duration;
 use common::{plain_mount_args, Fixture};
 
 fn serving(extra: &[&str]) -> Fixture {
-    let mut args = ["--insecure", "--no-root-squash", "--lease", "30"].map(String::from).to_vec();
+    serving_leased("30", extra)
+}
+
+fn serving_leased(lease: &str, extra: &[&str]) -> Fixture {
+    let mut args = ["--insecure", "--no-root-squash", "--lease", lease].map(String::from).to_vec();
     args.extend(extra.iter().map(|a| a.to_string()));
     let mut fixture = Fixture::serving_with_args(|_| {}, args, plain_mount_args());
     fixture.mount();
@@ -300,4 +304,35 @@ fn an_append_after_changes_queued_in_the_cache_succeeds() {
     log.sync_all().expect("fsync");
     assert_eq!(fs::read(f.e("logs/HEAD")).unwrap(), b"entry 1\nentry 2\n");
     assert_eq!(fs::read(f.e("logs/refs/x")).unwrap(), b"queued");
+}
+
+#[test]
+fn what_was_created_a_few_leases_ago_is_still_removed_in_the_cache() {
+    // Goal: the exclusive rights on what this client created are renewed before they lapse, so
+    // changes of it still land in the cache leases later although nothing touched it meanwhile
+    // (postmark, `rm -rf` a while after an untar), and still reach the server.
+    // Method: a 6 s lease (rights end 4.5 s after a grant, client side); create d/sub/f, leave
+    // the mount idle for more than two leases, stop the server, then unlink sub/f and rmdir
+    // sub relative to d (a lookup in the root, whose names this client does not all know,
+    // would ask the server): both must return with the server stopped. Without renewal they
+    // wait for it.
+    let f = serving_leased("6", &[]);
+    fs::create_dir_all(f.m("d/sub")).expect("mkdir");
+    fs::write(f.m("d/sub/f"), b"x").expect("create");
+    let d = File::open(f.m("d")).expect("open d");
+    std::thread::sleep(Duration::from_secs(14));
+    f.signal_server(libc::SIGSTOP);
+    within("unlink and rmdir with the server stopped", Duration::from_secs(5), move || {
+        let remove = |path: &str, flags: i32| {
+            let path = std::ffi::CString::new(path).expect("no NUL");
+            // SAFETY: a valid descriptor and a NUL-terminated path.
+            let ret = unsafe { libc::unlinkat(std::os::fd::AsRawFd::as_raw_fd(&d), path.as_ptr(), flags) };
+            assert_eq!(ret, 0, "unlinkat {path:?}: {}", std::io::Error::last_os_error());
+        };
+        remove("sub/f", 0);
+        remove("sub", libc::AT_REMOVEDIR);
+    });
+    f.signal_server(libc::SIGCONT);
+    File::open(f.m("d")).expect("open d").sync_all().expect("fsync d");
+    assert!(f.e("d").is_dir() && !f.e("d/sub").exists(), "the removals reached the server");
 }
