@@ -311,6 +311,24 @@ impl State {
         self.queue.len() >= BATCH_COMMANDS_MAX || self.bytes >= DATA_BYTES_MAX
     }
 
+    /// The objects the names `command` removes or replaces name now, if the listings know
+    /// them all (`None`: a name whose object is unknown, or a directory whose names are).
+    fn named_by(&self, command: &Command) -> Option<Vec<Handle>> {
+        let names = match command {
+            Command::Unlink { parent, name } | Command::Rmdir { parent, name } => vec![(parent, name)],
+            Command::Rename { parent, name, new_parent, new_name, .. } => vec![(parent, name), (new_parent, new_name)],
+            _ => return Some(Vec::new()),
+        };
+        let mut objects = Vec::new();
+        for (parent, name) in names {
+            match self.listings.get(&self.canonical(parent))?.get(name) {
+                None => {}
+                Some(object) => objects.push(self.canonical(object.as_ref()?)),
+            }
+        }
+        Some(objects)
+    }
+
     /// The object `name` in `parent` names, if the listing knows it.
     fn listed_object(&self, parent: &Handle, name: &[u8]) -> Option<Handle> {
         let object = self.listings.get(parent)?.get(name)?.as_ref()?;
@@ -458,6 +476,11 @@ impl WriteBack {
     /// `lsn`: the transaction's, and the server process it is from; every object it names or
     /// creates is unflushed until it is durable.
     pub(crate) fn applied(&self, commands: &[Command], results: &[Result<CommandOk, Errno>], queued: usize, lsn: (Lsn, &Epoch)) {
+        // Before the listings forget them: the objects that names removed or replaced named.
+        let renamed = {
+            let state = self.lock();
+            commands[queued.min(commands.len())..].iter().map(|command| state.named_by(command)).collect::<Option<Vec<_>>>()
+        };
         self.names_changed(commands, results, queued);
         let mut state = self.lock();
         state.changed_at(lsn.0, lsn.1, commands.iter().flat_map(Command::handles).chain(created(results)));
@@ -469,8 +492,17 @@ impl WriteBack {
                     command.handles().into_iter().for_each(|h| state.reported(h, attr, index >= queued && !probe))
                 }
                 _ if index < queued => {}
-                // They change objects named only by their names (ctime, link count).
-                (Command::Unlink { .. } | Command::Rmdir { .. } | Command::Rename { .. }, _) => state.exact.clear(),
+                // They change the objects their names named (ctime, link count): those the
+                // listings knew, or any.
+                (Command::Unlink { .. } | Command::Rmdir { .. } | Command::Rename { .. }, _) => match &renamed {
+                    Some(objects) => {
+                        let named = objects[index - queued].iter().chain(command.handles());
+                        named.for_each(|h| {
+                            state.exact.remove(h);
+                        })
+                    }
+                    None => state.exact.clear(),
+                },
                 _ => command.handles().into_iter().for_each(|h| {
                     state.exact.remove(h);
                 }),
@@ -1244,6 +1276,32 @@ mod tests {
         w.renewed(std::slice::from_ref(&file), &[false], now + Duration::from_secs(200));
         let ends_by_101 = w.rights_to_renew(now + Duration::from_secs(30), Duration::from_secs(71));
         assert_eq!(ends_by_101, vec![file.clone()], "a refusal extends nothing: it still ends at 100 s");
+    }
+
+    #[test]
+    fn a_direct_removal_forgets_the_attributes_of_what_its_names_named_only() {
+        // Goal: an unlink sent to the server changes the object its name named (link count,
+        // ctime) and its directory; the attributes of the other objects held stay the server's,
+        // so their removals stay predictable (postmark: an append goes to the server, and then
+        // every unlink did). A name whose object is unknown forgets them all.
+        let w = WriteBack::new(false);
+        let (dir, a, b) = (h(1), h(2), h(3));
+        {
+            let mut state = w.lock();
+            for handle in [&dir, &a, &b] {
+                state.hold(handle.clone(), Instant::now() + Duration::from_secs(10));
+                state.exact.insert(handle.clone());
+            }
+            let names = [(b"a".to_vec(), Some(a.clone())), (b"b".to_vec(), Some(b.clone())), (b"u".to_vec(), None)];
+            state.listings.insert(dir.clone(), names.into_iter().collect());
+        }
+        let unlink = |name: &[u8]| Command::Unlink { parent: dir.clone(), name: name.to_vec() };
+        w.applied(&[unlink(b"a")], &[Ok(CommandOk::Done)], 0, (Lsn(1), &epoch(1)));
+        let exact = |handle: &Handle| w.lock().exact.contains(handle);
+        assert!(!exact(&a) && !exact(&dir), "what the unlink changed");
+        assert!(exact(&b), "what it did not");
+        w.applied(&[unlink(b"u")], &[Ok(CommandOk::Done)], 0, (Lsn(2), &epoch(1)));
+        assert!(!exact(&b), "u named an unknown object: nothing is known exactly any more");
     }
 
     #[test]
