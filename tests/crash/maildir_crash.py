@@ -19,29 +19,11 @@ import multiprocessing as mp
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-
-def wait_for(what, predicate, deadline_s=20.0):
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"FAIL: timed out waiting for {what}")
-
-
-def port_open(port):
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def is_mount(path):
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == path for line in f)
+from crashlib import free_port, is_mount, port_open, wait_for
 
 
 def body_for(name, rng):
@@ -100,9 +82,7 @@ def main():
     export, state, mnt = (os.path.join(work, d) for d in ("export", "state", "mnt"))
     for d in (export, mnt):
         os.makedirs(d, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     addr = f"127.0.0.1:{port}"
     log = open(os.path.join(work, "server.log"), "ab")
 

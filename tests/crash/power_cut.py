@@ -27,31 +27,13 @@ import errno
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
+from crashlib import free_port, is_mount, port_open, wait_for
+
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
-
-
-def wait_for(what, predicate, deadline_s=20.0):
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise SystemExit(f"FAIL: timed out waiting for {what}")
-
-
-def port_open(port):
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def is_mount(path):
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == path for line in f)
 
 
 def run(*argv):
@@ -113,9 +95,7 @@ def main():
     run("mkfs.ext4", "-q", "-F", image)
     device = attach_and_mount(image, fs)
     os.makedirs(export)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     addr = f"127.0.0.1:{port}"
     log = open(os.path.join(work, "server.log"), "ab")
 
