@@ -116,9 +116,11 @@ impl Committer {
         loop {
             let patience = if mark_unsynced { MARK_SYNC_DELAY } else { self.interval };
             if !self.wait_for_work(patience) {
+                // The mark's wait is not the interval: after syncing it, wait the interval.
                 if mark_unsynced {
                     sync_mark(&targets.mark);
                     mark_unsynced = false;
+                    continue;
                 }
                 if self.applied() <= self.durable() {
                     continue;
