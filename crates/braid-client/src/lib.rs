@@ -299,6 +299,27 @@ impl Client {
         Ok(listed)
     }
 
+    /// The whole listing of `dir` if this client knows it without asking (see
+    /// `WriteBack::known_listing`): `.` and `..` first, then every name in no particular
+    /// order, each with its entry; cookies are positions in this listing only.
+    pub fn known_listing(&self, dir: &Handle) -> Option<(Vec<DirEntry>, Lease)> {
+        let listing = self.writeback.known_listing(dir)?;
+        let dots = [(&b"."[..], listing.ino), (&b".."[..], listing.parent_ino)]
+            .map(|(name, ino)| DirEntry { name: name.to_vec(), ino, kind: libc::S_IFDIR, cookie: 0, entry: None });
+        let named = listing.entries.into_iter().map(|(name, entry)| DirEntry {
+            name,
+            ino: entry.attr.ino,
+            kind: entry.attr.mode & libc::S_IFMT,
+            cookie: 0,
+            entry: Some(entry),
+        });
+        let mut entries: Vec<DirEntry> = dots.into_iter().chain(named).collect();
+        for (position, entry) in entries.iter_mut().enumerate() {
+            entry.cookie = position as u64 + 1;
+        }
+        Some((entries, Some(listing.until)))
+    }
+
     pub fn statfs(&self) -> Result<StatFs> {
         match self.call(Request::StatFs)? {
             Reply::StatFs(s) => Ok(s),

@@ -69,6 +69,15 @@ fn provisional(id: u64) -> Handle {
     Handle(bytes)
 }
 
+/// A directory's listing as this client knows it ([`WriteBack::known_listing`]).
+#[derive(Debug)]
+pub(crate) struct KnownListing {
+    pub ino: u64,
+    pub parent_ino: u64,
+    pub entries: Vec<(Vec<u8>, Entry)>,
+    pub until: Instant,
+}
+
 /// A change waiting to be sent.
 #[derive(Debug, Clone)]
 pub(crate) struct Queued {
@@ -115,6 +124,10 @@ struct State {
     /// object it names when known: nobody else can have added one, so a name not here does not
     /// exist (no lookup needed).
     listings: HashMap<Handle, HashMap<Vec<u8>, Option<Handle>>>,
+    /// The inode number of the directory holding each directory this client made, as far as
+    /// this client has seen it move: the `..` of a listing answered here. Forgotten when it may
+    /// have moved unseen.
+    parents: HashMap<Handle, u64>,
     /// Provisional handles whose create has reached the server, and the server's handles.
     resolved: HashMap<Handle, Handle>,
     /// Provisional handles whose create the server refused: the object never existed.
@@ -161,6 +174,7 @@ impl State {
         rekey(&mut self.granted_at, provisional, real);
         rekey(&mut self.attrs, provisional, real);
         rekey(&mut self.listings, provisional, real);
+        rekey(&mut self.parents, provisional, real);
         rekey(&mut self.errors, provisional, real);
         if let Some(count) = self.pending.remove(provisional) {
             *self.pending.entry(real.clone()).or_default() += count;
@@ -253,6 +267,7 @@ impl State {
         self.attrs.remove(handle);
         self.exact.remove(handle);
         self.listings.remove(handle);
+        self.parents.remove(handle);
     }
 
     /// `name` in `parent` names `object` (`Some`: the object if known) or nothing (`None`)
@@ -333,6 +348,26 @@ impl State {
     fn listed_object(&self, parent: &Handle, name: &[u8]) -> Option<Handle> {
         let object = self.listings.get(parent)?.get(name)?.as_ref()?;
         Some(self.canonical(object))
+    }
+
+    /// Directory `dir` is in `parent` now (made or moved there by this client).
+    fn moved_to(&mut self, dir: &Handle, parent: &Handle) {
+        match self.attrs.get(parent) {
+            Some(attr) => self.parents.insert(dir.clone(), attr.ino),
+            None => self.parents.remove(dir),
+        };
+    }
+
+    /// A rename sent to the server moved `object` (`None`: an object the listings do not know,
+    /// which may be any directory this client made).
+    fn moved_unseen(&mut self, object: Option<&Handle>) {
+        match object {
+            Some(object) => self.parents.remove(object),
+            None => {
+                self.parents.clear();
+                None
+            }
+        };
     }
 }
 
@@ -416,6 +451,8 @@ impl WriteBack {
                 if state.exclusive.contains_key(dir) {
                     // A directory made in the cache already lists what was queued in it.
                     state.listings.entry(dir.clone()).or_default();
+                    let Command::Mkdir { parent, .. } = command else { unreachable!("matched above") };
+                    state.moved_to(dir, parent);
                 }
             }
             if index < queued && applied {
@@ -430,6 +467,10 @@ impl WriteBack {
                 Command::Rename { parent, name, new_parent, new_name, flags } => {
                     let (moved, replaced) = (state.listed_object(parent, name), state.listed_object(new_parent, new_name));
                     let exchange = flags & libc::RENAME_EXCHANGE != 0;
+                    state.moved_unseen(moved.as_ref());
+                    if exchange {
+                        state.moved_unseen(replaced.as_ref());
+                    }
                     state.listed(parent, name, applied, exchange.then_some(replaced));
                     state.listed(new_parent, new_name, applied, Some(moved));
                 }
@@ -460,6 +501,32 @@ impl WriteBack {
         let until = *state.exclusive.get(&handle).filter(|until| **until > now)?;
         let attr = *state.attrs.get(&handle).filter(|_| state.exact.contains(&handle))?;
         Some((Entry { handle, attr }, until.min(parent_until)))
+    }
+
+    /// The listing of directory `dir` (every name with its entry), its own and its parent's
+    /// inode numbers, and until when that holds, if nobody else can have changed any of it:
+    /// this client made `dir`, holds it and every object in it exclusively, and their shadows
+    /// are exact. `None`: the server is to list it.
+    pub(crate) fn known_listing(&self, dir: &Handle) -> Option<KnownListing> {
+        let state = self.lock();
+        let now = Instant::now();
+        let dir = state.canonical(dir);
+        let held = |handle: &Handle| {
+            let until = *state.exclusive.get(handle).filter(|until| **until > now)?;
+            let attr = *state.attrs.get(handle).filter(|_| state.exact.contains(handle))?;
+            Some((attr, until))
+        };
+        let (attr, mut until) = held(&dir)?;
+        let parent_ino = *state.parents.get(&dir)?;
+        let names = state.listings.get(&dir)?;
+        let mut entries = Vec::with_capacity(names.len());
+        for (name, object) in names {
+            let handle = state.canonical(object.as_ref()?);
+            let (attr, object_until) = held(&handle)?;
+            until = until.min(object_until);
+            entries.push((name.clone(), Entry { handle, attr }));
+        }
+        Some(KnownListing { ino: attr.ino, parent_ino, entries, until })
     }
 
     /// Records attributes the server reported, for objects held exclusively.
@@ -617,6 +684,7 @@ impl WriteBack {
         state.attrs.clear();
         state.exact.clear();
         state.listings.clear();
+        state.parents.clear();
     }
 
     /// Queues the create of a regular file (`Command::Create`) or directory (`Command::Mkdir`)
@@ -669,6 +737,7 @@ impl WriteBack {
         state.listings.get_mut(&parent).expect("checked above").insert(name, Some(handle.clone()));
         if directory {
             state.listings.insert(handle.clone(), HashMap::new());
+            state.moved_to(&handle, &parent);
         }
         state.hold(handle.clone(), until);
         state.attrs.insert(handle.clone(), attr);
@@ -839,6 +908,9 @@ impl WriteBack {
         }
         let entry = state.listings.get_mut(&parent).expect("listed_object found it").remove(&name).flatten();
         state.listings.get_mut(&new_parent).expect("checked above").insert(new_name, entry);
+        if directory {
+            state.moved_to(&moved, &new_parent);
+        }
         let wake = state.enqueue(Queued { creds: creds.clone(), command, data: Vec::new(), creates: None }, now);
         drop(state);
         self.wake_flusher(wake);
@@ -1677,5 +1749,35 @@ mod tests {
         assert_eq!(w.error(&file.handle, true), Some(Errno(libc::ENOSPC)), "and by the fsync after it");
         assert_eq!(w.error(&file.handle, true), None, "once");
         assert!(w.queue(&creds, &Command::Write { handle: file.handle.clone(), offset: 1, len: 1 }, b"y").is_none());
+    }
+
+    #[test]
+    fn a_directory_made_here_is_listed_here_while_all_in_it_is_held() {
+        // Goal: `find` or `ls` right after an untar lists what this client made without asking
+        // the server, and only as long as nobody else can have changed any of it; `..` is the
+        // directory it is in now.
+        let (w, creds, dir) = user_in_a_directory_made_here();
+        let mkdir = |parent: &Handle, name: &[u8]| Command::Mkdir { parent: parent.clone(), name: name.to_vec(), mode: 0o755 };
+        let sub = queued_create(&w, &creds, &mkdir(&dir, b"s"));
+        let file = queued_create(&w, &creds, &create(&sub.handle, b"f"));
+        let inner = queued_create(&w, &creds, &mkdir(&sub.handle, b"d"));
+        let dir_ino = w.exact_attributes(&dir).expect("held").0.ino;
+        let listing = w.known_listing(&sub.handle).expect("listed here");
+        assert_eq!((listing.ino, listing.parent_ino), (sub.attr.ino, dir_ino));
+        let mut names: Vec<_> = listing.entries.iter().map(|(name, e)| (name.clone(), e.handle.clone(), e.attr.mode)).collect();
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(names, [(b"d".to_vec(), inner.handle.clone(), inner.attr.mode), (b"f".to_vec(), file.handle.clone(), file.attr.mode)]);
+        assert!(w.known_listing(&dir).is_none(), "a directory whose own parent is not known");
+
+        let rename = Command::Rename { parent: sub.handle.clone(), name: b"d".to_vec(), new_parent: dir.clone(), new_name: b"d".to_vec(), flags: 0 };
+        assert!(w.queue_rename(&creds, &rename), "queued");
+        assert_eq!(w.known_listing(&inner.handle).map(|l| l.parent_ino), Some(dir_ino), "`..` follows a move made here");
+        assert_eq!(w.known_listing(&sub.handle).map(|l| l.entries.len()), Some(1), "and so does the name");
+
+        w.downgraded(&[file.handle.clone()]);
+        assert!(w.known_listing(&sub.handle).is_none(), "an object in it may be changed by another client");
+        let elsewhere = Command::Rename { parent: h(9), name: b"x".to_vec(), new_parent: h(9), new_name: b"y".to_vec(), flags: 0 };
+        w.names_changed(&[elsewhere], &[Ok(CommandOk::Done)], 0);
+        assert!(w.known_listing(&inner.handle).is_none(), "a rename of an object not known may have moved it");
     }
 }

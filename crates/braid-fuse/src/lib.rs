@@ -89,6 +89,9 @@ struct DirStream {
     /// Each entry with the lease of the batch it came in.
     entries: Vec<(DirEntry, Lease)>,
     eof: bool,
+    /// Whether the entries are the client's own listing (`Client::known_listing`): complete,
+    /// with cookies of its own that the server does not know.
+    local: bool,
 }
 
 /// Mounts `fs` on `mountpoint` and returns the session once the kernel has completed the FUSE
@@ -402,6 +405,8 @@ impl BraidFs {
         };
         let mut at = match cached {
             Some(i) => i + 1,
+            // A listing of the client's own holds every position there is.
+            None if offset != 0 && stream.local => return Ok(()),
             None => {
                 // rewinddir, or a seekdir to a position not cached: read afresh from there, so
                 // that new entries show and the position is the server's own.
@@ -409,6 +414,10 @@ impl BraidFs {
                 stream.eof = false;
                 stream.start = offset;
                 stream.plus = plus;
+                stream.local = false;
+                if offset == 0 {
+                    self.list_known(&mut stream);
+                }
                 0
             }
         };
@@ -435,6 +444,16 @@ impl BraidFs {
             }
             at += 1;
         }
+    }
+
+    /// Fills `stream` with the client's own listing of its directory if it has one: a
+    /// directory this client made and holds with all in it is listed without the server.
+    fn list_known(&self, stream: &mut DirStream) {
+        let Some((entries, lease)) = self.client.known_listing(&stream.handle) else { return };
+        self.cache.leased(stream.node, lease);
+        self.listed(&entries);
+        stream.entries = entries.into_iter().map(|e| (e, lease)).collect();
+        (stream.plus, stream.eof, stream.local) = (true, true, true);
     }
 }
 
@@ -671,7 +690,7 @@ impl Filesystem for BraidFs {
         match self.handle(ino) {
             Ok(handle) => {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-                let stream = DirStream { handle, node: ino.0, start: 0, plus: false, entries: Vec::new(), eof: false };
+                let stream = DirStream { handle, node: ino.0, start: 0, plus: false, entries: Vec::new(), eof: false, local: false };
                 self.dirs.lock().expect("dir lock").insert(fh, Arc::new(Mutex::new(stream)));
                 // The kernel may keep a listing it read under a lease that is still unbroken;
                 // a recall drops it (and the kernel drops it itself when the mtime changes).

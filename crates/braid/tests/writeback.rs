@@ -336,3 +336,65 @@ fn what_was_created_a_few_leases_ago_is_still_removed_in_the_cache() {
     File::open(f.m("d")).expect("open d").sync_all().expect("fsync d");
     assert!(f.e("d").is_dir() && !f.e("d/sub").exists(), "the removals reached the server");
 }
+
+/// Every entry readdir(3) gives for `dir`, `.` and `..` included, with its d_ino.
+fn entries_with_dots(dir: &std::path::Path) -> Vec<(String, u64)> {
+    let path = common::cstr(dir);
+    // SAFETY: a NUL-terminated path; the stream is read until its end and closed once.
+    unsafe {
+        let stream = libc::opendir(path.as_ptr());
+        assert!(!stream.is_null(), "opendir {dir:?}: {}", std::io::Error::last_os_error());
+        let mut entries = Vec::new();
+        loop {
+            let entry = libc::readdir(stream);
+            if entry.is_null() {
+                break;
+            }
+            let name = std::ffi::CStr::from_ptr((*entry).d_name.as_ptr()).to_string_lossy().into_owned();
+            entries.push((name, (*entry).d_ino));
+        }
+        libc::closedir(stream);
+        entries
+    }
+}
+
+#[test]
+fn a_directory_made_here_is_listed_while_the_server_is_stopped() {
+    // Goal: `find` or `ls` of a tree this client made and holds is answered from its cache:
+    // every name, the inode numbers `stat` shows, `.` and `..` (the directory it was moved to);
+    // and once another client adds a name, the listing is the server's again and shows it.
+    // Method: list d/sub and d/inner with the server stopped (without the cache's listing
+    // readdir waits for it), then create a name on a second mount and list again.
+    let f = serving(&[]);
+    fs::create_dir(f.m("d")).expect("mkdir d");
+    fs::metadata(f.m("")).expect("stat the root"); // the root was not made here: its attributes are the server's
+    fs::create_dir_all(f.m("d/sub/inner")).expect("mkdir -p");
+    for i in 0..50 {
+        fs::write(f.m(&format!("d/sub/f{i}")), format!("{i}")).expect("create");
+    }
+    fs::rename(f.m("d/sub/inner"), f.m("d/inner")).expect("move a directory");
+    f.signal_server(libc::SIGSTOP);
+    let (d, expected) = (f.m("d"), (0..50).map(|i| format!("f{i}")).collect::<Vec<_>>());
+    within("listings with the server stopped", Duration::from_secs(10), move || {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(d.join("sub")).expect("readdir sub") {
+            let entry = entry.expect("entry");
+            let name = entry.file_name().into_string().expect("utf-8");
+            let stat = fs::symlink_metadata(entry.path()).expect("stat");
+            assert_eq!(std::os::unix::fs::DirEntryExt::ino(&entry), stat.ino(), "{name}: d_ino is st_ino");
+            assert!(entry.file_type().expect("d_type").is_file(), "{name} is a file");
+            names.push(name);
+        }
+        names.sort_by_key(|n| n[1..].parse::<u32>().expect("f<n>"));
+        assert_eq!(names, expected);
+        let dots: Vec<_> = entries_with_dots(&d.join("inner"));
+        let ino = |p: &std::path::Path| fs::metadata(p).expect("stat").ino();
+        assert_eq!(dots, [(".".to_string(), ino(&d.join("inner"))), ("..".to_string(), ino(&d))], "`.` and `..` of d/inner");
+    });
+    f.signal_server(libc::SIGCONT);
+    let b = f.another_mount("mnt-b");
+    fs::write(b.m("d/sub/from-b"), b"b").expect("create on B");
+    let listed = fs::read_dir(f.m("d/sub")).expect("readdir sub").map(|e| e.expect("entry").file_name()).collect::<Vec<_>>();
+    assert_eq!(listed.len(), 51, "B's name too");
+    assert!(listed.iter().any(|n| n == "from-b"), "B's name: {listed:?}");
+}
