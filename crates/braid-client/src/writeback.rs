@@ -757,7 +757,7 @@ impl WriteBack {
         let command = &command;
         let now = Instant::now();
         let handle = match command {
-            Command::Write { handle, .. } | Command::SetAttr { handle, .. } => handle,
+            Command::Write { handle, .. } | Command::SetAttr { handle, .. } | Command::Append { handle, .. } => handle,
             _ => return None,
         };
         let mut sent_command = None;
@@ -765,6 +765,18 @@ impl WriteBack {
             return None;
         }
         let ok = match command {
+            // Held exclusively with exact attributes, the end of the file is where the server
+            // would append: the append is a write there.
+            Command::Append { len, .. } => {
+                if !state.exact.contains(handle) {
+                    return None;
+                }
+                let attr = state.attrs.get_mut(handle)?;
+                let offset = attr.size;
+                written(attr, offset, u64::from(*len));
+                sent_command = Some(Command::Write { handle: handle.clone(), offset, len: *len });
+                CommandOk::Written(u64::from(*len))
+            }
             Command::Write { offset, len, .. } => {
                 if let Some(attr) = state.attrs.get_mut(handle) {
                     written(attr, *offset, *len as u64);
@@ -1390,8 +1402,13 @@ mod tests {
         assert_eq!(w.queue(&creds, &write(1), b"abc"), Some(CommandOk::Written(3)));
         assert!(w.pending([&h(1)]));
         assert!(!w.pending([&h(2)]));
-        let append = Command::Append { handle: h(1), len: 3 };
-        assert_eq!(w.queue(&creds, &append, b"abc"), None, "appends land where the server says");
+        let append = Command::Append { handle: h(1), len: 2 };
+        assert_eq!(w.queue(&creds, &append, b"de"), Some(CommandOk::Written(2)), "held with exact attributes: at the end");
+        let queued: Vec<_> = w.lock().queue.iter().map(|op| op.command.clone()).collect();
+        assert!(matches!(queued[..], [_, Command::Write { offset: 3, len: 2, .. }]), "a write at the end: {queued:?}");
+        assert_eq!(w.exact_attributes(&h(1)).map(|(a, _)| a.size), Some(5));
+        w.lock().exact.remove(&h(1));
+        assert_eq!(w.queue(&creds, &append, b"de"), None, "without exact attributes, appends land where the server says");
         w.downgraded(&[h(1)]);
         assert_eq!(w.queue(&creds, &write(1), b"abc"), None, "flushed and downgraded");
     }
