@@ -304,8 +304,13 @@ impl Client {
     /// order, each with its entry; cookies are positions in this listing only.
     pub fn known_listing(&self, dir: &Handle) -> Option<(Vec<DirEntry>, Lease)> {
         let listing = self.writeback.known_listing(dir)?;
-        let dots = [(&b"."[..], listing.ino), (&b".."[..], listing.parent_ino)]
-            .map(|(name, ino)| DirEntry { name: name.to_vec(), ino, kind: libc::S_IFDIR, cookie: 0, entry: None });
+        let dots = [(&b"."[..], listing.ino), (&b".."[..], listing.parent_ino)].map(|(name, ino)| DirEntry {
+            name: name.to_vec(),
+            ino,
+            kind: libc::S_IFDIR,
+            cookie: 0,
+            entry: None,
+        });
         let named = listing.entries.into_iter().map(|(name, entry)| DirEntry {
             name,
             ino: entry.attr.ino,

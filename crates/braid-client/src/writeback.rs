@@ -294,6 +294,14 @@ impl State {
         self.exclusive.get(handle).copied().filter(|until| *until >= now + RIGHT_MARGIN)
     }
 
+    /// The exact attributes of `handle` (canonical) and until when this client holds it
+    /// exclusively, if it does at `now`.
+    fn held_exactly(&self, handle: &Handle, now: Instant) -> Option<(Attr, Instant)> {
+        let until = *self.exclusive.get(handle).filter(|until| **until > now)?;
+        let attr = *self.attrs.get(handle).filter(|_| self.exact.contains(handle))?;
+        Some((attr, until))
+    }
+
     /// A queued change of the entries of directory `dir` at `t`, adding `links` to its link
     /// count (a subdirectory's `..`).
     fn entries_changed(&mut self, dir: &Handle, t: Timestamp, links: i32) {
@@ -498,8 +506,7 @@ impl WriteBack {
         let parent = state.canonical(parent);
         let parent_until = *state.exclusive.get(&parent).filter(|until| **until > now)?;
         let handle = state.listed_object(&parent, name)?;
-        let until = *state.exclusive.get(&handle).filter(|until| **until > now)?;
-        let attr = *state.attrs.get(&handle).filter(|_| state.exact.contains(&handle))?;
+        let (attr, until) = state.held_exactly(&handle, now)?;
         Some((Entry { handle, attr }, until.min(parent_until)))
     }
 
@@ -511,18 +518,13 @@ impl WriteBack {
         let state = self.lock();
         let now = Instant::now();
         let dir = state.canonical(dir);
-        let held = |handle: &Handle| {
-            let until = *state.exclusive.get(handle).filter(|until| **until > now)?;
-            let attr = *state.attrs.get(handle).filter(|_| state.exact.contains(handle))?;
-            Some((attr, until))
-        };
-        let (attr, mut until) = held(&dir)?;
+        let (attr, mut until) = state.held_exactly(&dir, now)?;
         let parent_ino = *state.parents.get(&dir)?;
         let names = state.listings.get(&dir)?;
         let mut entries = Vec::with_capacity(names.len());
         for (name, object) in names {
             let handle = state.canonical(object.as_ref()?);
-            let (attr, object_until) = held(&handle)?;
+            let (attr, object_until) = state.held_exactly(&handle, now)?;
             until = until.min(object_until);
             entries.push((name.clone(), Entry { handle, attr }));
         }
@@ -586,12 +588,7 @@ impl WriteBack {
     /// can change the object meanwhile.
     pub(crate) fn exact_attributes(&self, handle: &Handle) -> Option<(Attr, Instant)> {
         let state = self.lock();
-        let handle = &state.canonical(handle);
-        let until = *state.exclusive.get(handle).filter(|until| **until > Instant::now())?;
-        if !state.exact.contains(handle) {
-            return None;
-        }
-        state.attrs.get(handle).map(|attr| (*attr, until))
+        state.held_exactly(&state.canonical(handle), Instant::now())
     }
 
     /// Whether this client holds `handle` exclusively.
@@ -1786,12 +1783,13 @@ mod tests {
         assert_eq!(names, [(b"d".to_vec(), inner.handle.clone(), inner.attr.mode), (b"f".to_vec(), file.handle.clone(), file.attr.mode)]);
         assert!(w.known_listing(&dir).is_none(), "a directory whose own parent is not known");
 
-        let rename = Command::Rename { parent: sub.handle.clone(), name: b"d".to_vec(), new_parent: dir.clone(), new_name: b"d".to_vec(), flags: 0 };
+        let rename =
+            Command::Rename { parent: sub.handle.clone(), name: b"d".to_vec(), new_parent: dir.clone(), new_name: b"d".to_vec(), flags: 0 };
         assert!(w.queue_rename(&creds, &rename), "queued");
         assert_eq!(w.known_listing(&inner.handle).map(|l| l.parent_ino), Some(dir_ino), "`..` follows a move made here");
         assert_eq!(w.known_listing(&sub.handle).map(|l| l.entries.len()), Some(1), "and so does the name");
 
-        w.downgraded(&[file.handle.clone()]);
+        w.downgraded(std::slice::from_ref(&file.handle));
         assert!(w.known_listing(&sub.handle).is_none(), "an object in it may be changed by another client");
         let elsewhere = Command::Rename { parent: h(9), name: b"x".to_vec(), new_parent: h(9), new_name: b"y".to_vec(), flags: 0 };
         w.names_changed(&[elsewhere], &[Ok(CommandOk::Done)], 0);
