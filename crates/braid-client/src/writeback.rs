@@ -288,6 +288,11 @@ impl State {
         }
     }
 
+    /// Until when this client holds `handle` (canonical) exclusively, if it still does at `now`.
+    fn held_until(&self, handle: &Handle, now: Instant) -> Option<Instant> {
+        self.exclusive.get(handle).copied().filter(|until| *until > now)
+    }
+
     /// Until when this client holds `handle` exclusively, if long enough to queue a change of
     /// it at `now` ([`RIGHT_MARGIN`]).
     fn held_for_queueing(&self, handle: &Handle, now: Instant) -> Option<Instant> {
@@ -297,7 +302,7 @@ impl State {
     /// The exact attributes of `handle` (canonical) and until when this client holds it
     /// exclusively, if it does at `now`.
     fn held_exactly(&self, handle: &Handle, now: Instant) -> Option<(Attr, Instant)> {
-        let until = *self.exclusive.get(handle).filter(|until| **until > now)?;
+        let until = self.held_until(handle, now)?;
         let attr = *self.attrs.get(handle).filter(|_| self.exact.contains(handle))?;
         Some((attr, until))
     }
@@ -369,13 +374,11 @@ impl State {
     /// A rename sent to the server moved `object` (`None`: an object the listings do not know,
     /// which may be any directory this client made).
     fn moved_unseen(&mut self, object: Option<&Handle>) {
-        match object {
-            Some(object) => self.parents.remove(object),
-            None => {
-                self.parents.clear();
-                None
-            }
-        };
+        if let Some(object) = object {
+            self.parents.remove(object);
+        } else {
+            self.parents.clear();
+        }
     }
 }
 
@@ -455,11 +458,10 @@ impl WriteBack {
                 Ok(CommandOk::Entry(entry)) => Some(entry.handle.clone()),
                 _ => None,
             };
-            if let (Command::Mkdir { .. }, Some(dir)) = (command, &made) {
+            if let (Command::Mkdir { parent, .. }, Some(dir)) = (command, &made) {
                 if state.exclusive.contains_key(dir) {
                     // A directory made in the cache already lists what was queued in it.
                     state.listings.entry(dir.clone()).or_default();
-                    let Command::Mkdir { parent, .. } = command else { unreachable!("matched above") };
                     state.moved_to(dir, parent);
                 }
             }
@@ -492,7 +494,7 @@ impl WriteBack {
     pub(crate) fn known_missing(&self, parent: &Handle, name: &[u8]) -> bool {
         let state = self.lock();
         let parent = &state.canonical(parent);
-        let held = state.exclusive.get(parent).is_some_and(|until| *until > Instant::now());
+        let held = state.held_until(parent, Instant::now()).is_some();
         // An overlong name gets its error from the server.
         held && name.len() <= braid_proto::limits::NAME_BYTES_MAX
             && state.listings.get(parent).is_some_and(|names| !names.contains_key(name))
@@ -504,7 +506,7 @@ impl WriteBack {
         let state = self.lock();
         let now = Instant::now();
         let parent = state.canonical(parent);
-        let parent_until = *state.exclusive.get(&parent).filter(|until| **until > now)?;
+        let parent_until = state.held_until(&parent, now)?;
         let handle = state.listed_object(&parent, name)?;
         let (attr, until) = state.held_exactly(&handle, now)?;
         Some((Entry { handle, attr }, until.min(parent_until)))
@@ -594,7 +596,7 @@ impl WriteBack {
     /// Whether this client holds `handle` exclusively.
     pub(crate) fn holds(&self, handle: &Handle) -> bool {
         let state = self.lock();
-        state.exclusive.get(&state.canonical(handle)).is_some_and(|until| *until > Instant::now())
+        state.held_until(&state.canonical(handle), Instant::now()).is_some()
     }
 
     /// The server took exclusivity on `handles` back (the queue has been sent).
