@@ -149,7 +149,11 @@ impl Client {
         let client_id = ClientId(rand::random());
         let (connection, info) = Connection::open(config, client_id)?;
         let txns = Arc::new(TxnSequencer { next: AtomicU64::new(1), outstanding: Mutex::new(BTreeSet::new()) });
-        let writeback = Arc::new(writeback::WriteBack::new(info.root_squash));
+        let batch_bytes = match info.version >= braid_proto::BULK_TXN_VERSION {
+            true => braid_proto::limits::TXN_DATA_BYTES_MAX,
+            false => braid_proto::limits::DATA_BYTES_MAX,
+        };
+        let writeback = Arc::new(writeback::WriteBack::new(info.root_squash).with_batch_bytes(batch_bytes));
         let thread_error = |e: std::io::Error| ClientError::Protocol(format!("cannot start a client thread: {e}"));
         let releases = start_release_thread(connection.clone(), writeback.clone()).map_err(thread_error)?;
         let client = Self {
@@ -535,7 +539,8 @@ impl Client {
     ) -> Result<Option<(TxnResults, Lease)>> {
         debug_assert!(!(fsync.is_some() && direct.is_some()), "durable shipments are fsyncs: nothing direct");
         let durable = fsync.is_some();
-        let mut batches: VecDeque<Vec<writeback::Queued>> = writeback::batches(queued).into();
+        let batch_bytes = self.writeback.batch_bytes();
+        let mut batches: VecDeque<Vec<writeback::Queued>> = writeback::batches(queued, batch_bytes).into();
         let mut outcome = None;
         while let Some(batch) = batches.pop_front() {
             let batch = self.drop_lost(batch);
@@ -543,7 +548,7 @@ impl Client {
                 continue;
             }
             let probes = writeback::WriteBack::probes(&batch);
-            let joins = batches.is_empty() && direct.as_ref().is_some_and(|d| joins(&batch, probes.len(), d));
+            let joins = batches.is_empty() && direct.as_ref().is_some_and(|d| joins(&batch, probes.len(), d, batch_bytes));
             let mut commands: Vec<Command> = batch.iter().map(|op| op.command.clone()).collect();
             let mut data: Vec<u8> = batch.iter().flat_map(|op| op.data.iter().copied()).collect();
             if let (true, Some(d)) = (joins, &direct) {
@@ -831,15 +836,16 @@ fn start_release_thread(
     Ok(tx)
 }
 
-/// Whether `direct` can share the transaction of `batch` and its `probes`.
-fn joins(batch: &[writeback::Queued], probes: usize, direct: &Direct) -> bool {
+/// Whether `direct` can share the transaction of `batch` and its `probes` (of at most
+/// `data_max` bytes of data).
+fn joins(batch: &[writeback::Queued], probes: usize, direct: &Direct, data_max: usize) -> bool {
     // The server takes an append only alone in its transaction (it logs it as the write at the
     // offset where it lands).
     let alone = direct.commands.iter().any(|c| matches!(c, Command::Append { .. }));
     !alone
         && batch.first().is_none_or(|op| op.creds == direct.creds)
         && batch.len() + probes + direct.commands.len() <= braid_proto::limits::TXN_COMMANDS_MAX
-        && batch.iter().map(|op| op.data.len()).sum::<usize>() + direct.data.len() <= braid_proto::limits::DATA_BYTES_MAX
+        && batch.iter().map(|op| op.data.len()).sum::<usize>() + direct.data.len() <= data_max
 }
 
 fn unexpected<T>(reply: Reply) -> Result<T> {

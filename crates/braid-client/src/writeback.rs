@@ -144,6 +144,8 @@ struct State {
     next_provisional: u64,
     shipping: bool,
     stop: bool,
+    /// Most data bytes in one transaction: what the server takes in one frame.
+    batch_bytes: usize,
 }
 
 impl State {
@@ -336,7 +338,7 @@ impl State {
 
     /// Whether a transaction's worth is queued (the flusher sends it without waiting).
     fn full(&self) -> bool {
-        self.queue.len() >= BATCH_COMMANDS_MAX || self.bytes >= DATA_BYTES_MAX
+        self.queue.len() >= BATCH_COMMANDS_MAX || self.bytes >= self.batch_bytes
     }
 
     /// The objects the names `command` removes or replaces name now, if the listings know
@@ -421,8 +423,22 @@ impl Drop for Shipment<'_> {
 }
 
 impl WriteBack {
+    /// Ships transactions of at most [`DATA_BYTES_MAX`] data: see [`Self::with_batch_bytes`].
     pub(crate) fn new(root_squash: bool) -> Self {
-        Self { state: Mutex::new(State::default()), changed: Condvar::new(), work: Condvar::new(), root_squash }
+        let state = State { batch_bytes: DATA_BYTES_MAX, ..State::default() };
+        Self { state: Mutex::new(state), changed: Condvar::new(), work: Condvar::new(), root_squash }
+    }
+
+    /// Ships transactions of up to `bytes` of data (what the server takes in one frame).
+    pub(crate) fn with_batch_bytes(self, bytes: usize) -> Self {
+        assert!(bytes >= DATA_BYTES_MAX, "a batch must hold the largest single write");
+        self.lock().batch_bytes = bytes;
+        self
+    }
+
+    /// Most data bytes in one transaction.
+    pub(crate) fn batch_bytes(&self) -> usize {
+        self.lock().batch_bytes
     }
 
     fn wake_flusher(&self, wake: bool) {
@@ -1155,15 +1171,16 @@ pub(crate) fn created(results: &[Result<CommandOk, Errno>]) -> impl Iterator<Ite
 pub(crate) const BATCH_COMMANDS_MAX: usize = TXN_COMMANDS_MAX / 2;
 
 /// Splits `ops` into transactions: consecutive changes of one caller, within the limits of
-/// one transaction once the probes ([`WriteBack::probes`], one per object) are added.
-pub(crate) fn batches(ops: Vec<Queued>) -> Vec<Vec<Queued>> {
+/// one transaction once the probes ([`WriteBack::probes`], one per object) are added, and of
+/// at most `data_max` bytes of data.
+pub(crate) fn batches(ops: Vec<Queued>, data_max: usize) -> Vec<Vec<Queued>> {
     let mut batches: Vec<Vec<Queued>> = Vec::new();
     let (mut bytes, mut objects) = (0, HashSet::new());
     for op in ops {
         let new_objects = op.objects().filter(|h| !objects.contains(*h)).count();
         let fits = batches.last().is_some_and(|batch| {
             batch.len() + 1 + objects.len() + new_objects <= TXN_COMMANDS_MAX
-                && bytes + op.data.len() <= DATA_BYTES_MAX
+                && bytes + op.data.len() <= data_max
                 && batch[0].creds == op.creds
         });
         if !fits {
@@ -1230,6 +1247,7 @@ fn now() -> Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use braid_proto::limits::TXN_DATA_BYTES_MAX;
     use braid_proto::Predecessor;
 
     fn h(n: u8) -> Handle {
@@ -1559,7 +1577,7 @@ mod tests {
                 creates: Some(provisional(i)),
             })
             .collect();
-        for batch in batches(creates) {
+        for batch in batches(creates, DATA_BYTES_MAX) {
             let probes = WriteBack::probes(&batch).len();
             assert!(batch.len() + probes <= TXN_COMMANDS_MAX, "{} commands and {probes} probes", batch.len());
             assert_eq!(probes, batch.len() + 1, "each new file and the directory");
@@ -1575,8 +1593,30 @@ mod tests {
             creates: None,
         };
         let ops = vec![op(1, 10), op(1, 10), op(2, 10), op(2, DATA_BYTES_MAX), op(2, 1)];
-        let sizes: Vec<usize> = batches(ops).iter().map(Vec::len).collect();
+        let sizes: Vec<usize> = batches(ops, DATA_BYTES_MAX).iter().map(Vec::len).collect();
         assert_eq!(sizes, vec![2, 1, 1, 1]);
+
+        // A server of protocol version 6 takes four 1 MiB writes in one transaction.
+        let big = || op(1, DATA_BYTES_MAX);
+        let sizes: Vec<usize> = batches(vec![big(); 9], TXN_DATA_BYTES_MAX).iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![4, 4, 1]);
+    }
+
+    #[test]
+    fn the_queue_is_sent_once_a_transactions_worth_of_data_is_queued() {
+        let creds = Credentials { uid: 1000, gid: 1000, groups: vec![] };
+        for batch_bytes in [DATA_BYTES_MAX, TXN_DATA_BYTES_MAX] {
+            let w = WriteBack::new(false).with_batch_bytes(batch_bytes);
+            held(&w, &h(1), Attr { mode: libc::S_IFREG | 0o644, ..Attr::default() });
+            let mut offset = 0;
+            while offset < batch_bytes as u64 {
+                assert!(!w.lock().full(), "{batch_bytes}: full at {offset} bytes");
+                let write = Command::Write { handle: h(1), offset, len: 64 << 10 };
+                assert!(w.queue(&creds, &write, &[7; 64 << 10]).is_some(), "queued");
+                offset += 64 << 10;
+            }
+            assert!(w.lock().full(), "{batch_bytes}: not full at {offset} bytes");
+        }
     }
 
     /// A directory this client made and holds exclusively, with its attributes known.

@@ -5,7 +5,7 @@
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::frame::{FrameHeader, FrameKind, HeaderError, HEADER_BYTES};
-use crate::limits::{DATA_BYTES_MAX, MESSAGE_BYTES_MAX};
+use crate::limits::{MESSAGE_BYTES_MAX, TXN_DATA_BYTES_MAX};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CodecError {
@@ -19,7 +19,7 @@ pub enum CodecError {
     Message(String),
     #[error("message of {0} bytes exceeds the limit {MESSAGE_BYTES_MAX}")]
     MessageTooLong(usize),
-    #[error("data of {0} bytes exceeds the limit {DATA_BYTES_MAX}")]
+    #[error("data of {0} bytes exceeds the limit {TXN_DATA_BYTES_MAX}")]
     DataTooLong(usize),
 }
 
@@ -109,7 +109,7 @@ pub fn encode_parts<T: Serialize>(
     data: &[u8],
     checksum: Checksum,
 ) -> Result<EncodedFrame, CodecError> {
-    if data.len() > DATA_BYTES_MAX {
+    if data.len() > TXN_DATA_BYTES_MAX {
         return Err(CodecError::DataTooLong(data.len()));
     }
     let message = postcard::to_stdvec(message).map_err(|e| CodecError::Message(e.to_string()))?;
@@ -258,8 +258,8 @@ mod tests {
         let mut message = postcard::to_stdvec(&Request::Commit).unwrap();
         message.push(0);
         assert!(matches!(decode_message::<Request>(&message), Err(CodecError::Message(_))));
-        let big = vec![0u8; DATA_BYTES_MAX + 1];
-        assert_eq!(encode_frame(FrameKind::Request, 1, &Request::Commit, &big), Err(CodecError::DataTooLong(DATA_BYTES_MAX + 1)));
+        let big = vec![0u8; TXN_DATA_BYTES_MAX + 1];
+        assert_eq!(encode_frame(FrameKind::Request, 1, &Request::Commit, &big), Err(CodecError::DataTooLong(TXN_DATA_BYTES_MAX + 1)));
     }
 
     proptest! {

@@ -11,7 +11,7 @@
 //! 24..28  crc32c of data || message
 //! 28..32  crc32c of bytes 0..28, so junk is rejected before its lengths are trusted
 //! ```
-use crate::limits::{DATA_BYTES_MAX, MESSAGE_BYTES_MAX};
+use crate::limits::{MESSAGE_BYTES_MAX, TXN_DATA_BYTES_MAX};
 
 pub const HEADER_BYTES: usize = 32;
 pub const MAGIC: [u8; 4] = *b"BRD1";
@@ -66,7 +66,7 @@ pub enum HeaderError {
     ReservedBits,
     #[error("message length {0} exceeds the limit {MESSAGE_BYTES_MAX}")]
     MessageTooLong(u32),
-    #[error("data length {0} exceeds the limit {DATA_BYTES_MAX}")]
+    #[error("data length {0} exceeds the limit {TXN_DATA_BYTES_MAX}")]
     DataTooLong(u32),
 }
 
@@ -110,7 +110,7 @@ impl FrameHeader {
         if message_len as usize > MESSAGE_BYTES_MAX {
             return Err(HeaderError::MessageTooLong(message_len));
         }
-        if data_len as usize > DATA_BYTES_MAX {
+        if data_len as usize > TXN_DATA_BYTES_MAX {
             return Err(HeaderError::DataTooLong(data_len));
         }
         Ok(Self { kind, request_id: u64::from_le_bytes(id), message_len, data_len, payload_crc: u32_at(24) })
@@ -161,7 +161,7 @@ mod tests {
         let huge = FrameHeader { message_len: u32::MAX, ..sample() }.encode();
         assert_eq!(FrameHeader::decode(&huge), Err(HeaderError::MessageTooLong(u32::MAX)));
 
-        let big_data = FrameHeader { data_len: (DATA_BYTES_MAX + 1) as u32, ..sample() }.encode();
+        let big_data = FrameHeader { data_len: (TXN_DATA_BYTES_MAX + 1) as u32, ..sample() }.encode();
         assert!(matches!(FrameHeader::decode(&big_data), Err(HeaderError::DataTooLong(_))));
 
         let mut bad_kind = sample().encode();

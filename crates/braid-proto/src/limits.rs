@@ -1,16 +1,22 @@
 //! Every bound of the protocol, with the reason for its value. Each length read from the wire or
 //! from disk is checked against one of these before anything is allocated.
 
-/// Largest write or read carried by one frame. 1 MiB matches the FUSE `max_write` the client
-/// asks for, so one kernel request is one frame.
+/// Largest single write or read. 1 MiB matches the FUSE `max_write` the client asks for, so one
+/// kernel request is one command.
 pub const DATA_BYTES_MAX: usize = 1 << 20;
+
+/// Largest bulk data of one frame: a transaction of several writes (protocol version 6; older
+/// peers keep to [`DATA_BYTES_MAX`]). A client ships write-back data in transactions this large,
+/// so a link with a long round trip carries 4 MiB per round trip instead of 1; the server's
+/// apply lock is held for one such transaction's writes, a few milliseconds.
+pub const TXN_DATA_BYTES_MAX: usize = 4 << 20;
 
 /// Largest postcard message in a frame. A transaction of many small commands or a batch of
 /// directory entries fits easily; anything larger is a bug or an attack.
 pub const MESSAGE_BYTES_MAX: usize = 1 << 20;
 
 /// Largest whole frame (header + message + bulk data).
-pub const FRAME_BYTES_MAX: usize = crate::frame::HEADER_BYTES + MESSAGE_BYTES_MAX + DATA_BYTES_MAX;
+pub const FRAME_BYTES_MAX: usize = crate::frame::HEADER_BYTES + MESSAGE_BYTES_MAX + TXN_DATA_BYTES_MAX;
 
 /// Longest file name component, as Linux `NAME_MAX`.
 pub const NAME_BYTES_MAX: usize = 255;
@@ -57,7 +63,8 @@ pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// (a client splitting a file into millions of ranges must not exhaust the server's memory).
 pub const LOCK_RANGES_PER_OBJECT_MAX: usize = 10_000;
 
-const _: () = assert!(FRAME_BYTES_MAX >= crate::frame::HEADER_BYTES + DATA_BYTES_MAX);
+const _: () = assert!(TXN_DATA_BYTES_MAX >= DATA_BYTES_MAX);
+const _: () = assert!(FRAME_BYTES_MAX >= crate::frame::HEADER_BYTES + TXN_DATA_BYTES_MAX);
 const _: () = assert!(FRAME_BYTES_MAX <= u32::MAX as usize);
 const _: () = assert!(IN_FLIGHT_BYTES_MAX >= FRAME_BYTES_MAX);
 const _: () = assert!(READDIR_ENTRIES_MAX * (NAME_BYTES_MAX + 64) <= MESSAGE_BYTES_MAX);

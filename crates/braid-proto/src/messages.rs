@@ -7,8 +7,9 @@ use crate::codec::Checksum;
 
 /// Protocol versions this build speaks, newest first. 2 added [`Request::DurableTxn`], 3
 /// [`Request::StagedTxn`], 4 [`Request::XattrNames`] and [`Request::CommitUpTo`], 5
-/// [`Welcome::AcceptedAfter`] and [`Request::Renew`].
-pub const PROTOCOL_VERSIONS: &[u16] = &[5, 4, 3, 2, 1];
+/// [`Welcome::AcceptedAfter`] and [`Request::Renew`], 6 transactions carrying up to
+/// [`crate::limits::TXN_DATA_BYTES_MAX`] of data.
+pub const PROTOCOL_VERSIONS: &[u16] = &[6, 5, 4, 3, 2, 1];
 
 /// The first protocol version with [`Request::DurableTxn`].
 pub const DURABLE_TXN_VERSION: u16 = 2;
@@ -24,6 +25,10 @@ pub const PREDECESSORS_VERSION: u16 = 5;
 
 /// The first protocol version with [`Request::Renew`].
 pub const RENEW_VERSION: u16 = 5;
+
+/// The first protocol version whose server takes frames of up to
+/// [`crate::limits::TXN_DATA_BYTES_MAX`] of data (before: [`crate::limits::DATA_BYTES_MAX`]).
+pub const BULK_TXN_VERSION: u16 = 6;
 
 /// Identifies one client (one mount) for deduplication; random, chosen at mount time and kept
 /// across reconnects.

@@ -707,7 +707,9 @@ mod tests {
     fn negotiation_picks_common_algorithms_and_names_what_is_missing() {
         // Goal: the refusal names the first missing algorithm; success reports what is in force.
         let (version, algorithms) = negotiate(&hello(), "tls13", "x509").unwrap();
-        assert_eq!(version, 5);
+        assert_eq!(version, 6);
+        let v5_client = Hello { versions: vec![5, 4, 3, 2, 1], ..hello() };
+        assert_eq!(negotiate(&v5_client, "tls13", "x509").unwrap().0, 5, "a version-5 client is still served");
         let v3_client = Hello { versions: vec![3, 2, 1], ..hello() };
         assert_eq!(negotiate(&v3_client, "tls13", "x509").unwrap().0, 3, "a version-3 client is still served");
         let v2_client = Hello { versions: vec![2, 1], ..hello() };

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use braid_proto::limits::{DATA_BYTES_MAX, MESSAGE_BYTES_MAX};
+use braid_proto::limits::{DATA_BYTES_MAX, MESSAGE_BYTES_MAX, TXN_DATA_BYTES_MAX};
 use braid_proto::{
     encode_frame, AttrChanges, ClientId, Command, CommandOk, Errno, FrameHeader, FrameKind, Handle, Hello, LockKind, LockRequest, Lsn,
     Reply, Request, TimeSet, Timestamp, Welcome, Whence, WireError, HEADER_BYTES,
@@ -60,7 +60,13 @@ fn junk_and_lying_frames_close_only_their_own_connection() {
         ("data_len u32::MAX", FrameHeader { kind: FrameKind::Request, request_id: 1, message_len: 10, data_len: u32::MAX, payload_crc: 0 }),
         (
             "data_len just over the limit",
-            FrameHeader { kind: FrameKind::Request, request_id: 1, message_len: 10, data_len: DATA_BYTES_MAX as u32 + 1, payload_crc: 0 },
+            FrameHeader {
+                kind: FrameKind::Request,
+                request_id: 1,
+                message_len: 10,
+                data_len: TXN_DATA_BYTES_MAX as u32 + 1,
+                payload_crc: 0,
+            },
         ),
     ];
     for (what, header) in &lying {
@@ -127,7 +133,7 @@ fn junk_and_lying_frames_close_only_their_own_connection() {
         kind: FrameKind::Request,
         request_id: 4,
         message_len: MESSAGE_BYTES_MAX as u32,
-        data_len: DATA_BYTES_MAX as u32,
+        data_len: TXN_DATA_BYTES_MAX as u32,
         payload_crc: 0,
     };
     session.stream.write_all(&promise.encode()).unwrap();
@@ -253,6 +259,24 @@ fn absurd_but_well_formed_requests_get_errors_not_crashes() {
     worker.wait_for_progress();
     worker.stop_and_check();
     fx.assert_mount_works("after-absurd-requests");
+}
+
+#[test]
+fn a_transaction_as_large_as_a_frame_allows_is_applied_whole() {
+    // Goal: the server takes a transaction carrying TXN_DATA_BYTES_MAX of data (protocol version
+    // 6: what a client's write-back ships in one round trip) and applies every write of it.
+    let fx = Fixture::serving_with(|export| fs::write(export.join("big"), b"").unwrap());
+    let mut session = RawSession::open(fx.addr());
+    let root = session.root();
+    let big = session.lookup(&root, b"big").unwrap().handle;
+    let data: Vec<u8> = (0..TXN_DATA_BYTES_MAX).map(|i| (i % 251) as u8).collect();
+    let commands = (0..TXN_DATA_BYTES_MAX / DATA_BYTES_MAX)
+        .map(|k| Command::Write { handle: big.clone(), offset: (k * DATA_BYTES_MAX) as u64, len: DATA_BYTES_MAX as u32 })
+        .collect();
+    let results = session.txn(commands, &data).expect("the largest transaction is taken");
+    assert_eq!(results.len(), TXN_DATA_BYTES_MAX / DATA_BYTES_MAX);
+    assert!(results.iter().all(|r| matches!(r, Ok(CommandOk::Written(n)) if *n == DATA_BYTES_MAX as u64)), "{results:?}");
+    assert!(fs::read(fx.e("big")).unwrap() == data, "the export holds every write of the transaction");
 }
 
 #[test]
