@@ -550,7 +550,7 @@ impl Client {
             let probes = writeback::WriteBack::probes(&batch);
             let joins = batches.is_empty() && direct.as_ref().is_some_and(|d| joins(&batch, probes.len(), d, batch_bytes));
             let mut commands: Vec<Command> = batch.iter().map(|op| op.command.clone()).collect();
-            let mut data: Vec<u8> = batch.iter().flat_map(|op| op.data.iter().copied()).collect();
+            let mut data = writeback::data_of(&batch);
             if let (true, Some(d)) = (joins, &direct) {
                 commands.extend(d.commands.iter().cloned());
                 data.extend_from_slice(&d.data);
