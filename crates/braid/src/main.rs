@@ -1,6 +1,6 @@
 //! `braid`: the command-line entry point. Parses arguments, sets up logging, and hands over to
 //! the server or the FUSE client. Errors are reported here, once, with their context.
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command as Process, ExitCode, Stdio};
@@ -163,7 +163,8 @@ fn init_logging(filter: &str, file: Option<&Path>) -> Result<()> {
                 .with_context(|| format!("cannot open log file {}", path.display()))?;
             builder.with_ansi(false).with_writer(std::sync::Mutex::new(file)).init();
         }
-        None => builder.with_writer(std::io::stderr).init(),
+        // Colours only on a terminal: a log redirected to a file or a journal stays plain text.
+        None => builder.with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).init(),
     }
     Ok(())
 }
@@ -194,7 +195,9 @@ fn serve(args: ServeArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("braid-server").build()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
-        tracing::info!(data = %args.data.display(), state = %state.display(), listen = %args.listen, read_only = args.read_only, "serving");
+        // The bound address, not the asked one: `--listen HOST:0` takes a free port, named here.
+        let listen = listener.local_addr().context("the listening socket has no address")?;
+        tracing::info!(data = %args.data.display(), state = %state.display(), %listen, read_only = args.read_only, "serving");
         tokio::select! {
             served = server.serve(listener) => served.context("accepting connections failed"),
             _ = tokio::signal::ctrl_c() => {

@@ -9,7 +9,7 @@
 use std::ffi::{CString, OsStr};
 use std::fs;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -110,7 +110,9 @@ impl Fixture {
             export,
             state,
             mnt,
-            port: free_port(),
+            // Chosen by the server at its first start (it binds port 0 and logs the port): a
+            // port picked here and released could be taken by another test before the bind.
+            port: 0,
             server: None,
             mount: None,
             logs,
@@ -127,12 +129,13 @@ impl Fixture {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
-    /// Starts `braid serve` on the fixture's export, state and port, and waits until it accepts
-    /// connections.
+    /// Starts `braid serve` on the fixture's export, state and port (any free one at the first
+    /// start, the same one after), and waits until it listens.
     pub fn start_server(&mut self) {
         assert!(self.server.is_none(), "a server is already running");
         self.server_starts += 1;
-        let log = self.log_file(&format!("server-{}.log", self.server_starts));
+        let log_name = format!("server-{}.log", self.server_starts);
+        let log = self.log_file(&log_name);
         let child = Process::new(braid_exe())
             .arg("serve")
             .arg("--data")
@@ -151,7 +154,11 @@ impl Fixture {
         self.server = Some(child);
         let deadline = Instant::now() + START_DEADLINE;
         loop {
-            if TcpStream::connect_timeout(&self.addr(), Duration::from_millis(200)).is_ok() {
+            // Its own log, not a connect: a connect could reach another test's server on the
+            // same port, or the connecting socket itself (TCP self-connect).
+            if let Some(listen) = listening_on(&fs::read_to_string(self.logs.join(&log_name)).unwrap_or_default()) {
+                assert!(self.port == 0 || listen.port() == self.port, "braid serve listens on {listen}, not on port {}", self.port);
+                self.port = listen.port();
                 return;
             }
             if let Some(status) = self.server.as_mut().expect("server").try_wait().expect("try_wait") {
@@ -357,10 +364,10 @@ fn wait_exit(child: &mut Child, limit: Duration) -> bool {
     false
 }
 
-/// A TCP port that was free a moment ago: bind port 0, read the port, release it.
-pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    listener.local_addr().expect("local addr").port()
+/// The address of `braid serve`'s "serving" line in `log`, once it has logged it (after its bind).
+fn listening_on(log: &str) -> Option<SocketAddr> {
+    let serving = log.lines().filter(|line| line.contains(" serving "));
+    serving.flat_map(str::split_whitespace).find_map(|field| field.strip_prefix("listen="))?.parse().ok()
 }
 
 /// True if `path` is on another file system than its parent: a mount point.
