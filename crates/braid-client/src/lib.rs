@@ -542,7 +542,20 @@ impl Client {
         let batch_bytes = self.writeback.batch_bytes();
         let mut batches: VecDeque<Vec<writeback::Queued>> = writeback::batches(queued, batch_bytes).into();
         let mut outcome = None;
-        while let Some(batch) = batches.pop_front() {
+        loop {
+            let run = writeback::concurrent_run(&batches, writeback::CONCURRENT_TXNS_MAX);
+            if run > 0 {
+                let run: Vec<_> = batches.drain(..run).collect();
+                match self.ship_concurrently(run) {
+                    Ok(again) => again.into_iter().rev().for_each(|rest| batches.push_front(rest)),
+                    Err(e) => {
+                        self.abandon(batches.iter().flatten());
+                        return Err(e);
+                    }
+                }
+                continue;
+            }
+            let Some(batch) = batches.pop_front() else { break };
             let batch = self.drop_lost(batch);
             if batch.is_empty() {
                 continue;
@@ -568,14 +581,10 @@ impl Client {
                 }
             };
             let refused = results.iter().position(|r| r.is_err()).filter(|at| *at < batch.len());
-            let done = refused.map_or(batch.len(), |at| at + 1);
-            if let Some(at) = refused {
-                self.write_back_failed(&batch[at], results[at].clone().expect_err("refused"));
-                if done < batch.len() {
-                    batches.push_front(batch[done..].to_vec());
-                }
+            if let Some(rest) = self.sent(&batch, &results) {
+                batches.push_front(rest);
             }
-            self.writeback.sent(&batch[..done]);
+            let done = refused.map_or(batch.len(), |at| at + 1);
             if let Some(staged) = staged {
                 // Only now may the next shipment go: a refusal may have left part of this batch
                 // to send again, after which it must not be overtaken.
@@ -603,6 +612,58 @@ impl Client {
             Some(d) => self.send_txn(d.creds, &d.commands, &d.data, &[], 0, false).map(|(results, lease, _)| Some((results, lease))),
             None => Ok(outcome),
         }
+    }
+
+    /// Sends `run` (see [`writeback::concurrent_run`]) as transactions in flight together, each
+    /// on its own channel: over a link with a long round trip the data of several transactions
+    /// travels in one round trip. Their outcomes are taken in queue order. Returns what refusals
+    /// left to send again; if any transport failed, every change of the run not known to be
+    /// applied fails (EIO) and the error is returned.
+    fn ship_concurrently(&self, run: Vec<Vec<writeback::Queued>>) -> Result<Vec<Vec<writeback::Queued>>> {
+        let run: Vec<_> = run.into_iter().map(|batch| self.drop_lost(batch)).filter(|batch| !batch.is_empty()).collect();
+        tracing::debug!(transactions = run.len(), "writes sent together");
+        let outcomes: Vec<_> = std::thread::scope(|scope| {
+            let sends: Vec<_> = run
+                .iter()
+                .map(|batch| {
+                    scope.spawn(|| {
+                        let commands: Vec<Command> = batch.iter().map(|op| op.command.clone()).collect();
+                        self.send_txn(batch[0].creds.clone(), &commands, &writeback::data_of(batch), &[], batch.len(), false)
+                    })
+                })
+                .collect();
+            sends.into_iter().map(|send| send.join().expect("a write-back send panicked")).collect()
+        });
+        let (mut again, mut failure) = (Vec::new(), None);
+        for (batch, outcome) in run.iter().zip(outcomes) {
+            match outcome {
+                Ok((results, ..)) => again.extend(self.sent(batch, &results)),
+                Err(e) => {
+                    self.abandon(batch.iter());
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        match failure {
+            Some(e) => {
+                self.abandon(again.iter().flatten());
+                Err(e)
+            }
+            None => Ok(again),
+        }
+    }
+
+    /// Takes in the server's `results` for `batch` (and maybe more commands after it): the
+    /// changes up to the first it refused are sent, that one is recorded as failed, and the
+    /// changes after it are returned, to be sent again.
+    fn sent(&self, batch: &[writeback::Queued], results: &[std::result::Result<CommandOk, Errno>]) -> Option<Vec<writeback::Queued>> {
+        let refused = results.iter().position(|r| r.is_err()).filter(|at| *at < batch.len());
+        let done = refused.map_or(batch.len(), |at| at + 1);
+        if let Some(at) = refused {
+            self.write_back_failed(&batch[at], results[at].clone().expect_err("refused"));
+        }
+        self.writeback.sent(&batch[..done]);
+        (done < batch.len()).then(|| batch[done..].to_vec())
     }
 
     /// Gives up changes that will not be sent (the transport failed): every one fails with

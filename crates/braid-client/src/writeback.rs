@@ -25,7 +25,7 @@
 //!   queued for it fail too.
 //! - Keys: every map here is keyed by the object's *canonical* handle (the server's once it is
 //!   known); every entry point canonicalizes the handles it is given.
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -1160,6 +1160,50 @@ pub(crate) enum Durability {
 }
 
 /// The objects a transaction's `results` created.
+/// How many transactions of a shipment may be in flight at once ([`concurrent_run`]).
+pub(crate) const CONCURRENT_TXNS_MAX: usize = 4;
+
+/// How many of `batches`, from the first, may be sent at once, each on its own channel, with no
+/// answer awaited in between: a run of batches of writes only, none overlapping a byte another
+/// batch of the run writes. The server may then apply them in any order and the file still
+/// holds what the queue's order gives (writes within one batch keep their order: a transaction
+/// is applied in order), and a refused write leaves nothing later in the run depending on it.
+/// Anything else (creates, attribute changes, appends, names) may depend on the order, so it
+/// ends the run. The last batch of a shipment is never in a run: it carries the probes (see
+/// [`WriteBack::probes`]), whose answers must come after every write. At most `max`; a run
+/// shorter than 2 is none (`0`).
+pub(crate) fn concurrent_run(batches: &VecDeque<Vec<Queued>>, max: usize) -> usize {
+    let run = independent_writes(batches.iter().take(max.min(batches.len().saturating_sub(1))));
+    if run >= 2 {
+        run
+    } else {
+        0
+    }
+}
+
+/// How many of `batches`, from the first, hold only writes, none of a byte another of them
+/// writes.
+fn independent_writes<'q>(batches: impl Iterator<Item = &'q Vec<Queued>>) -> usize {
+    let mut written: HashMap<&Handle, Vec<(u64, u64)>> = HashMap::new();
+    let mut count = 0;
+    for batch in batches {
+        let mut ranges = Vec::with_capacity(batch.len());
+        for op in batch {
+            let Command::Write { handle, offset, len } = &op.command else { return count };
+            let (start, end) = (*offset, offset.saturating_add(u64::from(*len)));
+            if written.get(handle).is_some_and(|earlier| earlier.iter().any(|(s, e)| start < *e && *s < end)) {
+                return count;
+            }
+            ranges.push((handle, (start, end)));
+        }
+        for (handle, range) in ranges {
+            written.entry(handle).or_default().push(range);
+        }
+        count += 1;
+    }
+    count
+}
+
 /// The data of `batch`'s writes, in command order: the transaction's data section.
 pub(crate) fn data_of(batch: &[Queued]) -> Vec<u8> {
     // Slices, not bytes: this copies up to a transaction's 4 MiB on every shipment.
@@ -1610,6 +1654,29 @@ mod tests {
         let big = || op(1, DATA_BYTES_MAX);
         let sizes: Vec<usize> = batches(vec![big(); 9], TXN_DATA_BYTES_MAX).iter().map(Vec::len).collect();
         assert_eq!(sizes, vec![4, 4, 1]);
+    }
+
+    #[test]
+    fn only_batches_of_writes_to_distinct_bytes_are_sent_together() {
+        let creds = Credentials { uid: 1, gid: 0, groups: vec![] };
+        let op = |command| Queued { creds: creds.clone(), command, data: Vec::new(), creates: None };
+        let write = |n, offset: u64, len| op(Command::Write { handle: h(n), offset, len });
+        let run = |batches: Vec<Vec<Queued>>| concurrent_run(&batches.into(), CONCURRENT_TXNS_MAX);
+        let mib = DATA_BYTES_MAX as u64;
+        let seq = |k: u64| vec![write(1, k * mib, mib as u32), write(2, k * mib, mib as u32)];
+
+        assert_eq!(run((0..6).map(seq).collect()), 4, "at most CONCURRENT_TXNS_MAX");
+        assert_eq!(run((0..3).map(seq).collect()), 2, "the last batch (with the probes) is never in a run");
+        assert_eq!(run((0..2).map(seq).collect()), 0, "one batch is no run");
+        // A byte written twice: the later write must land last, so it waits for the earlier.
+        assert_eq!(run(vec![seq(0), seq(1), vec![write(1, mib - 1, 2)], seq(3)]), 2);
+        assert_eq!(run(vec![seq(0), vec![write(2, 10, 1)], seq(2)]), 0);
+        assert_eq!(run(vec![vec![write(1, 0, 10), write(1, 5, 10)], seq(1), seq(2)]), 2, "overlaps within a batch keep their order");
+        // Anything but a write may depend on what comes before it.
+        let truncate = op(Command::SetAttr { handle: h(3), changes: AttrChanges { size: Some(0), ..AttrChanges::default() } });
+        assert_eq!(run(vec![seq(0), seq(1), vec![truncate], seq(3)]), 2);
+        let append = op(Command::Append { handle: h(3), len: 1 });
+        assert_eq!(run(vec![seq(0), vec![write(3, 0, 1), append], seq(2)]), 0);
     }
 
     #[test]

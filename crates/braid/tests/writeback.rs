@@ -398,3 +398,30 @@ fn a_directory_made_here_is_listed_while_the_server_is_stopped() {
     assert_eq!(listed.len(), 51, "B's name too");
     assert!(listed.iter().any(|n| n == "from-b"), "B's name: {listed:?}");
 }
+
+#[test]
+fn rewrites_queued_behind_a_stopped_server_land_in_order() {
+    // Goal: a shipment of many MiB of writes, some of which rewrite bytes written earlier in it,
+    // leaves the file as the writes' order gives, although transactions of writes to distinct
+    // bytes are sent together and the server may apply those in any order.
+    // Method: with the server stopped, write 12 MiB three times over (each pass its own pattern),
+    // so that all three passes are queued for one shipment; then let the server go and compare.
+    let f = serving(&[]);
+    const MIB: usize = 1 << 20;
+    let pass = |round: u8| -> Vec<u8> { (0..12 * MIB).map(|i| (i % 251) as u8 ^ round.wrapping_mul(85)).collect() };
+    let mut file = File::create(f.m("f")).expect("create");
+    file.write_all(b"x").expect("first write");
+    f.signal_server(libc::SIGSTOP);
+    let file = within("writes with the server stopped", Duration::from_secs(30), move || {
+        for round in 0..3 {
+            file.seek(SeekFrom::Start(0)).expect("seek");
+            for chunk in pass(round).chunks(MIB) {
+                file.write_all(chunk).expect("write");
+            }
+        }
+        file
+    });
+    f.signal_server(libc::SIGCONT);
+    file.sync_all().expect("fsync");
+    assert!(fs::read(f.e("f")).expect("read the export") == pass(2), "the export holds the last pass, in every byte");
+}
