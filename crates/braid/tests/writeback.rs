@@ -425,3 +425,37 @@ fn rewrites_queued_behind_a_stopped_server_land_in_order() {
     file.sync_all().expect("fsync");
     assert!(fs::read(f.e("f")).expect("read the export") == pass(2), "the export holds the last pass, in every byte");
 }
+
+#[test]
+fn a_write_refused_amid_writes_sent_together_is_reported_and_the_others_land() {
+    // Goal: when the server refuses one write of transactions sent together (each on its own
+    // channel), the fsync reports it, and every other write, before and after it in the queue,
+    // still reaches the export.
+    // Method: with the server stopped, queue 16 MiB of writes with 1 MiB at 16 TiB amid them
+    // (past ext4's largest file: EFBIG on the server), so that they go out in transactions sent
+    // together once the server runs again; then fsync and compare.
+    let f = serving(&[]);
+    const MIB: usize = 1 << 20;
+    let data: Vec<u8> = (0..16 * MIB).map(|i| (i % 253) as u8).collect();
+    let mut file = File::create(f.m("f")).expect("create");
+    file.write_all(b"x").expect("first write");
+    f.signal_server(libc::SIGSTOP);
+    let sent = data.clone();
+    let mut file = within("writes with the server stopped", Duration::from_secs(30), move || {
+        use std::os::unix::fs::FileExt;
+        for (k, chunk) in sent.chunks(MIB).enumerate() {
+            file.write_all_at(chunk, (k * MIB) as u64).expect("queued write");
+            if k == 7 {
+                file.write_all_at(&[9u8; MIB], 1 << 44).expect("queued write past the largest file");
+            }
+        }
+        file
+    });
+    f.signal_server(libc::SIGCONT);
+    let error = file.sync_all().expect_err("the write at 16 TiB was refused");
+    assert_eq!(error.raw_os_error(), Some(libc::EFBIG), "{error}");
+    file.flush().expect("flush");
+    let on_server = fs::read(f.e("f")).expect("read the export");
+    assert_eq!(on_server.len(), data.len(), "the export's file ends with the last write");
+    assert!(on_server == data, "every write but the refused one landed");
+}
