@@ -580,11 +580,11 @@ impl Client {
                     return Err(e);
                 }
             };
-            let refused = results.iter().position(|r| r.is_err()).filter(|at| *at < batch.len());
+            // The server answers every command it tried (see `sent`).
+            let done = results.len().min(batch.len());
             if let Some(rest) = self.sent(&batch, &results) {
                 batches.push_front(rest);
             }
-            let done = refused.map_or(batch.len(), |at| at + 1);
             if let Some(staged) = staged {
                 // Only now may the next shipment go: a refusal may have left part of this batch
                 // to send again, after which it must not be overtaken.
@@ -601,7 +601,7 @@ impl Client {
                     }
                 }
             }
-            if joins && refused.is_none() {
+            if joins && results.len() > batch.len() {
                 return Ok(Some((results.split_off(batch.len()), lease)));
             }
             if last && batches.is_empty() {
@@ -653,14 +653,16 @@ impl Client {
         }
     }
 
-    /// Takes in the server's `results` for `batch` (and maybe more commands after it): the
-    /// changes up to the first it refused are sent, that one is recorded as failed, and the
-    /// changes after it are returned, to be sent again.
+    /// Takes in the server's `results` for `batch` (and maybe more commands after it): one per
+    /// command the server tried. It stops at a refusal (from protocol version 6 on, at any but
+    /// a write's), so the changes it did not try are returned, to be sent again; each refused
+    /// one is recorded as failed.
     fn sent(&self, batch: &[writeback::Queued], results: &[std::result::Result<CommandOk, Errno>]) -> Option<Vec<writeback::Queued>> {
-        let refused = results.iter().position(|r| r.is_err()).filter(|at| *at < batch.len());
-        let done = refused.map_or(batch.len(), |at| at + 1);
-        if let Some(at) = refused {
-            self.write_back_failed(&batch[at], results[at].clone().expect_err("refused"));
+        let done = results.len().min(batch.len());
+        for (op, result) in batch.iter().zip(results) {
+            if let Err(errno) = result {
+                self.write_back_failed(op, *errno);
+            }
         }
         self.writeback.sent(&batch[..done]);
         (done < batch.len()).then(|| batch[done..].to_vec())

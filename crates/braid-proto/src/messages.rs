@@ -8,7 +8,8 @@ use crate::codec::Checksum;
 /// Protocol versions this build speaks, newest first. 2 added [`Request::DurableTxn`], 3
 /// [`Request::StagedTxn`], 4 [`Request::XattrNames`] and [`Request::CommitUpTo`], 5
 /// [`Welcome::AcceptedAfter`] and [`Request::Renew`], 6 transactions carrying up to
-/// [`crate::limits::TXN_DATA_BYTES_MAX`] of data.
+/// [`crate::limits::TXN_DATA_BYTES_MAX`] of data, in which a refused write does not stop the
+/// commands after it.
 pub const PROTOCOL_VERSIONS: &[u16] = &[6, 5, 4, 3, 2, 1];
 
 /// The first protocol version with [`Request::DurableTxn`].
@@ -27,7 +28,8 @@ pub const PREDECESSORS_VERSION: u16 = 5;
 pub const RENEW_VERSION: u16 = 5;
 
 /// The first protocol version whose server takes frames of up to
-/// [`crate::limits::TXN_DATA_BYTES_MAX`] of data (before: [`crate::limits::DATA_BYTES_MAX`]).
+/// [`crate::limits::TXN_DATA_BYTES_MAX`] of data (before: [`crate::limits::DATA_BYTES_MAX`]),
+/// and goes on after a refused write in a transaction (before: it stopped at any refusal).
 pub const BULK_TXN_VERSION: u16 = 6;
 
 /// Identifies one client (one mount) for deduplication; random, chosen at mount time and kept

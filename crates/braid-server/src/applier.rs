@@ -29,7 +29,27 @@ impl Applier {
     }
 }
 
-/// Applies `txn` from `client`. `message` is the encoded request as received, `data` the
+/// The client a transaction comes from, and what a refusal in it stops.
+#[derive(Debug, Clone, Copy)]
+pub struct Sender {
+    pub client: ClientId,
+    /// A refused `Write` does not stop the commands after it: the write-back of a client of
+    /// protocol version 6 or later sends writes it has already answered, and, as a local file
+    /// system goes on after one failed write, their order does not make the next depend on it
+    /// (before, a client sent everything after a refusal again, one round trip and one copy of
+    /// the rest of the batch per refused write: a full disk cost minutes). Any other refusal
+    /// ends the transaction.
+    pub writes_go_on: bool,
+}
+
+impl From<ClientId> for Sender {
+    /// A client whose transactions end at their first refusal (protocol versions 1 to 5).
+    fn from(client: ClientId) -> Self {
+        Self { client, writes_go_on: false }
+    }
+}
+
+/// Applies `txn` from `sender`. `message` is the encoded request as received, `data` the
 /// frame's bulk bytes. The log receives the transaction in the form that replays exactly: an
 /// append becomes the write at the offset where it lands; and a transaction torn by a crash is
 /// applied again in its logged form, so a resent append is not appended twice.
@@ -37,7 +57,7 @@ pub fn apply_txn(
     applier: &Mutex<Applier>,
     committer: &Arc<Committer>,
     export: &Export,
-    client: ClientId,
+    sender: Sender,
     txn: &Txn,
     message: &[u8],
     data: &[u8],
@@ -46,6 +66,7 @@ pub fn apply_txn(
     if txn.commands.len() > 1 && txn.commands.iter().any(|c| matches!(c, Command::Append { .. })) {
         return Err(WireError::Malformed("an append must be the only command of its transaction".into()));
     }
+    let client = sender.client;
     let mut guard = applier.lock().expect("applier lock");
     let a = &mut *guard;
     a.cache.replied_below(client, txn.replied_below);
@@ -78,9 +99,9 @@ pub fn apply_txn(
             Ok(CommandOk::Entry(entry)) => Some(entry.handle.clone()),
             _ => None,
         });
-        let failed = result.is_err();
+        let stops = result.is_err() && !(sender.writes_go_on && matches!(command, Command::Write { .. }));
         results.push(result);
-        if failed {
+        if stops {
             break;
         }
     }
@@ -207,7 +228,7 @@ mod tests {
         let client = ClientId(9);
         let txn = append(&f, 1);
         let message = postcard::to_stdvec(&Request::Txn(txn.clone())).unwrap();
-        apply_txn(&applier, &committer, &export, client, &txn, &message, b"xyz").unwrap();
+        apply_txn(&applier, &committer, &export, client.into(), &txn, &message, b"xyz").unwrap();
         assert_eq!(std::fs::read(dir.path().join("data/f")).unwrap(), b"abcxyz");
 
         // The log holds a write at offset 3: replaying it finds the transaction as logged.
@@ -224,7 +245,7 @@ mod tests {
         let applier = Mutex::new(Applier::new(wal, torn, Lsn(10)));
         let resent = append(&f, 2);
         let message = postcard::to_stdvec(&Request::Txn(resent.clone())).unwrap();
-        apply_txn(&applier, &committer, &export, client, &resent, &message, b"xyz").unwrap();
+        apply_txn(&applier, &committer, &export, client.into(), &resent, &message, b"xyz").unwrap();
         assert_eq!(std::fs::read(dir.path().join("data/f")).unwrap(), b"abcxyz", "the resent append was applied twice");
     }
 
@@ -251,7 +272,7 @@ mod tests {
         ];
         let txn = Txn { seq: TxnSeq(1), replied_below: TxnSeq(1), creds: Credentials::default(), commands };
         let message = postcard::to_stdvec(&Request::Txn(txn.clone())).unwrap();
-        let Ok(Reply::Txn(outcome)) = apply_txn(&applier, &committer, &export, ClientId(3), &txn, &message, b"hello!") else {
+        let Ok(Reply::Txn(outcome)) = apply_txn(&applier, &committer, &export, ClientId(3).into(), &txn, &message, b"hello!") else {
             panic!("txn failed")
         };
         assert_eq!(outcome.results.len(), 4);
@@ -263,13 +284,47 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_write_stops_the_transaction_only_for_clients_before_version_6() {
+        // Goal: a refused write ends the transaction of an old client (which sends the rest
+        // again); for a client of version 6 the writes and changes after it are applied, with
+        // one result per command; any other refusal still ends the transaction.
+        let dir = tempfile::tempdir().unwrap();
+        let (export, applier, committer, f) = setup(dir.path());
+        let truncate =
+            |size| Command::SetAttr { handle: f.clone(), changes: braid_proto::AttrChanges { size: Some(size), ..Default::default() } };
+        let commands = vec![
+            Command::Write { handle: f.clone(), offset: 0, len: 1 },
+            Command::Write { handle: f.clone(), offset: 1 << 44, len: 1 }, // past ext4's largest file
+            Command::Write { handle: f.clone(), offset: 1, len: 1 },
+            truncate(4),
+            Command::Rmdir { parent: export.root_entry().unwrap().handle, name: b"none".to_vec() },
+            truncate(2),
+        ];
+        for (seq, writes_go_on, tried, content) in [(1, false, 2, &b"Xbc"[..]), (2, true, 5, b"XYc\0")] {
+            let txn = Txn { seq: TxnSeq(seq), replied_below: TxnSeq(seq), creds: Credentials::default(), commands: commands.clone() };
+            let message = postcard::to_stdvec(&Request::Txn(txn.clone())).unwrap();
+            std::fs::write(dir.path().join("data/f"), b"abc").unwrap();
+            let sender = Sender { client: ClientId(4), writes_go_on };
+            let Ok(Reply::Txn(outcome)) = apply_txn(&applier, &committer, &export, sender, &txn, &message, b"XEY") else {
+                panic!("txn failed")
+            };
+            assert_eq!(outcome.results.len(), tried, "writes_go_on {writes_go_on}: {:?}", outcome.results);
+            assert_eq!(outcome.results[1], Err(Errno(libc::EFBIG)));
+            assert_eq!(std::fs::read(dir.path().join("data/f")).unwrap(), content, "writes_go_on {writes_go_on}");
+        }
+    }
+
+    #[test]
     fn an_append_must_be_alone_in_its_transaction() {
         let dir = tempfile::tempdir().unwrap();
         let (export, applier, committer, f) = setup(dir.path());
         let mut txn = append(&f, 1);
         txn.commands.push(Command::Write { handle: f.clone(), offset: 0, len: 0 });
         let message = postcard::to_stdvec(&Request::Txn(txn.clone())).unwrap();
-        assert!(matches!(apply_txn(&applier, &committer, &export, ClientId(1), &txn, &message, b"xyz"), Err(WireError::Malformed(_))));
+        assert!(matches!(
+            apply_txn(&applier, &committer, &export, ClientId(1).into(), &txn, &message, b"xyz"),
+            Err(WireError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -62,7 +62,7 @@ enum Transport {
 
 pub async fn serve_connection(state: Arc<ServerState>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let Started { mut reader, writer, hello, transport, checksum } = match start(&state, stream).await {
+    let Started { mut reader, writer, hello, transport, checksum, version } = match start(&state, stream).await {
         Ok(started) => started,
         Err(e) => {
             tracing::warn!(%peer, error = %e, "closing connection during handshake");
@@ -73,7 +73,7 @@ pub async fn serve_connection(state: Arc<ServerState>, stream: TcpStream, peer: 
     let (tx, rx) = mpsc::channel::<Outgoing>(REQUESTS_IN_FLIGHT_MAX);
     let writer_task = tokio::spawn(write_responses(writer, rx));
     let session = state.next_session.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let who = Peer { client: hello.client_id, session, checksum };
+    let who = Peer { client: hello.client_id, session, checksum, version };
     state.coherence.connected(who.client);
     if let Err(e) = read_requests(&state, &mut reader, tx, who).await {
         tracing::warn!(%peer, client = who.client.0, error = %e, "closing connection");
@@ -93,6 +93,8 @@ struct Peer {
     session: u64,
     /// The payload checksum negotiated for this connection.
     checksum: Checksum,
+    /// The protocol version negotiated for this connection.
+    version: u16,
 }
 
 /// A connection whose handshake succeeded.
@@ -102,14 +104,15 @@ struct Started {
     hello: Hello,
     transport: Transport,
     checksum: Checksum,
+    version: u16,
 }
 
 /// Transport set-up and handshake: everything before the first request.
 async fn start(state: &ServerState, stream: TcpStream) -> Result<Started, SessionError> {
     let opened = tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), open_transport(state, stream));
     let (mut reader, mut writer, transport) = opened.await.map_err(|_| SessionError::HandshakeTimeout)??;
-    let (hello, checksum) = handshake(state, &mut reader, &mut writer, transport).await?;
-    Ok(Started { reader, writer, hello, transport, checksum })
+    let (hello, checksum, version) = handshake(state, &mut reader, &mut writer, transport).await?;
+    Ok(Started { reader, writer, hello, transport, checksum, version })
 }
 
 /// Sets up TLS when the server has credentials. A client that starts with a plain braid hello
@@ -141,13 +144,14 @@ fn boxed(
     (Box::new(reader), BufWriter::with_capacity(WRITE_BUFFER_BYTES, Box::new(writer)), transport)
 }
 
-/// Answers the client's hello; returns it with the payload checksum in force from then on.
+/// Answers the client's hello; returns it with the payload checksum in force from then on and
+/// the protocol version.
 async fn handshake(
     state: &ServerState,
     reader: &mut Reader,
     writer: &mut Writer,
     transport: Transport,
-) -> Result<(Hello, Checksum), SessionError> {
+) -> Result<(Hello, Checksum, u16), SessionError> {
     let frame = tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), read_frame(reader, Checksum::Crc32c))
         .await
         .map_err(|_| SessionError::HandshakeTimeout)??;
@@ -168,7 +172,7 @@ async fn handshake(
     match welcome {
         Welcome::Accepted(info) | Welcome::AcceptedAfter { info, .. } => {
             let checksum = Checksum::from_name(&info.algorithms.checksum).expect("negotiate picks a checksum of this build");
-            Ok((hello, checksum))
+            Ok((hello, checksum, info.version))
         }
         Welcome::Refused { reason } => Err(SessionError::Refused(reason)),
     }
@@ -268,7 +272,7 @@ async fn read_requests(state: &Arc<ServerState>, reader: &mut Reader, tx: mpsc::
             // Quick requests are served right here: handing them to another thread costs more
             // (two wake-ups) than the few microseconds of file-system work they need.
             let id = frame.header.request_id;
-            let handled = handle_blocking(state, who.client, request, frame);
+            let handled = handle_blocking(state, who, request, frame);
             drop(budget);
             if tx.send(outgoing(state, who, id, handled)).await.is_err() {
                 return Ok(());
@@ -281,7 +285,7 @@ async fn read_requests(state: &Arc<ServerState>, reader: &mut Reader, tx: mpsc::
         tokio::spawn(async move {
             let id = frame.header.request_id;
             if let Request::StagedTxn(txn) = request {
-                let applied = apply_as_txn(&state, who.client, txn, frame).await;
+                let applied = apply_as_txn(&state, who, txn, frame).await;
                 let lsn = applied.txn_lsn();
                 drop(budget);
                 if tx.send(outgoing(&state, who, id, applied)).await.is_ok() {
@@ -292,7 +296,7 @@ async fn read_requests(state: &Arc<ServerState>, reader: &mut Reader, tx: mpsc::
                 }
                 return;
             }
-            let handled = handle_request(&state, who.client, request, frame).await;
+            let handled = handle_request(&state, who, request, frame).await;
             drop(budget);
             let _ = tx.send(outgoing(&state, who, id, handled)).await;
             drop(permit);
@@ -408,18 +412,18 @@ impl Handled {
     }
 }
 
-async fn handle_request(state: &Arc<ServerState>, client: ClientId, request: Request, frame: Frame) -> Handled {
+async fn handle_request(state: &Arc<ServerState>, who: Peer, request: Request, frame: Frame) -> Handled {
     match request {
         Request::Commit => Handled::plain(Ok(Reply::Committed(state.committer.commit().await))),
         Request::CommitUpTo(lsn) => Handled::plain(Ok(Reply::Committed(state.committer.commit_up_to(lsn).await))),
         Request::DurableTxn(txn) => {
-            let handled = apply_as_txn(state, client, txn, frame).await;
+            let handled = apply_as_txn(state, who, txn, frame).await;
             if handled.result.is_ok() {
                 commit_txn(state, handled.txn_lsn()).await;
             }
             handled
         }
-        request => run_blocking(state, client, request, frame).await,
+        request => run_blocking(state, who, request, frame).await,
     }
 }
 
@@ -434,15 +438,15 @@ async fn commit_txn(state: &ServerState, lsn: Option<Lsn>) -> Lsn {
 
 /// Applies the transaction of a `DurableTxn` or `StagedTxn`: logged, deduplicated and applied
 /// as the `Txn` it is, so that a resend in either form gets the same reply.
-async fn apply_as_txn(state: &Arc<ServerState>, client: ClientId, txn: braid_proto::Txn, mut frame: Frame) -> Handled {
+async fn apply_as_txn(state: &Arc<ServerState>, who: Peer, txn: braid_proto::Txn, mut frame: Frame) -> Handled {
     frame.message = postcard::to_stdvec(&Request::Txn(txn.clone())).expect("a txn always encodes");
-    run_blocking(state, client, Request::Txn(txn), frame).await
+    run_blocking(state, who, Request::Txn(txn), frame).await
 }
 
 /// Serves `request` on a blocking thread (it may wait for the disk or for other clients).
-async fn run_blocking(state: &Arc<ServerState>, client: ClientId, request: Request, frame: Frame) -> Handled {
+async fn run_blocking(state: &Arc<ServerState>, who: Peer, request: Request, frame: Frame) -> Handled {
     let state = state.clone();
-    tokio::task::spawn_blocking(move || handle_blocking(&state, client, request, frame))
+    tokio::task::spawn_blocking(move || handle_blocking(&state, who, request, frame))
         .await
         .unwrap_or_else(|e| Handled::failed(WireError::Malformed(format!("request handler failed: {e}"))))
 }
@@ -494,8 +498,8 @@ fn fresh<T>(state: &ServerState, client: ClientId, handle: &Handle, read: impl F
     read()
 }
 
-fn handle_blocking(state: &ServerState, client: ClientId, request: Request, frame: Frame) -> Handled {
-    let export = &state.export;
+fn handle_blocking(state: &ServerState, who: Peer, request: Request, frame: Frame) -> Handled {
+    let (export, client) = (&state.export, who.client);
     let granting = |(result, grant): (Result<Reply, Errno>, Grant)| Handled { grant, ..Handled::plain(result) };
     match request {
         Request::Lookup { parent, name } => {
@@ -549,7 +553,17 @@ fn handle_blocking(state: &ServerState, client: ClientId, request: Request, fram
             }
             txn.creds = effective_creds(state, txn.creds);
             let change = begin_change(state, client, &txn.commands);
-            let result = crate::applier::apply_txn(&state.applier, &state.committer, export, client, &txn, &frame.message, &frame.data);
+            // From protocol version 6 on, a refused write does not stop the writes after it.
+            let writes_go_on = who.version >= braid_proto::BULK_TXN_VERSION;
+            let result = crate::applier::apply_txn(
+                &state.applier,
+                &state.committer,
+                export,
+                crate::applier::Sender { client, writes_go_on },
+                &txn,
+                &frame.message,
+                &frame.data,
+            );
             let mut touched: Vec<&Handle> =
                 txn.commands.iter().flat_map(Command::handles).filter(|h| h.created_index().is_none()).collect();
             if let Ok(Reply::Txn(outcome)) = &result {

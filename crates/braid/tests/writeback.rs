@@ -459,3 +459,28 @@ fn a_write_refused_amid_writes_sent_together_is_reported_and_the_others_land() {
     assert_eq!(on_server.len(), data.len(), "the export's file ends with the last write");
     assert!(on_server == data, "every write but the refused one landed");
 }
+
+#[test]
+fn a_full_export_refusing_thousands_of_queued_writes_does_not_stall_the_fsync() {
+    // Goal: when the export fills up under thousands of queued small writes, the fsync reports
+    // ENOSPC promptly: each refused write does not cost a round trip and a resend of everything
+    // queued after it (that took minutes for 64 MiB of small writes).
+    // Method: 1 MiB export limit; with the server stopped, queue 4,000 writes of 4 KiB (16 MiB);
+    // let the server go; the fsync must fail with ENOSPC within a bound far above its normal
+    // time (a liveness check, not a speed measurement).
+    let f = serving(&["--max-size", "1M"]);
+    let mut file = File::create(f.m("f")).expect("create");
+    file.write_all(b"x").expect("first write");
+    f.signal_server(libc::SIGSTOP);
+    let file = within("writes with the server stopped", Duration::from_secs(30), move || {
+        use std::os::unix::fs::FileExt;
+        for k in 0..4000u64 {
+            file.write_all_at(&[7u8; 4096], k * 4096).expect("queued write");
+        }
+        file
+    });
+    f.signal_server(libc::SIGCONT);
+    let error = within("fsync of 4,000 refused writes", Duration::from_secs(20), move || file.sync_all().expect_err("past the limit"));
+    assert!(matches!(error.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)), "{error}");
+    assert!(fs::metadata(f.e("f")).expect("stat in the export").len() <= 1 << 20, "the export stayed within its limit");
+}
