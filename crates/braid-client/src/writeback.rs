@@ -1159,7 +1159,6 @@ pub(crate) enum Durability {
     Durable,
 }
 
-/// The objects a transaction's `results` created.
 /// How many transactions of a shipment may be in flight at once ([`concurrent_run`]).
 pub(crate) const CONCURRENT_TXNS_MAX: usize = 4;
 
@@ -1214,6 +1213,7 @@ pub(crate) fn data_of(batch: &[Queued]) -> Vec<u8> {
     data
 }
 
+/// The objects a transaction's `results` created.
 pub(crate) fn created(results: &[Result<CommandOk, Errno>]) -> impl Iterator<Item = &Handle> {
     results.iter().filter_map(|r| match r {
         Ok(CommandOk::Entry(entry)) => Some(&entry.handle),
