@@ -396,8 +396,13 @@ fn read_frame(reader: &mut impl Read, checksum: Checksum) -> std::result::Result
     let mut head = [0u8; HEADER_BYTES];
     reader.read_exact(&mut head).map_err(|e| e.to_string())?;
     let header = FrameHeader::decode(&head).map_err(|e| e.to_string())?;
-    let mut payload = vec![0u8; header.payload_bytes()];
-    reader.read_exact(&mut payload).map_err(|e| e.to_string())?;
+    let len = header.payload_bytes();
+    // Into the spare capacity: zeroing 1 MiB per read response first showed in profiles (3.5 %
+    // of a cold sequential read's CPU).
+    let mut payload = Vec::with_capacity(len);
+    if Read::take(&mut *reader, len as u64).read_to_end(&mut payload).map_err(|e| e.to_string())? < len {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).to_string());
+    }
     Frame::from_payload(header, payload, checksum).map_err(|e| e.to_string())
 }
 

@@ -239,8 +239,12 @@ async fn read_header(reader: &mut Reader) -> Result<FrameHeader, SessionError> {
 }
 
 async fn read_payload(reader: &mut Reader, header: FrameHeader, checksum: Checksum) -> Result<Frame, SessionError> {
-    let mut payload = vec![0u8; header.payload_bytes()];
-    reader.read_exact(&mut payload).await?;
+    let len = header.payload_bytes();
+    // Into the spare capacity: zeroing up to 4 MiB per request first showed in profiles.
+    let mut payload = Vec::with_capacity(len);
+    if (&mut *reader).take(len as u64).read_to_end(&mut payload).await? < len {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    }
     Ok(Frame::from_payload(header, payload, checksum)?)
 }
 
