@@ -12,17 +12,24 @@ fsx=${FSX:-$(command -v fsx || echo "$HOME/.cargo/bin/fsx")}
 ops=${FSX_OPS:-40000} kills=${KILLS:-6} seed=${FSX_SEED:-11}
 work=$(mktemp -d /tmp/braid-fsx-kill.XXXXXX)
 mkdir -p "$work/export" "$work/mnt"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=0
 server_pid=""
 
+# Starts the server on $port (0: a free port, then kept for the restarts). Ready is when its own
+# log says "serving ... listen=ADDR": a connect could reach another process's server on the port.
 start_server() {
+  local from
+  from=$(($(stat -c %s "$work/server.log" 2>/dev/null || echo 0) + 1))
   "$braid" serve --data "$work/export" --state "$work/state" --listen "127.0.0.1:$port" --insecure --no-root-squash --lease 1 >>"$work/server.log" 2>&1 &
   server_pid=$!
+  local listen
   for _ in $(seq 1 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+    listen=$(tail -c "+$from" "$work/server.log" | grep -o ' listen=[0-9.:]*' | head -1 || true)
+    if [ -n "$listen" ]; then port=${listen##*:}; return 0; fi
+    kill -0 "$server_pid" 2>/dev/null || break
     sleep 0.05
   done
-  echo "fsx-kill: server did not come up" >&2; return 1
+  echo "fsx-kill: server did not come up" >&2; tail -5 "$work/server.log" >&2; return 1
 }
 cleanup() {
   fusermount3 -u "$work/mnt" 2>/dev/null || umount -l "$work/mnt" 2>/dev/null || true

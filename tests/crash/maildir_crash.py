@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from crashlib import free_port, is_mount, port_open, wait_for
+from crashlib import is_mount, start_server, wait_for
 
 
 def body_for(name, rng):
@@ -82,16 +82,14 @@ def main():
     export, state, mnt = (os.path.join(work, d) for d in ("export", "state", "mnt"))
     for d in (export, mnt):
         os.makedirs(d, exist_ok=True)
-    port = free_port()
+    serve = [braid, "serve", "--data", export, "--state", state, "--insecure", "--no-root-squash", "--lease", "1"]
+    server_log = os.path.join(work, "server.log")
+    server, port = start_server(serve, server_log)
     addr = f"127.0.0.1:{port}"
-    log = open(os.path.join(work, "server.log"), "ab")
 
-    def start_server():
-        proc = subprocess.Popen([braid, "serve", "--data", export, "--state", state, "--listen", addr, "--insecure", "--no-root-squash", "--lease", "1"], stdout=log, stderr=log)
-        wait_for("server port", lambda: port_open(port))
-        return proc
+    def restart_server():
+        return start_server(serve, server_log, port)[0]
 
-    server = start_server()
     client = subprocess.Popen([braid, "mount", addr, mnt, "--foreground", "--insecure", "--log-file", os.path.join(work, "client.log")])
     mounted = False
     try:
@@ -110,7 +108,7 @@ def main():
             server.send_signal(signal.SIGKILL)
             server.wait()
             time.sleep(rng.uniform(0.0, 0.5))
-            server = start_server()
+            server = restart_server()
             print(f"  kill {k + 1}: server killed and restarted", flush=True)
         time.sleep(1.0)
         stop.set()
@@ -125,7 +123,7 @@ def main():
         # survived a crash, not what a live server still had in memory.
         server.send_signal(signal.SIGKILL)
         server.wait()
-        server = start_server()
+        server = restart_server()
         failures += check(mnt, lines)
         failures += check(export, lines)
         print(f"  {len(lines)} acknowledged messages checked through the mount and in the export", flush=True)

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 
-from crashlib import free_port, is_mount, port_open, wait_for
+from crashlib import is_mount, start_server, wait_for
 
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
@@ -95,18 +95,11 @@ def main():
     run("mkfs.ext4", "-q", "-F", image)
     device = attach_and_mount(image, fs)
     os.makedirs(export)
-    port = free_port()
+    serve = [braid, "serve", "--data", export, "--state", state, "--insecure", "--no-root-squash",
+             "--lease", "1", "--commit-interval", "600"]
+    server_log = os.path.join(work, "server.log")
+    server, port = start_server(serve, server_log)
     addr = f"127.0.0.1:{port}"
-    log = open(os.path.join(work, "server.log"), "ab")
-
-    def start_server():
-        argv = [braid, "serve", "--data", export, "--state", state, "--listen", addr, "--insecure", "--no-root-squash",
-                "--lease", "1", "--commit-interval", "600"]
-        proc = subprocess.Popen(argv, stdout=log, stderr=log)
-        wait_for("server port", lambda: port_open(port))
-        return proc
-
-    server = start_server()
     client = subprocess.Popen([braid, "mount", addr, mnt, "--foreground", "--insecure", "--log-file", os.path.join(work, "client.log")])
     mounted, failures, open_fds = False, [], []
     try:
@@ -149,7 +142,7 @@ def main():
         os.remove(image)
         device = attach_and_mount(cut_image, fs)
         pretend_the_machine_rebooted(state)
-        server = start_server()
+        server = start_server(serve, server_log, port)[0]
         print("  power cut emulated: server restarted on what had reached the disk", flush=True)
 
         # 1. What fsync acknowledged survived (or what overwrote it, if that survived too).
