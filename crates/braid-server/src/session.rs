@@ -14,7 +14,7 @@ use braid_proto::{
     FrameHeader, FrameKind, Handle, Hello, Invalidation, LockRequest, Lsn, Reply, Request, Response, Welcome, WireError, HEADER_BYTES,
     PREDECESSORS_VERSION, PROTOCOL_VERSIONS,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 
@@ -47,6 +47,7 @@ type Writer = BufWriter<Box<dyn AsyncWrite + Send + Unpin>>;
 /// First byte of a TLS record carrying a handshake message (a ClientHello).
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
+const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// Encrypted bytes rustls may hold before writing: a whole largest response.
 const TLS_SEND_BUFFER_BYTES: usize = braid_proto::limits::DATA_BYTES_MAX + 64 * 1024;
 
@@ -142,7 +143,13 @@ fn boxed(
     writer: impl AsyncWrite + Send + Unpin + 'static,
     transport: Transport,
 ) -> (Reader, Writer, Transport) {
-    (Box::new(reader), BufWriter::with_capacity(WRITE_BUFFER_BYTES, Box::new(writer)), transport)
+    // Plain TCP reads through a buffer: a request's header and message then come in one receive,
+    // not three (header, payload, and the one that finds the socket empty). TLS has its own.
+    let reader: Reader = match transport {
+        Transport::Tls => Box::new(reader),
+        Transport::Plain | Transport::PlainRefused => Box::new(BufReader::with_capacity(READ_BUFFER_BYTES, reader)),
+    };
+    (reader, BufWriter::with_capacity(WRITE_BUFFER_BYTES, Box::new(writer)), transport)
 }
 
 /// Answers the client's hello; returns it with the payload checksum in force from then on and
