@@ -450,8 +450,8 @@ fn statfs_reports_the_export_file_system() {
     // Goal: statfs on the mount describes the server's file system.
     // Method: statvfs the mount and the export; blocks must be nonzero and equal.
     let fx = Fixture::mounted();
-    let mount = statvfs(&fx.mnt);
-    let export = statvfs(&fx.export);
+    let mount = common::statvfs(&fx.mnt);
+    let export = common::statvfs(&fx.export);
     assert!(mount.f_blocks > 0, "no blocks");
     assert!(mount.f_bsize > 0);
     assert_eq!(mount.f_blocks, export.f_blocks);
@@ -687,13 +687,6 @@ fn seek(fd: libc::c_int, offset: u64, whence: libc::c_int) -> Result<u64, i32> {
     } else {
         Ok(at as u64)
     }
-}
-
-fn statvfs(path: &Path) -> libc::statvfs {
-    let path = cstr(path);
-    let mut out: libc::statvfs = unsafe { std::mem::zeroed() };
-    check(unsafe { libc::statvfs(path.as_ptr(), &mut out) }).expect("statvfs");
-    out
 }
 
 /// A libc directory stream, for telldir and seekdir.

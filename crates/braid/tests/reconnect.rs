@@ -4,11 +4,10 @@
 mod common;
 
 use std::fs::{self, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use braid_proto::{ClientId, Command, CommandOk, Credentials, Reply, Request, Txn, TxnSeq};
-use common::{Fixture, RawSession, Rng};
+use common::{drop_page_cache, Fixture, RawSession, Rng};
 
 const KIB: usize = 1024;
 
@@ -179,12 +178,6 @@ fn a_server_restarted_after_kill_names_its_predecessor_and_keeps_all_it_applied(
     assert_eq!(predecessor.instance, before);
     assert!(predecessor.durable >= applied, "{predecessor:?}: lsn {applied:?} was applied before the kill and survived it");
     assert!(fx.e("applied").is_file());
-}
-
-/// Drops the client kernel's cached pages of `file`, so that the next read asks the server.
-fn drop_page_cache(file: &fs::File) {
-    let ret = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    assert_eq!(ret, 0, "posix_fadvise");
 }
 
 #[test]

@@ -109,8 +109,8 @@ fn size_limit_shows_in_statfs_and_stops_growth_with_enospc() {
     args.extend(["--max-size".into(), "4M".into()]);
     let mut fixture = Fixture::serving_with_args(|_| {}, args, common::plain_mount_args());
     fixture.mount();
-    let stat = nix_statvfs(&fixture.mnt);
-    assert_eq!(stat.0 * stat.1, 4 << 20, "statfs size (blocks x fragment size)");
+    let stat = common::statvfs(&fixture.mnt);
+    assert_eq!(stat.f_blocks * stat.f_frsize, 4 << 20, "statfs size (blocks x fragment size)");
 
     let chunk = vec![1u8; 512 * 1024];
     let mut file = fs::File::create(fixture.m("big")).expect("create");
@@ -160,15 +160,6 @@ fn a_corrupted_frame_is_detected_and_the_request_resent() {
     assert!(proxy.flipped.load(Ordering::Acquire), "the proxy corrupted nothing: the test proves nothing");
     assert_eq!(fs::read(fixture.e("data")).expect("read export"), content, "the export holds the data as written");
     assert!(fixture.logs_tail().contains("checksum"), "the server logged the bad checksum:\n{}", fixture.logs_tail());
-}
-
-/// (blocks, fragment size) of the file system at `path`.
-fn nix_statvfs(path: &Path) -> (u64, u64) {
-    let c = common::cstr(path);
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is NUL-terminated and `s` a valid out-parameter.
-    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0, "statvfs");
-    (s.f_blocks, s.f_frsize)
 }
 
 /// A TCP proxy that flips one bit of the first client->server read of at least 64 KiB.

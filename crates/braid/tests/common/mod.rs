@@ -423,6 +423,22 @@ pub fn getxattr(path: &Path, name: &str, size: usize) -> Result<Vec<u8>, i32> {
     Ok(buf)
 }
 
+/// Drops the client kernel's cached pages of `file`, so that the next read asks the server.
+pub fn drop_page_cache(file: &fs::File) {
+    // SAFETY: a valid descriptor; the call only advises the kernel.
+    let ret = unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(file), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(ret, 0, "posix_fadvise");
+}
+
+/// The statvfs(2) of the file system at `path`.
+pub fn statvfs(path: &Path) -> libc::statvfs {
+    let c = cstr(path);
+    // SAFETY: `c` is NUL-terminated and `out` a valid out-parameter.
+    let mut out: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut out) }, 0, "statvfs {}: errno {}", path.display(), last_errno());
+    out
+}
+
 pub fn cstr(path: &Path) -> CString {
     CString::new(path.as_os_str().as_bytes()).expect("path without NUL")
 }
