@@ -79,6 +79,8 @@ pub struct Client {
     handler: Arc<OnceLock<Arc<dyn CallbackHandler>>>,
     /// Work for the release thread.
     releases: std::sync::mpsc::Sender<ReleaseWork>,
+    /// Opens the server was not told of, one entry per open (see `open`).
+    unsent_opens: Arc<Mutex<Vec<Handle>>>,
     writeback: Arc<writeback::WriteBack>,
     /// How the last transaction of an fsync goes out, by what the server speaks.
     fsync_txn: FsyncTxn,
@@ -162,6 +164,7 @@ impl Client {
             callbacks: Arc::new(Mutex::new(None)),
             handler: Arc::new(OnceLock::new()),
             releases,
+            unsent_opens: Arc::new(Mutex::new(Vec::new())),
             writeback,
             fsync_txn: FsyncTxn::for_version(info.version),
             version_4: info.version >= braid_proto::XATTR_NAMES_VERSION,
@@ -381,11 +384,71 @@ impl Client {
 
     /// Tells the server this mount has `handle` open (see `Request::Open`), for `access`
     /// (`R_OK`/`W_OK` bits) by `creds`. Pins are restored after a server restart.
+    ///
+    /// A file this client holds exclusively opens without a round trip (the kernel has checked
+    /// the permissions): nobody else can remove its last name without recalling it first, and
+    /// the open is sent then, before this client removes a name itself, and at the next lease
+    /// renewal (`send_unsent_opens`). An open closed before that never reaches the server.
     pub fn open(&self, handle: &Handle, creds: Credentials, access: u32) -> Result<Lease> {
+        if let Some(until) = self.open_held(handle, &creds) {
+            return Ok(Some(until));
+        }
         let handle = self.settled(handle)?;
         let (_, lease) = self.call_leased(Request::Open { handle: handle.clone(), creds, access })?;
         self.connection.pin(&handle, 1);
         Ok(lease)
+    }
+
+    /// Opens `handle` without telling the server if this client holds it exclusively; until
+    /// when it does.
+    fn open_held(&self, handle: &Handle, creds: &Credentials) -> Option<Instant> {
+        // The server checks a squashed root's access as another user's; the kernel did not.
+        if self.writeback.squashed(creds) {
+            return None;
+        }
+        // Checked and recorded under one lock: a recall that takes the right away sends what
+        // is recorded after it has taken it (see `send_unsent_opens`).
+        let mut unsent = self.unsent_opens.lock().expect("unsent opens lock");
+        let until = self.writeback.held_until(handle)?;
+        unsent.push(handle.clone());
+        Some(until)
+    }
+
+    /// Tells the server of every open it was not told of: it keeps those files (pins them)
+    /// while they are open here, whoever removes their names. Releases wait meanwhile, so that
+    /// none overtakes the open it ends.
+    pub(crate) fn send_unsent_opens(&self) {
+        let mut unsent = self.unsent_opens.lock().expect("unsent opens lock");
+        for handle in std::mem::take(&mut *unsent) {
+            // The open was checked when it was made: existence is all that is asked.
+            let sent = self.settled(&handle).and_then(|handle| {
+                self.call(Request::Open { handle: handle.clone(), creds: Credentials::default(), access: 0 })?;
+                self.connection.pin(&handle, 1);
+                Ok(())
+            });
+            if let Err(e) = sent {
+                tracing::warn!(error = %e, "cannot tell the server of an open file; it may vanish if another client removes it");
+            }
+        }
+    }
+
+    /// Ends an open the server was not told of, if `handle` has one.
+    fn end_unsent_open(&self, handle: &Handle) -> bool {
+        let mut unsent = self.unsent_opens.lock().expect("unsent opens lock");
+        match self.writeback.position_of_object(&unsent, handle) {
+            Some(at) => {
+                unsent.swap_remove(at);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Before `commands` remove a name: the server must keep what is open here.
+    fn before_names_go(&self, commands: &[Command]) {
+        if commands.iter().any(|c| matches!(c, Command::Unlink { .. } | Command::Rmdir { .. } | Command::Rename { .. })) {
+            self.send_unsent_opens();
+        }
     }
 
     /// Records a pin the server took as part of a command (`Command::Create { pin: true }`).
@@ -398,7 +461,7 @@ impl Client {
     /// file created in the cache and closed before its create was sent is never opened on the
     /// server at all.
     pub fn release(&self, handle: &Handle) {
-        if self.writeback.closed_before_created(handle) {
+        if self.end_unsent_open(handle) || self.writeback.closed_before_created(handle) {
             return;
         }
         if self.releases.send(ReleaseWork::Release(handle.clone())).is_err() {
@@ -410,6 +473,7 @@ impl Client {
     /// in order. Returns one result per command applied; the last may be an error. Queued
     /// changes they may depend on go first, in the same transaction if they fit.
     pub fn txn(&self, creds: Credentials, mut commands: Vec<Command>, data: Vec<u8>) -> Result<(TxnResults, Lease)> {
+        self.before_names_go(&commands);
         // A new object depends on nothing queued, unless its directory has queued changes.
         let creates_only = commands.iter().all(|c| matches!(c, Command::Create { .. } | Command::Mkdir { .. } | Command::Symlink { .. }));
         let depends = !creates_only || self.writeback.pending(commands.iter().flat_map(Command::handles));
@@ -461,6 +525,7 @@ impl Client {
     /// Queues the change of names `command` (an unlink, rmdir or rename) if this client may
     /// make it in its cache; `false`: send it with [`Self::apply`].
     pub fn rename_or_remove_in_cache(&self, creds: &Credentials, command: &Command) -> bool {
+        self.before_names_go(std::slice::from_ref(command));
         match command {
             Command::Rename { .. } => self.writeback.queue_rename(creds, command),
             _ => self.writeback.queue_remove(creds, command),
@@ -851,6 +916,9 @@ fn start_renewal_thread(client: Client) -> std::io::Result<()> {
         while !client.writeback.stopped() {
             let lease = client.connection.lease();
             std::thread::sleep(lease / 4);
+            // An open the server was not told of is safe while the right lasts; sent now, it is
+            // safe whatever becomes of the right.
+            client.send_unsent_opens();
             let due = client.writeback.rights_to_renew(Instant::now(), lease / 2);
             for handles in due.chunks(braid_proto::limits::READDIR_ENTRIES_MAX) {
                 match client.connection.renew(handles) {

@@ -611,8 +611,26 @@ impl WriteBack {
 
     /// Whether this client holds `handle` exclusively.
     pub(crate) fn holds(&self, handle: &Handle) -> bool {
+        self.held_until(handle).is_some()
+    }
+
+    /// Until when this client holds `handle` exclusively, if it does.
+    pub(crate) fn held_until(&self, handle: &Handle) -> Option<Instant> {
         let state = self.lock();
-        state.held_until(&state.canonical(handle), Instant::now()).is_some()
+        state.held_until(&state.canonical(handle), Instant::now())
+    }
+
+    /// Where in `handles` one names the same object as `handle` (a provisional handle and the
+    /// real one its create made do).
+    pub(crate) fn position_of_object(&self, handles: &[Handle], handle: &Handle) -> Option<usize> {
+        let state = self.lock();
+        let wanted = state.canonical(handle);
+        handles.iter().position(|h| state.canonical(h) == wanted)
+    }
+
+    /// Whether a change by `creds` is checked by the server as another user's (root squashed).
+    pub(crate) fn squashed(&self, creds: &Credentials) -> bool {
+        creds.uid == 0 && self.root_squash
     }
 
     /// The server took exclusivity on `handles` back (the queue has been sent).
@@ -719,7 +737,7 @@ impl WriteBack {
         let setid = libc::S_ISUID | libc::S_ISGID;
         // A squashed root's objects belong to someone else; set-id bits may be dropped by the
         // server: those outcomes are the server's to tell.
-        if state.stop || (creds.uid == 0 && self.root_squash) || mode & setid != 0 || name.len() > NAME_BYTES_MAX {
+        if state.stop || self.squashed(creds) || mode & setid != 0 || name.len() > NAME_BYTES_MAX {
             return None;
         }
         let until = state.held_for_queueing(parent, now)?;
@@ -799,7 +817,7 @@ impl WriteBack {
                 CommandOk::Written(*len as u64)
             }
             Command::SetAttr { changes, .. } => {
-                let squashed = creds.uid == 0 && self.root_squash;
+                let squashed = self.squashed(creds);
                 let attr = state.attrs.get_mut(handle).filter(|attr| !squashed && predictable(attr, changes))?;
                 // "Now" is sent as the time predicted, so that the server's and the cache's
                 // agree; only the owner may set explicit times.
@@ -856,7 +874,7 @@ impl WriteBack {
             _ => return false,
         };
         // A squashed root may not remove what the kernel let it: the server is to say.
-        if state.stop || (creds.uid == 0 && self.root_squash) {
+        if state.stop || self.squashed(creds) {
             return false;
         }
         let Some(victim) = state.listed_object(&parent, &name) else { return false };
@@ -898,7 +916,7 @@ impl WriteBack {
         state.canonicalize(&mut command);
         let now = Instant::now();
         let Command::Rename { parent, name, new_parent, new_name, flags } = &command else { return false };
-        if state.stop || (creds.uid == 0 && self.root_squash) || *flags & !libc::RENAME_NOREPLACE != 0 {
+        if state.stop || self.squashed(creds) || *flags & !libc::RENAME_NOREPLACE != 0 {
             return false;
         }
         let held = |state: &State, h: &Handle| state.held_for_queueing(h, now).is_some();
@@ -954,7 +972,7 @@ impl WriteBack {
         state.canonicalize(&mut command);
         let now = Instant::now();
         let Command::Link { handle, new_parent, new_name } = &command else { return None };
-        if state.stop || (creds.uid == 0 && self.root_squash) {
+        if state.stop || self.squashed(creds) {
             return None;
         }
         let until = state.held_for_queueing(new_parent, now)?;

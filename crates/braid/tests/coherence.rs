@@ -281,6 +281,65 @@ fn a_file_unlinked_on_one_client_stays_readable_where_it_is_open() {
 }
 
 #[test]
+fn a_file_held_here_opens_without_the_server() {
+    // Goal: opening a file this client holds exclusively (it made it) costs no round trip: the
+    // open answers while the server is frozen. The server hears of the open only if it must
+    // keep the file for it (the next tests).
+    let (a, _b) = two_clients("30");
+    fs::write(a.m("held"), b"mine").unwrap();
+    // The create made the kernel forget the root's attributes; the path walk needs them.
+    fs::metadata(a.m("held")).unwrap();
+    a.signal_server(libc::SIGSTOP);
+    let path = a.m("held");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || tx.send(File::open(path).map(drop)));
+    let opened = rx.recv_timeout(Duration::from_secs(5));
+    a.signal_server(libc::SIGCONT);
+    opened.expect("the open answered with the server frozen").expect("open from the cache");
+    assert_eq!(fs::read(a.m("held")).unwrap(), b"mine");
+}
+
+/// Lets the server close what lost its last name (it keeps a removed file a second for
+/// renames), then reads all of `file` with the client kernel's pages dropped: from the server.
+fn read_after_removal(fx: &Fixture, file: &mut File) -> std::io::Result<Vec<u8>> {
+    std::thread::sleep(Duration::from_millis(1200));
+    // statfs makes the server close the descriptors of removed files nobody keeps open.
+    common::statvfs(&fx.mnt);
+    common::drop_page_cache(file);
+    let mut read = Vec::new();
+    file.seek(SeekFrom::Start(0))?;
+    file.read_to_end(&mut read).map(|_| read)
+}
+
+#[test]
+fn a_file_opened_without_the_server_stays_readable_after_the_other_client_unlinks_it() {
+    // Goal: an open the server was not told of (the file was held here) is told before the
+    // recall that B's unlink causes is acknowledged, so the server keeps the file for A.
+    // Fails if the open is not sent: A's read gets ESTALE.
+    let (a, b) = two_clients("30");
+    let content = vec![5u8; 300_000];
+    fs::write(a.m("doomed"), &content).unwrap();
+    let mut open_on_a = File::open(a.m("doomed")).unwrap();
+    fs::remove_file(b.m("doomed")).unwrap();
+    assert!(!a.m("doomed").exists(), "the name is gone on A");
+    assert_eq!(read_after_removal(&a, &mut open_on_a).expect("read the unlinked file on A"), content);
+}
+
+#[test]
+fn a_file_opened_without_the_server_stays_readable_after_this_client_unlinks_it() {
+    // Goal: the same when A itself removes the name: the open reaches the server before the
+    // removal does (which A may queue in its cache). Fails if the open is not sent first.
+    let (a, _b) = two_clients("30");
+    let content = vec![6u8; 300_000];
+    fs::write(a.m("mine"), &content).unwrap();
+    let mut open_on_a = File::open(a.m("mine")).unwrap();
+    fs::remove_file(a.m("mine")).unwrap();
+    File::open(a.m("")).unwrap().sync_all().expect("fsync the directory: the unlink is on the server");
+    assert!(!a.e("mine").exists(), "the export lost the name");
+    assert_eq!(read_after_removal(&a, &mut open_on_a).expect("read the unlinked file"), content);
+}
+
+#[test]
 fn cached_attributes_are_served_without_the_server() {
     // Goal: with a right held, stat needs no round trip: it answers while the server is frozen.
     let (a, b) = two_clients("30");
