@@ -86,7 +86,7 @@ fn run(
                 *socket.lock().expect("callback socket lock") = channel.socket.try_clone().ok();
                 backoff = Duration::from_millis(10);
                 // Rights lost with the last channel no longer keep what is open here.
-                client.send_unsent_opens();
+                client.send_unsent_opens(false);
                 let error = serve(&mut channel, client, handler, &next_id, &subscribed);
                 if !stop.load(Ordering::Acquire) {
                     tracing::warn!(%error, "callback channel lost; dropping every cached object and subscribing again");
@@ -159,7 +159,7 @@ fn carry_out(client: &Client, handler: &dyn CallbackHandler, callback: &Callback
         tracing::warn!(error = %e, "cannot write queued changes back for a callback");
     }
     // The change the server recalls for may remove what is open here without its knowing.
-    client.send_unsent_opens();
+    client.send_unsent_opens(true);
     if let Callback::Recall(items) = callback {
         handler.recall(items);
     }

@@ -119,6 +119,8 @@ struct Direct {
 }
 
 enum ReleaseWork {
+    /// An open the server was not told of (see `Client::open`).
+    Open(Handle),
     Release(Handle),
     /// Answered once every release queued before it was sent.
     Barrier(std::sync::mpsc::SyncSender<()>),
@@ -203,10 +205,7 @@ impl Client {
     pub fn unsubscribe(&self) -> Result<()> {
         self.writeback.stop();
         self.flush()?;
-        let (done, sent) = std::sync::mpsc::sync_channel(1);
-        if self.releases.send(ReleaseWork::Barrier(done)).is_ok() {
-            let _ = sent.recv_timeout(Duration::from_secs(10));
-        }
+        self.releases_sent(Some(Duration::from_secs(10)));
         let thread = self.callbacks.lock().expect("callbacks lock").take();
         if let Some(thread) = thread {
             thread.stop();
@@ -415,20 +414,33 @@ impl Client {
     }
 
     /// Tells the server of every open it was not told of: it keeps those files (pins them)
-    /// while they are open here, whoever removes their names. Releases wait meanwhile, so that
-    /// none overtakes the open it ends.
-    pub(crate) fn send_unsent_opens(&self) {
-        let mut unsent = self.unsent_opens.lock().expect("unsent opens lock");
-        for handle in std::mem::take(&mut *unsent) {
-            // The open was checked when it was made: existence is all that is asked.
-            let sent = self.settled(&handle).and_then(|handle| {
-                self.call(Request::Open { handle: handle.clone(), creds: Credentials::default(), access: 0 })?;
-                self.connection.pin(&handle, 1);
-                Ok(())
-            });
-            if let Err(e) = sent {
-                tracing::warn!(error = %e, "cannot tell the server of an open file; it may vanish if another client removes it");
+    /// while they are open here, whoever removes their names. The opens go out on the release
+    /// thread, so that no release overtakes the open it ends; with `wait`, returns once they
+    /// are out (no lock is held meanwhile: a server that does not answer must not stop the
+    /// opens and closes this client can answer itself).
+    pub(crate) fn send_unsent_opens(&self, wait: bool) {
+        let queued = {
+            let mut unsent = self.unsent_opens.lock().expect("unsent opens lock");
+            let opens = std::mem::take(&mut *unsent);
+            opens.into_iter().filter(|handle| self.releases.send(ReleaseWork::Open(handle.clone())).is_ok()).count()
+        };
+        if queued > 0 && wait {
+            // The creates of the files go first: the release thread waits for them.
+            if let Err(e) = self.flush() {
+                tracing::warn!(error = %e, "cannot write queued changes back");
             }
+            self.releases_sent(None);
+        }
+    }
+
+    /// Waits until the release thread has sent what was given to it before (at most `limit`).
+    fn releases_sent(&self, limit: Option<Duration>) {
+        let (done, sent) = std::sync::mpsc::sync_channel(1);
+        if self.releases.send(ReleaseWork::Barrier(done)).is_ok() {
+            let _ = match limit {
+                Some(limit) => sent.recv_timeout(limit).map_err(|_| ()),
+                None => sent.recv().map_err(|_| ()),
+            };
         }
     }
 
@@ -447,7 +459,7 @@ impl Client {
     /// Before `commands` remove a name: the server must keep what is open here.
     fn before_names_go(&self, commands: &[Command]) {
         if commands.iter().any(|c| matches!(c, Command::Unlink { .. } | Command::Rmdir { .. } | Command::Rename { .. })) {
-            self.send_unsent_opens();
+            self.send_unsent_opens(true);
         }
     }
 
@@ -918,7 +930,7 @@ fn start_renewal_thread(client: Client) -> std::io::Result<()> {
             std::thread::sleep(lease / 4);
             // An open the server was not told of is safe while the right lasts; sent now, it is
             // safe whatever becomes of the right.
-            client.send_unsent_opens();
+            client.send_unsent_opens(false);
             let due = client.writeback.rights_to_renew(Instant::now(), lease / 2);
             for handles in due.chunks(braid_proto::limits::READDIR_ENTRIES_MAX) {
                 match client.connection.renew(handles) {
@@ -939,8 +951,9 @@ fn start_renewal_thread(client: Client) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Sends the releases of closed files, in order, for as long as the client exists. A file is
-/// released only once its queued changes are on the server (an unlinked file would be gone).
+/// Sends the releases of closed files and the opens the server was not told of, in order, for
+/// as long as the client exists. A file is released only once its queued changes are on the
+/// server (an unlinked file would be gone).
 fn start_release_thread(
     connection: Arc<Connection>,
     writeback: Arc<writeback::WriteBack>,
@@ -956,6 +969,17 @@ fn start_release_thread(
                     connection.pin(&handle, -1);
                     if let Err(e) = connection.call(&Request::Release { handle }, &[]) {
                         tracing::warn!(error = %e, "cannot release a closed file on the server");
+                    }
+                }
+                ReleaseWork::Open(handle) => {
+                    writeback.wait_sent(&handle);
+                    // A file whose create never reached the server is not there to keep.
+                    let Ok(handle) = writeback.server_handle(&handle) else { continue };
+                    // The open was checked when it was made: existence is all that is asked.
+                    let open = Request::Open { handle: handle.clone(), creds: Credentials::default(), access: 0 };
+                    match connection.call(&open, &[]) {
+                        Ok(_) => connection.pin(&handle, 1),
+                        Err(e) => tracing::warn!(error = %e, "cannot tell the server of an open file; another client may remove it"),
                     }
                 }
                 ReleaseWork::Barrier(done) => {

@@ -299,6 +299,29 @@ fn a_file_held_here_opens_without_the_server() {
     assert_eq!(fs::read(a.m("held")).unwrap(), b"mine");
 }
 
+#[test]
+fn opens_of_files_held_here_go_on_while_the_server_does_not_answer() {
+    // Goal: telling the server of the opens it was not told of (at each renewal, a quarter
+    // lease) never stops this client's own opens and closes: a frozen server leaves the files
+    // it holds usable for as long as its rights last. Fails if the sending holds the opens'
+    // lock while it waits for the server.
+    let (a, _b) = two_clients("4");
+    fs::write(a.m("first"), b"1").unwrap();
+    fs::write(a.m("second"), b"2").unwrap();
+    fs::metadata(a.m("first")).unwrap();
+    let kept_open = File::open(a.m("first")).unwrap();
+    a.signal_server(libc::SIGSTOP);
+    // The renewal thread wakes within a second and tries to send the open of "first".
+    std::thread::sleep(Duration::from_millis(1300));
+    let path = a.m("second");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || tx.send(File::open(path).map(drop)));
+    let opened = rx.recv_timeout(Duration::from_secs(1));
+    a.signal_server(libc::SIGCONT);
+    drop(kept_open);
+    opened.expect("the open answered with the server frozen").expect("open from the cache");
+}
+
 /// Lets the server close what lost its last name (it keeps a removed file a second for
 /// renames), then reads all of `file` with the client kernel's pages dropped: from the server.
 fn read_after_removal(fx: &Fixture, file: &mut File) -> std::io::Result<Vec<u8>> {
