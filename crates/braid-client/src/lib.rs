@@ -86,6 +86,8 @@ pub struct Client {
     fsync_txn: FsyncTxn,
     /// Whether the server answers `XattrNames` and `CommitUpTo` (protocol version 4).
     version_4: bool,
+    /// Whether the server answers `LockWait` (protocol version 7).
+    lock_wait: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,6 +172,7 @@ impl Client {
             writeback,
             fsync_txn: FsyncTxn::for_version(info.version),
             version_4: info.version >= braid_proto::XATTR_NAMES_VERSION,
+            lock_wait: info.version >= braid_proto::LOCK_WAIT_VERSION,
         };
         client.start_flusher().map_err(thread_error)?;
         if info.version >= braid_proto::RENEW_VERSION {
@@ -875,6 +878,16 @@ impl Client {
         self.lock_call(Request::Lock(request))
     }
 
+    /// As `lock`, for an owner that will wait for the lock and retry a conflict: the server
+    /// refuses with EDEADLK a wait that would never end. A server before protocol version 7
+    /// cannot tell, and is asked as by `lock`.
+    pub fn lock_waiting(&self, request: LockRequest) -> Result<Option<LockHeld>> {
+        match self.lock_wait {
+            true => self.lock_call(Request::LockWait(request)),
+            false => self.lock_call(Request::Lock(request)),
+        }
+    }
+
     /// The first lock that conflicts with `request`, if any.
     pub fn test_lock(&self, request: LockRequest) -> Result<Option<LockHeld>> {
         self.lock_call(Request::TestLock(request))
@@ -882,7 +895,7 @@ impl Client {
 
     /// Sends a lock request; both kinds are answered with the conflicting lock, if any.
     fn lock_call(&self, mut request: Request) -> Result<Option<LockHeld>> {
-        if let Request::Lock(lock) | Request::TestLock(lock) = &mut request {
+        if let Request::Lock(lock) | Request::LockWait(lock) | Request::TestLock(lock) = &mut request {
             lock.handle = self.settled(&lock.handle)?;
         }
         match self.call(request)? {

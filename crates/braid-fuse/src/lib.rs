@@ -7,8 +7,8 @@
 #![forbid(unsafe_code)]
 
 pub mod cache;
+mod caller;
 mod errno;
-mod groups;
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -320,18 +320,26 @@ impl BraidFs {
         FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// Takes a lock; when `wait`, retries a conflict until the lock is free (the server does not
-    /// queue waiters) or the waiting process is gone. A conflict with a lock of this mount is
-    /// retried briefly even without `wait`: the kernel releases closed files asynchronously,
-    /// so the lock may be on its way out.
-    fn lock_until_granted(&self, request: LockRequest, wait: bool, pid: u32) -> Result<(), Errno> {
+    /// Takes a lock. When `waiter` names the calling thread (a blocking request), a conflict
+    /// is retried until the lock is free (the server does not queue waiters), the server finds
+    /// that the wait would close a cycle of waiters (EDEADLK), or the caller is signalled
+    /// (EINTR; see `caller::interrupted`). A conflict with a lock of this mount is retried
+    /// briefly even without a waiter: the kernel releases closed files asynchronously, so the
+    /// lock may be on its way out.
+    fn lock_until_granted(&self, request: LockRequest, waiter: Option<u32>) -> Result<(), Errno> {
         let mut backoff = Duration::from_millis(1);
         let own_release_deadline = Instant::now() + OWN_RELEASE_GRACE;
         loop {
-            let Some(held) = self.check(self.client.lock(request.clone()))? else { return Ok(()) };
-            let retry = if wait { Path::new(&format!("/proc/{pid}")).exists() } else { held.mine && Instant::now() < own_release_deadline };
-            if !retry {
-                return Err(if wait { Errno::EINTR } else { Errno::EAGAIN });
+            let attempt = match waiter {
+                Some(_) => self.client.lock_waiting(request.clone()),
+                None => self.client.lock(request.clone()),
+            };
+            let Some(held) = self.check(attempt)? else { return Ok(()) };
+            match waiter {
+                Some(tid) if caller::interrupted(tid) => return Err(Errno::EINTR),
+                Some(_) => {}
+                None if held.mine && Instant::now() < own_release_deadline => {}
+                None => return Err(Errno::EAGAIN),
             }
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(Duration::from_millis(50));
@@ -865,7 +873,7 @@ impl Filesystem for BraidFs {
 
     fn setlk(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         lock_owner: LockOwner,
@@ -881,7 +889,7 @@ impl Filesystem for BraidFs {
                 self.lockers.lock().expect("lockers lock").insert((ino.0, lock_owner.0));
                 self.owners_by_file.lock().expect("owners lock").entry(fh.0).or_default().insert(lock_owner.0);
             }
-            self.lock_until_granted(request, sleep, pid)
+            self.lock_until_granted(request, sleep.then(|| req.pid()))
         });
         self.reply_empty(reply, result);
     }
@@ -960,7 +968,7 @@ fn reply_xattr(reply: ReplyXattr, value: Result<Vec<u8>, Errno>, size: u32) {
 }
 
 fn credentials(req: &Request) -> Credentials {
-    let groups = if req.uid() == 0 { Vec::new() } else { groups::supplementary_groups(req.pid()) };
+    let groups = if req.uid() == 0 { Vec::new() } else { caller::supplementary_groups(req.pid()) };
     Credentials { uid: req.uid(), gid: req.gid(), groups }
 }
 

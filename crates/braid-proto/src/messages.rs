@@ -9,8 +9,8 @@ use crate::codec::Checksum;
 /// [`Request::StagedTxn`], 4 [`Request::XattrNames`] and [`Request::CommitUpTo`], 5
 /// [`Welcome::AcceptedAfter`] and [`Request::Renew`], 6 transactions carrying up to
 /// [`crate::limits::TXN_DATA_BYTES_MAX`] of data, in which a refused write does not stop the
-/// commands after it.
-pub const PROTOCOL_VERSIONS: &[u16] = &[6, 5, 4, 3, 2, 1];
+/// commands after it, 7 [`Request::LockWait`].
+pub const PROTOCOL_VERSIONS: &[u16] = &[7, 6, 5, 4, 3, 2, 1];
 
 /// The first protocol version with [`Request::DurableTxn`].
 pub const DURABLE_TXN_VERSION: u16 = 2;
@@ -31,6 +31,9 @@ pub const RENEW_VERSION: u16 = 5;
 /// [`crate::limits::TXN_DATA_BYTES_MAX`] of data (before: [`crate::limits::DATA_BYTES_MAX`]),
 /// and goes on after a refused write in a transaction (before: it stopped at any refusal).
 pub const BULK_TXN_VERSION: u16 = 6;
+
+/// The first protocol version with [`Request::LockWait`] (deadlock detection).
+pub const LOCK_WAIT_VERSION: u16 = 7;
 
 /// Identifies one client (one mount) for deduplication; random, chosen at mount time and kept
 /// across reconnects.
@@ -323,6 +326,12 @@ pub enum Request {
     /// `Renewed`. A right that ended is never revived (the object may have changed since
     /// without a recall). Protocol version 5.
     Renew(Vec<Handle>),
+    /// As `Lock`, from an owner that will wait for the lock (`F_SETLKW`, a blocking `flock`):
+    /// the client retries a conflict, and the server remembers for a moment whom the owner
+    /// waits for. If the owners it would wait for wait, directly or through others, for it,
+    /// the request is refused with `EDEADLK` instead (none of them could ever go on).
+    /// Protocol version 7.
+    LockWait(LockRequest),
 }
 
 /// A whole-file or byte-range lock request. `owner` is the client's name for the lock owner

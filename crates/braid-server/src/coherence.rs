@@ -27,11 +27,16 @@ use std::time::{Duration, Instant};
 use braid_proto::limits::LOCK_RANGES_PER_OBJECT_MAX;
 use braid_proto::{Callback, ClientId, Handle, Invalidation, LockHeld, LockKind};
 
-use crate::locks::{LockTable, Wanted};
+use crate::locks::{Deadlock, LockTable, Wanted};
 
-/// An object already has `LOCK_RANGES_PER_OBJECT_MAX` lock ranges.
+/// Why a lock request is refused outright (rather than answered with the conflicting lock).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LockTableFull;
+pub enum LockRefused {
+    /// The object already has `LOCK_RANGES_PER_OBJECT_MAX` lock ranges.
+    TableFull,
+    /// The asker would wait for owners that wait for it (see `locks`).
+    Deadlock,
+}
 
 /// Delivers a callback to a subscribed client; false if it cannot (connection gone or full).
 pub type Sink = Arc<dyn Fn(u64, &Callback) -> bool + Send + Sync>;
@@ -506,12 +511,13 @@ impl Coherence {
     }
 
     /// Takes, changes or releases a lock for `client`. A conflicting lock of a client that has
-    /// had no connection for a whole lease is dropped: that client died.
-    pub fn set_lock(&self, client: ClientId, handle: &Handle, wanted: &Wanted) -> Result<Result<(), LockHeld>, LockTableFull> {
+    /// had no connection for a whole lease is dropped: that client died. An owner that `waits`
+    /// is remembered as waiting for the conflicting owners, unless that would be a deadlock.
+    pub fn set_lock(&self, client: ClientId, handle: &Handle, wanted: &Wanted, waits: bool) -> Result<Result<(), LockHeld>, LockRefused> {
         let mut state = self.lock();
         // A new range may split one in two: room for two more.
         if wanted.kind != LockKind::Unlock && state.locks.ranges(handle) + 2 > LOCK_RANGES_PER_OBJECT_MAX {
-            return Err(LockTableFull);
+            return Err(LockRefused::TableFull);
         }
         let result = match state.locks.set(handle, wanted) {
             Err(_) if self.drop_departed(&mut state, handle, wanted) => state.locks.set(handle, wanted),
@@ -519,6 +525,9 @@ impl Coherence {
         };
         if result.is_err() {
             tracing::trace!(client = client.0, "lock conflict");
+            if waits {
+                state.locks.wait(handle, wanted, Instant::now()).map_err(|Deadlock| LockRefused::Deadlock)?;
+            }
         }
         Ok(result)
     }

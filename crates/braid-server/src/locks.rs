@@ -5,7 +5,13 @@
 //! same thing with the open file as owner and the whole file as range (as NFS does it).
 //!
 //! An owner is (client, the client's owner id): owners of different clients never mix.
-use std::collections::HashMap;
+//!
+//! Deadlocks: the server does not queue waiters (a client retries a conflict), but it remembers
+//! for a moment whom each waiting owner waits for, and refuses a wait that would close a cycle
+//! (`EDEADLK`, as the kernel does for local POSIX locks; here for every kind, as on NFS, where
+//! `flock` is a byte-range lock too).
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use braid_proto::{ClientId, Handle, LockHeld, LockKind};
 
@@ -31,10 +37,28 @@ impl Range {
     }
 }
 
+/// How long an owner is remembered as waiting after its last try. A waiting client retries at
+/// least every 50 ms; an owner that stopped waiting (its process was signalled) without taking
+/// the lock is forgotten after this, and until then may make another owner's wait look like a
+/// deadlock.
+pub const WAIT_REMEMBERED: Duration = Duration::from_millis(500);
+
 #[derive(Default)]
 pub struct LockTable {
     objects: HashMap<Handle, Vec<Range>>,
+    /// Owners whose last request conflicted and who wait: the owners they wait for.
+    waiting: HashMap<Owner, Waiting>,
 }
+
+struct Waiting {
+    blockers: Vec<Owner>,
+    until: Instant,
+}
+
+/// A wait that would never end: the owners waited for wait, directly or through others, for
+/// the one that would wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlock;
 
 /// What a lock request asks for, once decoded.
 pub struct Wanted {
@@ -72,6 +96,7 @@ impl LockTable {
         if let Some(held) = self.conflict(handle, wanted) {
             return Err(held);
         }
+        self.waiting.remove(&wanted.owner);
         let ranges = self.objects.entry(handle.clone()).or_default();
         carve(ranges, wanted.owner, wanted.start, wanted.end);
         if wanted.kind != LockKind::Unlock {
@@ -90,6 +115,34 @@ impl LockTable {
         Ok(())
     }
 
+    /// Records that `wanted.owner` waits for the owners whose locks conflict with `wanted`,
+    /// unless one of them waits, directly or through others, for `wanted.owner`.
+    pub fn wait(&mut self, handle: &Handle, wanted: &Wanted, now: Instant) -> Result<(), Deadlock> {
+        self.waiting.retain(|_, w| w.until > now);
+        let blockers: Vec<Owner> = self.conflicting(handle, wanted).map(|r| r.owner).collect();
+        if self.waits_for(&blockers, wanted.owner) {
+            self.waiting.remove(&wanted.owner);
+            return Err(Deadlock);
+        }
+        self.waiting.insert(wanted.owner, Waiting { blockers, until: now + WAIT_REMEMBERED });
+        Ok(())
+    }
+
+    /// Whether any of `owners` waits, directly or through other waiting owners, for `target`.
+    fn waits_for(&self, owners: &[Owner], target: Owner) -> bool {
+        let mut seen = HashSet::new();
+        let mut next = owners.to_vec();
+        while let Some(owner) = next.pop() {
+            if owner == target {
+                return true;
+            }
+            if seen.insert(owner) {
+                next.extend(self.waiting.get(&owner).into_iter().flat_map(|w| w.blockers.iter().copied()));
+            }
+        }
+        false
+    }
+
     /// How many ranges are held on `handle`, over all owners.
     pub fn ranges(&self, handle: &Handle) -> usize {
         self.objects.get(handle).map_or(0, Vec::len)
@@ -101,6 +154,7 @@ impl LockTable {
             ranges.retain(|r| r.owner.client != client);
             !ranges.is_empty()
         });
+        self.waiting.retain(|owner, _| owner.client != client);
     }
 
     /// The clients holding a lock that conflicts with `wanted`.
@@ -199,5 +253,44 @@ mod tests {
         assert_eq!(t.conflicting_clients(&h, &want(owner(2, 1), LockKind::Read, 5, 5)), vec![ClientId(1)]);
         t.release_client(ClientId(1));
         assert!(t.set(&h, &want(owner(2, 1), LockKind::Write, 0, u64::MAX)).is_ok());
+    }
+
+    #[test]
+    fn a_wait_that_closes_a_cycle_is_refused_and_others_are_not() {
+        // Goal: EDEADLK exactly when the owners waited for wait (through others too) for the
+        // asker; across clients, since each client only sees its own owners.
+        let (h1, h2, h3) = (Handle(vec![4]), Handle(vec![5]), Handle(vec![6]));
+        let mut t = LockTable::default();
+        let (a, b, c) = (owner(1, 1), owner(2, 1), owner(3, 1));
+        let now = Instant::now();
+        t.set(&h1, &want(a, LockKind::Write, 0, 0)).unwrap();
+        t.set(&h2, &want(b, LockKind::Write, 0, 0)).unwrap();
+        t.set(&h3, &want(c, LockKind::Write, 0, 0)).unwrap();
+        assert_eq!(t.wait(&h2, &want(a, LockKind::Write, 0, 0), now), Ok(()), "a waits for b");
+        assert_eq!(t.wait(&h3, &want(b, LockKind::Write, 0, 0), now), Ok(()), "b waits for c");
+        assert_eq!(t.wait(&h1, &want(c, LockKind::Write, 0, 0), now), Err(Deadlock), "c would wait for a, who waits for c");
+        assert_eq!(t.wait(&h1, &want(owner(4, 1), LockKind::Write, 0, 0), now), Ok(()), "a bystander may wait for a");
+        assert_eq!(t.wait(&h1, &want(c, LockKind::Read, 5, 9), now), Ok(()), "no conflict, nobody waited for");
+    }
+
+    #[test]
+    fn waits_are_forgotten_when_granted_or_stale() {
+        let (h1, h2) = (Handle(vec![7]), Handle(vec![8]));
+        let mut t = LockTable::default();
+        let (a, b) = (owner(1, 1), owner(2, 1));
+        let now = Instant::now();
+        t.set(&h1, &want(a, LockKind::Write, 0, 0)).unwrap();
+        t.set(&h2, &want(b, LockKind::Write, 0, 0)).unwrap();
+        t.wait(&h2, &want(a, LockKind::Write, 0, 0), now).unwrap();
+        assert_eq!(t.wait(&h1, &want(b, LockKind::Write, 0, 0), now + WAIT_REMEMBERED / 2), Err(Deadlock));
+        let later = now + WAIT_REMEMBERED;
+        assert_eq!(t.wait(&h1, &want(b, LockKind::Write, 0, 0), later), Ok(()), "a stopped waiting long ago");
+        assert_eq!(t.wait(&h2, &want(a, LockKind::Write, 0, 0), later), Err(Deadlock), "b waits for a now");
+        t.set(&h1, &want(a, LockKind::Unlock, 0, u64::MAX)).unwrap();
+        t.set(&h1, &want(b, LockKind::Write, 0, 0)).unwrap();
+        assert!(t.waiting.is_empty(), "granted: b waits no more");
+        t.wait(&h1, &want(a, LockKind::Write, 0, 0), later).unwrap();
+        t.release_client(ClientId(1));
+        assert!(t.waiting.is_empty(), "a departed client waits for nothing");
     }
 }

@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, B
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::coherence::{Change, Grant, Sink};
+use crate::coherence::{Change, Grant, LockRefused, Sink};
 use crate::export::Export;
 use crate::locks::{Owner, Wanted};
 use crate::ServerState;
@@ -404,7 +404,7 @@ fn is_quick(state: &ServerState, client: ClientId, request: &Request) -> bool {
         Request::Commit | Request::CommitUpTo(_) | Request::DurableTxn(_) | Request::StagedTxn(_) => false,
         Request::Txn(txn) => txn.commands.len() <= 16 && !state.coherence.shared(client) && !state.coherence.in_grace(),
         Request::StatFs | Request::Release { .. } | Request::CallbackDone { .. } | Request::Unsubscribe | Request::Renew(_) => true,
-        Request::Lock(_) | Request::TestLock(_) | Request::Subscribe => true,
+        Request::Lock(_) | Request::LockWait(_) | Request::TestLock(_) | Request::Subscribe => true,
         _ => !state.coherence.exclusive_elsewhere(client),
     }
 }
@@ -598,7 +598,8 @@ fn handle_blocking(state: &ServerState, who: Peer, request: Request, frame: Fram
             let grant = state.coherence.end_change(change, touched);
             Handled { result, data: Vec::new(), grant }
         }
-        Request::Lock(request) => Handled::plain(lock(state, client, &request)),
+        Request::Lock(request) => Handled::plain(lock(state, client, &request, false)),
+        Request::LockWait(request) => Handled::plain(lock(state, client, &request, true)),
         Request::TestLock(request) => Handled::plain(
             lock_wanted(export, client, &request).map(|(handle, wanted)| Reply::LockTest(state.coherence.test_lock(handle, &wanted))),
         ),
@@ -723,11 +724,12 @@ fn lock_wanted<'r>(export: &Export, client: ClientId, request: &'r LockRequest) 
     Ok((&request.handle, Wanted { owner, kind: request.kind, start: request.start, end: request.end, pid: request.pid }))
 }
 
-fn lock(state: &ServerState, client: ClientId, request: &LockRequest) -> Result<Reply, Errno> {
+fn lock(state: &ServerState, client: ClientId, request: &LockRequest, waits: bool) -> Result<Reply, Errno> {
     let (handle, wanted) = lock_wanted(&state.export, client, request)?;
-    match state.coherence.set_lock(client, handle, &wanted) {
+    match state.coherence.set_lock(client, handle, &wanted, waits) {
         Ok(result) => Ok(Reply::LockTest(result.err())),
-        Err(_) => Err(Errno(libc::ENOLCK)),
+        Err(LockRefused::TableFull) => Err(Errno(libc::ENOLCK)),
+        Err(LockRefused::Deadlock) => Err(Errno(libc::EDEADLK)),
     }
 }
 
@@ -744,7 +746,9 @@ mod tests {
     fn negotiation_picks_common_algorithms_and_names_what_is_missing() {
         // Goal: the refusal names the first missing algorithm; success reports what is in force.
         let (version, algorithms) = negotiate(&hello(), "tls13", "x509").unwrap();
-        assert_eq!(version, 6);
+        assert_eq!(version, 7);
+        let v6_client = Hello { versions: vec![6, 5, 4, 3, 2, 1], ..hello() };
+        assert_eq!(negotiate(&v6_client, "tls13", "x509").unwrap().0, 6, "a version-6 client is still served");
         let v5_client = Hello { versions: vec![5, 4, 3, 2, 1], ..hello() };
         assert_eq!(negotiate(&v5_client, "tls13", "x509").unwrap().0, 5, "a version-5 client is still served");
         let v3_client = Hello { versions: vec![3, 2, 1], ..hello() };

@@ -196,13 +196,22 @@ fn appends_from_both_clients_are_neither_lost_nor_torn() {
 
 /// Takes (`F_WRLCK`) or releases (`F_UNLCK`) an OFD lock on the whole file, waiting for it.
 fn ofd_lock(file: &File, kind: i32) {
+    ofd_lock_range(file, kind, 0, 0).unwrap_or_else(|e| panic!("F_OFD_SETLKW: {e}"));
+}
+
+/// An OFD lock of `kind` on `len` bytes from `start` (0: to the end), waiting for it.
+fn ofd_lock_range(file: &File, kind: i32, start: i64, len: i64) -> std::io::Result<()> {
     // SAFETY: an all-zero `struct flock` is valid; the fields that matter are set below.
     let mut lock: libc::flock = unsafe { std::mem::zeroed() };
     lock.l_type = kind as i16;
     lock.l_whence = libc::SEEK_SET as i16;
+    lock.l_start = start;
+    lock.l_len = len;
     // SAFETY: fcntl(2) with F_OFD_SETLKW and a pointer to a valid struct flock.
-    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLKW, &lock) };
-    assert_eq!(r, 0, "F_OFD_SETLKW: {}", std::io::Error::last_os_error());
+    match unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLKW, &lock) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
 }
 
 #[test]
@@ -264,6 +273,75 @@ fn flock_excludes_across_clients_and_dies_with_its_holder() {
     while try_flock(&on_a, libc::LOCK_EX).is_err() {
         assert!(Instant::now() < deadline, "the lock of a killed client was never released");
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_lock_wait_that_would_never_end_is_refused_with_edeadlk() {
+    // Goal: two owners on two clients, each holding a byte the other waits for, do not hang
+    // for ever: the second wait is refused (EDEADLK), and once its owner lets go, the first
+    // wait ends. Neither client sees the other's owner: only the server can tell.
+    let (a, b) = two_clients("30");
+    fs::write(a.m("pair"), b"xy").unwrap();
+    let on_a = OpenOptions::new().read(true).write(true).open(a.m("pair")).unwrap();
+    let on_b = OpenOptions::new().read(true).write(true).open(b.m("pair")).unwrap();
+    ofd_lock_range(&on_a, libc::F_WRLCK, 0, 1).expect("A takes byte 0");
+    ofd_lock_range(&on_b, libc::F_WRLCK, 1, 1).expect("B takes byte 1");
+    let first_wait = std::thread::spawn(move || ofd_lock_range(&on_a, libc::F_WRLCK, 1, 1));
+    std::thread::sleep(Duration::from_millis(300));
+    let on_b = within("B's wait for byte 0", Duration::from_secs(20), move || {
+        let refused = ofd_lock_range(&on_b, libc::F_WRLCK, 0, 1).expect_err("B waits for A, who waits for B");
+        assert_eq!(refused.raw_os_error(), Some(libc::EDEADLK), "{refused}");
+        on_b
+    });
+    ofd_lock_range(&on_b, libc::F_UNLCK, 1, 1).expect("B lets byte 1 go");
+    within("A's wait for byte 1", Duration::from_secs(20), move || first_wait.join().unwrap()).expect("A gets byte 1");
+}
+
+/// A python3 process that waits for a write lock on the whole of `argv[1]` (`lockf`, i.e.
+/// `F_SETLKW`) with a SIGALRM handler that raises after one second, and prints what happened.
+const ALARMED_LOCKER: &str = r#"
+import fcntl, signal, sys
+def ring(signum, frame):
+    raise TimeoutError
+signal.signal(signal.SIGALRM, ring)
+f = open(sys.argv[1], "r+")
+signal.alarm(1)
+try:
+    fcntl.lockf(f, fcntl.LOCK_EX)
+    print("locked")
+except TimeoutError:
+    print("interrupted")
+"#;
+
+#[test]
+fn a_process_waiting_for_a_lock_can_be_interrupted_and_killed() {
+    // Goal: a process blocked on a lock that another client holds behaves as on a local file
+    // system: a signal interrupts the wait (the usual `alarm` timeout around a lock), and
+    // kill -9 ends the process at once, rather than leaving it in D state, unkillable, for as
+    // long as the lock is held.
+    let (a, b) = two_clients("30");
+    fs::write(a.m("held"), b"x").unwrap();
+    let holder = OpenOptions::new().read(true).write(true).open(a.m("held")).unwrap();
+    ofd_lock(&holder, libc::F_WRLCK);
+
+    let path = b.m("held");
+    let out = within("the alarmed locker", Duration::from_secs(20), move || {
+        std::process::Command::new("python3").args(["-c", ALARMED_LOCKER, path.to_str().unwrap()]).output().expect("python3 runs")
+    });
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "interrupted\n", "stderr: {}", String::from_utf8_lossy(&out.stderr));
+
+    let mut waiter = std::process::Command::new("flock").arg("-x").arg(b.m("held")).arg("true").spawn().expect("flock runs");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(waiter.try_wait().unwrap().is_none(), "flock must wait for A's lock");
+    waiter.kill().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while waiter.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            ofd_lock(&holder, libc::F_UNLCK); // let it go, or the test would leave it behind
+            panic!("a process killed while waiting for a lock did not end");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
