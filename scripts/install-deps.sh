@@ -3,7 +3,7 @@
 # Debian 12 machine running as root. Safe to re-run: installs only what is missing.
 #   apt:   fuse3 libfuse3-dev pkg-config (build of the FUSE client), bindfs fio postmark (bench peers and
 #          workloads), attr (xattr tools), python3 (bench helpers, fsx probe, the sqlite test), git (the git
-#          workload test), util-linux (mountpoint,
+#          workload test), stress-ng dbench (the stress stage), util-linux (mountpoint,
 #          fallocate, findmnt), passwd (useradd for the pjdfstest user), build-essential (cc for cargo install).
 #   cargo: pjdfstest, fsx (conformance suites) and cargo-fuzz, installed into ~/.cargo/bin, which CI
 #          may cache.
@@ -17,7 +17,7 @@ say() { echo "install-deps: $*"; }
 [ "$(id -u)" = 0 ] || die "must run as root (apt-get, and the suites need root anyway)"
 
 APT_PKGS=(fuse3 pkg-config util-linux build-essential curl ca-certificates)
-$runtime_only || APT_PKGS+=(libfuse3-dev bindfs fio postmark attr python3 passwd procps git)
+$runtime_only || APT_PKGS+=(libfuse3-dev bindfs fio postmark attr python3 passwd procps git stress-ng dbench)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -7,6 +7,8 @@
 #   pjdfstest tests/conformance/pjdfstest.sh on a fresh braid mount (tests/e2e/with-mount.sh)
 #   fsx       tests/conformance/fsx.sh on a fresh braid mount while a second client reads the files
 #   coherence tests/conformance/fscheck.sh: the lab's checks on one mount and across two
+#   stress    tests/conformance/stress.sh: stress-ng's file-system stressors, dbench on both
+#             mounts at once, fio write+verify (two clients; a hang is a failure)
 #   crash     tests/crash/run.sh maildir_crash.py (maildir delivery across server kills),
 #             tests/crash/run.sh power_cut.py (an emulated power cut of the server's machine) and
 #             tests/crash/fsx-kill.sh (fsx across server kills); each manages its own server/mount
@@ -18,10 +20,10 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 export TEST_OUT=${TEST_OUT:-/tmp/braid-test-$(date +%Y%m%d-%H%M%S)}
-export PJDFS_OUT=$TEST_OUT/pjdfstest FSX_OUT=$TEST_OUT/fsx
+export PJDFS_OUT=$TEST_OUT/pjdfstest FSX_OUT=$TEST_OUT/fsx STRESS_OUT=$TEST_OUT/stress
 # keep the worst case inside the budget: pjdfstest takes seconds, fsx a few minutes per variant
 export PJDFS_TIMEOUT=${PJDFS_TIMEOUT:-600} FSX_TIMEOUT=${FSX_TIMEOUT:-600}
-STAGES=${STAGES:-deps build lint test pjdfstest fsx coherence crash fuzz}
+STAGES=${STAGES:-deps build lint test pjdfstest fsx coherence stress crash fuzz}
 summary=()
 
 finish() {
@@ -49,6 +51,7 @@ stage test cargo test --release --workspace
 stage pjdfstest tests/e2e/with-mount.sh tests/conformance/pjdfstest.sh
 stage fsx env SECOND_MOUNT=1 tests/e2e/with-mount.sh tests/conformance/fsx-with-reader.sh
 stage coherence env SECOND_MOUNT=1 tests/e2e/with-mount.sh tests/conformance/fscheck.sh
+stage stress env SECOND_MOUNT=1 tests/e2e/with-mount.sh tests/conformance/stress.sh
 stage crash bash -c 'tests/crash/run.sh maildir_crash.py && tests/crash/run.sh power_cut.py && tests/crash/fsx-kill.sh'
 stage fuzz scripts/fuzz.sh "${FUZZ_SECONDS:-20}"
 finish; echo "ALL PASSED"
