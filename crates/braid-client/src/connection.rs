@@ -24,6 +24,7 @@ use braid_proto::{
     Lsn, Predecessor, Reply, Request, Response, Welcome, HEADER_BYTES,
 };
 
+use crate::locks::HeldLocks;
 use crate::{wire_error, ClientConfig, ClientError, Lease, Result};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -42,6 +43,8 @@ pub struct Connection {
     lost: AtomicBool,
     /// Open count per handle, to restore the server's pins after it restarts.
     pins: Mutex<HashMap<Handle, i64>>,
+    /// The locks this client holds, to claim them again after the server restarts.
+    pub(crate) held_locks: HeldLocks,
     /// How long the server's rights last, in milliseconds (from the latest welcome).
     lease_ms: AtomicU64,
 }
@@ -123,6 +126,7 @@ impl Connection {
             server_instance: AtomicU64::new(info.server_instance),
             lost: AtomicBool::new(false),
             pins: Mutex::new(HashMap::new()),
+            held_locks: HeldLocks::default(),
             lease_ms: AtomicU64::new(info.lease_ms as u64),
         });
         Ok((connection, info))
@@ -235,8 +239,9 @@ impl Connection {
 
     /// A new channel for callbacks: it waits for the server without a time limit, since an idle
     /// callback channel is silent for as long as nobody else changes anything.
-    pub(crate) fn open_callback_channel(&self) -> Result<Channel> {
-        let (channel, _) = connect(&self.config, self.client_id)?;
+    pub(crate) fn open_callback_channel(self: &Arc<Self>) -> Result<Channel> {
+        let (channel, info) = connect(&self.config, self.client_id)?;
+        self.connected_to(&info);
         channel
             .socket
             .set_read_timeout(None)
@@ -263,11 +268,7 @@ impl Connection {
                     if self.lost.swap(false, Ordering::AcqRel) {
                         tracing::info!(server = %self.config.server, "reconnected; resending requests without a reply");
                     }
-                    self.lease_ms.store(info.lease_ms as u64, Ordering::Relaxed);
-                    let previous = self.server_instance.swap(info.server_instance, Ordering::AcqRel);
-                    if previous != info.server_instance {
-                        self.restore_pins();
-                    }
+                    self.connected_to(&info);
                     return Ok(channel);
                 }
                 Err(e @ ClientError::Refused { .. }) => return Err(e),
@@ -278,6 +279,18 @@ impl Connection {
             }
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+        }
+    }
+
+    /// Takes in what the server said in its welcome; if it is another process than before (it
+    /// restarted), gives it back what lived only in the old one's memory: pins and locks. Both
+    /// kinds of channel tell: an idle client may notice a restart on its callback channel only.
+    fn connected_to(self: &Arc<Self>, info: &ExportInfo) {
+        self.lease_ms.store(info.lease_ms as u64, Ordering::Relaxed);
+        let previous = self.server_instance.swap(info.server_instance, Ordering::AcqRel);
+        if previous != info.server_instance {
+            self.restore_pins();
+            self.reclaim_locks();
         }
     }
 
@@ -300,6 +313,22 @@ impl Connection {
                     tracing::warn!(error = %e, "cannot restore an open file after the server restarted");
                 }
             }
+        });
+    }
+}
+
+impl Connection {
+    /// Claims the locks this client held again from a restarted server, from a thread of its
+    /// own: it waits for the lock requests under way, and one of them may be the caller's.
+    fn reclaim_locks(self: &Arc<Self>) {
+        let this = self.clone();
+        std::thread::spawn(move || {
+            this.held_locks.reclaim_all(|lock| match this.call(&Request::LockReclaim(lock.clone()), &[]) {
+                Ok((Reply::LockTest(None), _)) => Ok(()),
+                Ok((Reply::LockTest(Some(held)), _)) => Err(format!("held by pid {} of another owner", held.pid)),
+                Ok((other, _)) => Err(format!("unexpected reply {other:?}")),
+                Err(e) => Err(e.to_string()),
+            });
         });
     }
 }

@@ -11,6 +11,7 @@
 mod callbacks;
 mod connection;
 pub mod inodes;
+mod locks;
 mod writeback;
 
 use std::collections::{BTreeSet, VecDeque};
@@ -893,14 +894,21 @@ impl Client {
         self.lock_call(Request::TestLock(request))
     }
 
-    /// Sends a lock request; both kinds are answered with the conflicting lock, if any.
+    /// Sends a lock request; all kinds are answered with the conflicting lock, if any. What
+    /// the server carried out is recorded, to be claimed again if it restarts.
     fn lock_call(&self, mut request: Request) -> Result<Option<LockHeld>> {
         if let Request::Lock(lock) | Request::LockWait(lock) | Request::TestLock(lock) = &mut request {
             lock.handle = self.settled(&lock.handle)?;
         }
-        match self.call(request)? {
-            Reply::LockTest(held) => Ok(held),
-            other => unexpected(other),
+        let held_locks = &self.connection.held_locks;
+        let _travelling = held_locks.travelling();
+        match (self.connection.call(&request, &[])?.0, &request) {
+            (Reply::LockTest(None), Request::Lock(lock) | Request::LockWait(lock)) => {
+                held_locks.granted(lock);
+                Ok(None)
+            }
+            (Reply::LockTest(held), _) => Ok(held),
+            (other, _) => unexpected(other),
         }
     }
 

@@ -10,6 +10,7 @@
 pub mod codec;
 pub mod frame;
 pub mod limits;
+pub mod lockset;
 pub mod messages;
 
 pub use codec::{decode_frame, decode_message, encode_frame, encode_parts, Checksum, CodecError, EncodedFrame, Frame};

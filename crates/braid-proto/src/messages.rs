@@ -9,7 +9,7 @@ use crate::codec::Checksum;
 /// [`Request::StagedTxn`], 4 [`Request::XattrNames`] and [`Request::CommitUpTo`], 5
 /// [`Welcome::AcceptedAfter`] and [`Request::Renew`], 6 transactions carrying up to
 /// [`crate::limits::TXN_DATA_BYTES_MAX`] of data, in which a refused write does not stop the
-/// commands after it, 7 [`Request::LockWait`].
+/// commands after it, 7 [`Request::LockWait`] and [`Request::LockReclaim`].
 pub const PROTOCOL_VERSIONS: &[u16] = &[7, 6, 5, 4, 3, 2, 1];
 
 /// The first protocol version with [`Request::DurableTxn`].
@@ -32,7 +32,8 @@ pub const RENEW_VERSION: u16 = 5;
 /// and goes on after a refused write in a transaction (before: it stopped at any refusal).
 pub const BULK_TXN_VERSION: u16 = 6;
 
-/// The first protocol version with [`Request::LockWait`] (deadlock detection).
+/// The first protocol version with [`Request::LockWait`] (deadlock detection) and
+/// [`Request::LockReclaim`] (locks survive a restart of the server).
 pub const LOCK_WAIT_VERSION: u16 = 7;
 
 /// Identifies one client (one mount) for deduplication; random, chosen at mount time and kept
@@ -332,6 +333,11 @@ pub enum Request {
     /// the request is refused with `EDEADLK` instead (none of them could ever go on).
     /// Protocol version 7.
     LockWait(LockRequest),
+    /// A lock this client held from the previous server process, claimed again after a
+    /// restart. Taken only during the grace period (one lease after the start), when no other
+    /// request may take a lock (they are answered with a conflict); refused with `ENOLCK`
+    /// after it: the lock is lost. Protocol version 7.
+    LockReclaim(LockRequest),
 }
 
 /// A whole-file or byte-range lock request. `owner` is the client's name for the lock owner

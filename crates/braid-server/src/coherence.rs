@@ -29,6 +29,17 @@ use braid_proto::{Callback, ClientId, Handle, Invalidation, LockHeld, LockKind};
 
 use crate::locks::{Deadlock, LockTable, Wanted};
 
+/// How a lock request is meant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// Taken if free, else answered with the conflict.
+    Take,
+    /// As `Take`, and the owner waits (it retries): see `locks` on deadlocks.
+    Wait,
+    /// A lock granted by the previous server process, claimed again during the grace period.
+    Reclaim,
+}
+
 /// Why a lock request is refused outright (rather than answered with the conflicting lock).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LockRefused {
@@ -36,7 +47,13 @@ pub enum LockRefused {
     TableFull,
     /// The asker would wait for owners that wait for it (see `locks`).
     Deadlock,
+    /// A reclaim after the grace period: whoever held the lock lost it.
+    GraceOver,
 }
+
+/// The conflict reported during the grace period after a restart, to every request that would
+/// take a lock: any lock may still be reclaimed by a client of the previous process.
+const HELD_BEFORE_THE_RESTART: LockHeld = LockHeld { kind: LockKind::Write, start: 0, end: u64::MAX, pid: 0, mine: false };
 
 /// Delivers a callback to a subscribed client; false if it cannot (connection gone or full).
 pub type Sink = Arc<dyn Fn(u64, &Callback) -> bool + Send + Sync>;
@@ -511,9 +528,21 @@ impl Coherence {
     }
 
     /// Takes, changes or releases a lock for `client`. A conflicting lock of a client that has
-    /// had no connection for a whole lease is dropped: that client died. An owner that `waits`
+    /// had no connection for a whole lease is dropped: that client died. An owner that waits
     /// is remembered as waiting for the conflicting owners, unless that would be a deadlock.
-    pub fn set_lock(&self, client: ClientId, handle: &Handle, wanted: &Wanted, waits: bool) -> Result<Result<(), LockHeld>, LockRefused> {
+    /// During the grace period after a restart only reclaims and unlocks are carried out.
+    pub fn set_lock(
+        &self,
+        client: ClientId,
+        handle: &Handle,
+        wanted: &Wanted,
+        mode: LockMode,
+    ) -> Result<Result<(), LockHeld>, LockRefused> {
+        match (mode, self.in_grace()) {
+            (LockMode::Reclaim, false) => return Err(LockRefused::GraceOver),
+            (LockMode::Take | LockMode::Wait, true) if wanted.kind != LockKind::Unlock => return Ok(Err(HELD_BEFORE_THE_RESTART)),
+            _ => {}
+        }
         let mut state = self.lock();
         // A new range may split one in two: room for two more.
         if wanted.kind != LockKind::Unlock && state.locks.ranges(handle) + 2 > LOCK_RANGES_PER_OBJECT_MAX {
@@ -525,14 +554,18 @@ impl Coherence {
         };
         if result.is_err() {
             tracing::trace!(client = client.0, "lock conflict");
-            if waits {
+            if mode == LockMode::Wait {
                 state.locks.wait(handle, wanted, Instant::now()).map_err(|Deadlock| LockRefused::Deadlock)?;
             }
         }
         Ok(result)
     }
 
+    /// The lock that `wanted` would conflict with (during the grace period: any lock may).
     pub fn test_lock(&self, handle: &Handle, wanted: &Wanted) -> Option<LockHeld> {
+        if self.in_grace() {
+            return Some(HELD_BEFORE_THE_RESTART);
+        }
         let mut state = self.lock();
         self.drop_departed(&mut state, handle, wanted);
         state.locks.conflict(handle, wanted)

@@ -1,6 +1,6 @@
 //! Byte-range locks arbitrated by the server, so that processes on different clients exclude
 //! each other. POSIX semantics: an owner's locks on one object merge and split like `fcntl`
-//! locks (a new lock replaces the owner's own overlapping ranges); locks of different owners
+//! locks (`braid_proto::lockset`); locks of different owners
 //! conflict when they overlap and one of them is a write lock. `flock` and OFD locks are the
 //! same thing with the open file as owner and the whole file as range (as NFS does it).
 //!
@@ -13,28 +13,13 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use braid_proto::lockset::{LockRange, OwnerLocks};
 use braid_proto::{ClientId, Handle, LockHeld, LockKind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Owner {
     pub client: ClientId,
     pub id: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Range {
-    owner: Owner,
-    write: bool,
-    start: u64,
-    /// Inclusive.
-    end: u64,
-    pid: u32,
-}
-
-impl Range {
-    fn overlaps(&self, start: u64, end: u64) -> bool {
-        self.start <= end && start <= self.end
-    }
 }
 
 /// How long an owner is remembered as waiting after its last try. A waiting client retries at
@@ -45,7 +30,7 @@ pub const WAIT_REMEMBERED: Duration = Duration::from_millis(500);
 
 #[derive(Default)]
 pub struct LockTable {
-    objects: HashMap<Handle, Vec<Range>>,
+    objects: HashMap<Handle, HashMap<Owner, OwnerLocks>>,
     /// Owners whose last request conflicted and who wait: the owners they wait for.
     waiting: HashMap<Owner, Waiting>,
 }
@@ -71,23 +56,28 @@ pub struct Wanted {
 
 impl LockTable {
     /// The locks of other owners that `wanted` conflicts with (none for an unlock).
-    fn conflicting<'t>(&'t self, handle: &Handle, wanted: &'t Wanted) -> impl Iterator<Item = &'t Range> {
+    fn conflicting<'t>(&'t self, handle: &Handle, wanted: &'t Wanted) -> impl Iterator<Item = (Owner, &'t LockRange)> {
         let write = wanted.kind == LockKind::Write;
-        let ranges = match wanted.kind {
+        let owners = match wanted.kind {
             LockKind::Unlock => None,
             _ => self.objects.get(handle),
         };
-        ranges.into_iter().flatten().filter(move |r| r.owner != wanted.owner && (write || r.write) && r.overlaps(wanted.start, wanted.end))
+        owners
+            .into_iter()
+            .flatten()
+            .filter(move |(owner, _)| **owner != wanted.owner)
+            .flat_map(|(owner, locks)| locks.ranges().iter().map(move |r| (*owner, r)))
+            .filter(move |(_, r)| (write || r.write) && r.overlaps(wanted.start, wanted.end))
     }
 
     /// The first lock of another owner that `wanted` conflicts with.
     pub fn conflict(&self, handle: &Handle, wanted: &Wanted) -> Option<LockHeld> {
-        self.conflicting(handle, wanted).next().map(|r| LockHeld {
-            kind: if r.write { LockKind::Write } else { LockKind::Read },
+        self.conflicting(handle, wanted).next().map(|(owner, r)| LockHeld {
+            kind: r.kind(),
             start: r.start,
             end: r.end,
             pid: r.pid,
-            mine: r.owner.client == wanted.owner.client,
+            mine: owner.client == wanted.owner.client,
         })
     }
 
@@ -97,19 +87,13 @@ impl LockTable {
             return Err(held);
         }
         self.waiting.remove(&wanted.owner);
-        let ranges = self.objects.entry(handle.clone()).or_default();
-        carve(ranges, wanted.owner, wanted.start, wanted.end);
-        if wanted.kind != LockKind::Unlock {
-            ranges.push(Range {
-                owner: wanted.owner,
-                write: wanted.kind == LockKind::Write,
-                start: wanted.start,
-                end: wanted.end,
-                pid: wanted.pid,
-            });
-            merge_adjacent(ranges, wanted.owner);
+        let owners = self.objects.entry(handle.clone()).or_default();
+        let locks = owners.entry(wanted.owner).or_default();
+        locks.apply(wanted.kind, wanted.start, wanted.end, wanted.pid);
+        if locks.is_empty() {
+            owners.remove(&wanted.owner);
         }
-        if ranges.is_empty() {
+        if owners.is_empty() {
             self.objects.remove(handle);
         }
         Ok(())
@@ -119,7 +103,7 @@ impl LockTable {
     /// unless one of them waits, directly or through others, for `wanted.owner`.
     pub fn wait(&mut self, handle: &Handle, wanted: &Wanted, now: Instant) -> Result<(), Deadlock> {
         self.waiting.retain(|_, w| w.until > now);
-        let blockers: Vec<Owner> = self.conflicting(handle, wanted).map(|r| r.owner).collect();
+        let blockers: Vec<Owner> = self.conflicting(handle, wanted).map(|(owner, _)| owner).collect();
         if self.waits_for(&blockers, wanted.owner) {
             self.waiting.remove(&wanted.owner);
             return Err(Deadlock);
@@ -145,55 +129,22 @@ impl LockTable {
 
     /// How many ranges are held on `handle`, over all owners.
     pub fn ranges(&self, handle: &Handle) -> usize {
-        self.objects.get(handle).map_or(0, Vec::len)
+        self.objects.get(handle).map_or(0, |owners| owners.values().map(|locks| locks.ranges().len()).sum())
     }
 
     /// Drops every lock of `client` (it unmounted, or vanished for longer than its lease).
     pub fn release_client(&mut self, client: ClientId) {
-        self.objects.retain(|_, ranges| {
-            ranges.retain(|r| r.owner.client != client);
-            !ranges.is_empty()
+        self.objects.retain(|_, owners| {
+            owners.retain(|owner, _| owner.client != client);
+            !owners.is_empty()
         });
         self.waiting.retain(|owner, _| owner.client != client);
     }
 
     /// The clients holding a lock that conflicts with `wanted`.
     pub fn conflicting_clients(&self, handle: &Handle, wanted: &Wanted) -> Vec<ClientId> {
-        self.conflicting(handle, wanted).map(|r| r.owner.client).collect()
+        self.conflicting(handle, wanted).map(|(owner, _)| owner.client).collect()
     }
-}
-
-/// Removes `start..=end` from `owner`'s ranges, splitting a range that straddles it.
-fn carve(ranges: &mut Vec<Range>, owner: Owner, start: u64, end: u64) {
-    let mut kept = Vec::with_capacity(ranges.len() + 1);
-    for r in ranges.drain(..) {
-        if r.owner != owner || !r.overlaps(start, end) {
-            kept.push(r);
-            continue;
-        }
-        if r.start < start {
-            kept.push(Range { end: start - 1, ..r.clone() });
-        }
-        if r.end > end {
-            kept.push(Range { start: end + 1, ..r });
-        }
-    }
-    *ranges = kept;
-}
-
-/// Joins `owner`'s ranges of the same type that touch, as the kernel does for local locks.
-fn merge_adjacent(ranges: &mut Vec<Range>, owner: Owner) {
-    let (mut mine, others): (Vec<Range>, Vec<Range>) = ranges.drain(..).partition(|r| r.owner == owner);
-    mine.sort_by_key(|r| r.start);
-    let mut merged: Vec<Range> = Vec::with_capacity(mine.len());
-    for r in mine {
-        match merged.last_mut() {
-            Some(last) if last.write == r.write && last.end.checked_add(1) == Some(r.start) => last.end = r.end,
-            _ => merged.push(r),
-        }
-    }
-    *ranges = others;
-    ranges.extend(merged);
 }
 
 #[cfg(test)]
@@ -238,7 +189,7 @@ mod tests {
         t.set(&h, &want(b, LockKind::Unlock, 0, u64::MAX)).unwrap();
         t.set(&h, &want(a, LockKind::Read, 40, 59)).unwrap();
         t.set(&h, &want(a, LockKind::Read, 0, 99)).unwrap();
-        assert_eq!(t.objects[&h].len(), 1, "merged into one read range: {:?}", t.objects[&h]);
+        assert_eq!(t.ranges(&h), 1, "merged into one read range");
         assert!(t.set(&h, &want(b, LockKind::Read, 0, 99)).is_ok(), "readers share");
         t.set(&h, &want(b, LockKind::Unlock, 0, u64::MAX)).unwrap();
         t.set(&h, &want(a, LockKind::Unlock, 0, u64::MAX)).unwrap();

@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, B
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::coherence::{Change, Grant, LockRefused, Sink};
+use crate::coherence::{Change, Grant, LockMode, LockRefused, Sink};
 use crate::export::Export;
 use crate::locks::{Owner, Wanted};
 use crate::ServerState;
@@ -404,7 +404,7 @@ fn is_quick(state: &ServerState, client: ClientId, request: &Request) -> bool {
         Request::Commit | Request::CommitUpTo(_) | Request::DurableTxn(_) | Request::StagedTxn(_) => false,
         Request::Txn(txn) => txn.commands.len() <= 16 && !state.coherence.shared(client) && !state.coherence.in_grace(),
         Request::StatFs | Request::Release { .. } | Request::CallbackDone { .. } | Request::Unsubscribe | Request::Renew(_) => true,
-        Request::Lock(_) | Request::LockWait(_) | Request::TestLock(_) | Request::Subscribe => true,
+        Request::Lock(_) | Request::LockWait(_) | Request::LockReclaim(_) | Request::TestLock(_) | Request::Subscribe => true,
         _ => !state.coherence.exclusive_elsewhere(client),
     }
 }
@@ -598,8 +598,9 @@ fn handle_blocking(state: &ServerState, who: Peer, request: Request, frame: Fram
             let grant = state.coherence.end_change(change, touched);
             Handled { result, data: Vec::new(), grant }
         }
-        Request::Lock(request) => Handled::plain(lock(state, client, &request, false)),
-        Request::LockWait(request) => Handled::plain(lock(state, client, &request, true)),
+        Request::Lock(request) => Handled::plain(lock(state, client, &request, LockMode::Take)),
+        Request::LockWait(request) => Handled::plain(lock(state, client, &request, LockMode::Wait)),
+        Request::LockReclaim(request) => Handled::plain(lock(state, client, &request, LockMode::Reclaim)),
         Request::TestLock(request) => Handled::plain(
             lock_wanted(export, client, &request).map(|(handle, wanted)| Reply::LockTest(state.coherence.test_lock(handle, &wanted))),
         ),
@@ -724,11 +725,11 @@ fn lock_wanted<'r>(export: &Export, client: ClientId, request: &'r LockRequest) 
     Ok((&request.handle, Wanted { owner, kind: request.kind, start: request.start, end: request.end, pid: request.pid }))
 }
 
-fn lock(state: &ServerState, client: ClientId, request: &LockRequest, waits: bool) -> Result<Reply, Errno> {
+fn lock(state: &ServerState, client: ClientId, request: &LockRequest, mode: LockMode) -> Result<Reply, Errno> {
     let (handle, wanted) = lock_wanted(&state.export, client, request)?;
-    match state.coherence.set_lock(client, handle, &wanted, waits) {
+    match state.coherence.set_lock(client, handle, &wanted, mode) {
         Ok(result) => Ok(Reply::LockTest(result.err())),
-        Err(LockRefused::TableFull) => Err(Errno(libc::ENOLCK)),
+        Err(LockRefused::TableFull | LockRefused::GraceOver) => Err(Errno(libc::ENOLCK)),
         Err(LockRefused::Deadlock) => Err(Errno(libc::EDEADLK)),
     }
 }
@@ -772,7 +773,7 @@ mod tests {
         assert!(refusal.contains("requires tls13"), "{refusal}");
         assert!(negotiate(&requires_tls, "tls13", "x509").is_ok());
 
-        let future = Hello { versions: vec![7], ..hello() };
+        let future = Hello { versions: vec![8], ..hello() };
         assert!(negotiate(&future, "none", "none").unwrap_err().contains("no common protocol version"));
     }
 }

@@ -345,6 +345,43 @@ fn a_process_waiting_for_a_lock_can_be_interrupted_and_killed() {
     }
 }
 
+/// Tries to take an OFD write lock on the whole file without waiting.
+fn try_ofd_lock(file: &File) -> std::io::Result<()> {
+    // SAFETY: an all-zero `struct flock` is valid; the fields that matter are set below.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as i16;
+    lock.l_whence = libc::SEEK_SET as i16;
+    // SAFETY: fcntl(2) with F_OFD_SETLK and a pointer to a valid struct flock.
+    match unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+#[test]
+fn a_lock_survives_a_restart_of_the_server() {
+    // Goal: the server keeps locks in memory only; after kill -9 and a restart, the client that
+    // held a lock reclaims it (during the grace period, when nobody else may take one), so
+    // the other client cannot take it meanwhile: two writers under "one" lock is how sqlite
+    // databases get corrupted.
+    let (mut a, b) = two_clients("2");
+    fs::write(a.m("db"), b"x").unwrap();
+    let on_a = OpenOptions::new().read(true).write(true).open(a.m("db")).unwrap();
+    let on_b = OpenOptions::new().read(true).write(true).open(b.m("db")).unwrap();
+    ofd_lock(&on_a, libc::F_WRLCK);
+    a.kill_server();
+    a.start_server();
+    // Two leases: the grace period, then as long again with the reclaimed lock in place.
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        let refused = try_ofd_lock(&on_b).expect_err("B took the lock A held before the restart");
+        assert_eq!(refused.raw_os_error(), Some(libc::EAGAIN), "{refused}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ofd_lock(&on_a, libc::F_UNLCK);
+    try_ofd_lock(&on_b).expect("B takes the lock once A let it go");
+}
+
 #[test]
 fn a_file_unlinked_on_one_client_stays_readable_where_it_is_open() {
     let (a, b) = two_clients("30");
