@@ -462,7 +462,19 @@ impl Client {
 
     /// Before `commands` remove a name: the server must keep what is open here.
     fn before_names_go(&self, commands: &[Command]) {
-        if commands.iter().any(|c| matches!(c, Command::Unlink { .. } | Command::Rmdir { .. } | Command::Rename { .. })) {
+        if !commands.iter().any(|c| matches!(c, Command::Unlink { .. } | Command::Rmdir { .. } | Command::Rename { .. })) {
+            return;
+        }
+        // Only the opens of what loses a name matter; when the listings cannot tell what
+        // does, every unsent open is sent.
+        let concerned = match self.writeback.unnamed_by(commands) {
+            Some(objects) => {
+                let unsent = self.unsent_opens.lock().expect("unsent opens lock").clone();
+                unsent.iter().any(|open| objects.contains(&self.writeback.canonical_handle(open)))
+            }
+            None => true,
+        };
+        if concerned {
             self.send_unsent_opens(true);
         }
     }

@@ -344,14 +344,27 @@ impl State {
     /// The objects the names `command` removes or replaces name now, if the listings know
     /// them all (`None`: a name whose object is unknown, or a directory whose names are).
     fn named_by(&self, command: &Command) -> Option<Vec<Handle>> {
-        let names = match command {
-            Command::Unlink { parent, name } | Command::Rmdir { parent, name } => vec![(parent, name)],
-            Command::Rename { parent, name, new_parent, new_name, .. } => vec![(parent, name), (new_parent, new_name)],
-            _ => return Some(Vec::new()),
-        };
+        match command {
+            Command::Unlink { parent, name } | Command::Rmdir { parent, name } => self.named(&[(parent, name)]),
+            Command::Rename { parent, name, new_parent, new_name, .. } => self.named(&[(parent, name), (new_parent, new_name)]),
+            _ => Some(Vec::new()),
+        }
+    }
+
+    /// The objects that lose a name by `command` (for a rename: the one it replaces), with the
+    /// same `None` as `named_by`.
+    fn unnamed_by(&self, command: &Command) -> Option<Vec<Handle>> {
+        match command {
+            Command::Unlink { parent, name } | Command::Rmdir { parent, name } => self.named(&[(parent, name)]),
+            Command::Rename { new_parent, new_name, .. } => self.named(&[(new_parent, new_name)]),
+            _ => Some(Vec::new()),
+        }
+    }
+
+    fn named(&self, names: &[(&Handle, &Vec<u8>)]) -> Option<Vec<Handle>> {
         let mut objects = Vec::new();
         for (parent, name) in names {
-            match self.listings.get(&self.canonical(parent))?.get(name) {
+            match self.listings.get(&self.canonical(parent))?.get(*name) {
                 None => {}
                 Some(object) => objects.push(self.canonical(object.as_ref()?)),
             }
@@ -676,6 +689,19 @@ impl WriteBack {
     }
 
     /// `commands` with every handle canonical (after the creates they depend on resolved).
+    /// The objects (server handles) that lose a name by `commands`, if this client's listings
+    /// tell (`None`: a directory not listed here, or a name whose object is unknown).
+    pub(crate) fn unnamed_by(&self, commands: &[Command]) -> Option<Vec<Handle>> {
+        let state = self.lock();
+        let objects = commands.iter().map(|command| state.unnamed_by(command)).collect::<Option<Vec<_>>>()?;
+        Some(objects.concat())
+    }
+
+    /// `handle` as the server knows it (the real handle of a provisional one that was created).
+    pub(crate) fn canonical_handle(&self, handle: &Handle) -> Handle {
+        self.lock().canonical(handle)
+    }
+
     pub(crate) fn canonical(&self, commands: &[Command]) -> Vec<Command> {
         let state = self.lock();
         let mut commands = commands.to_vec();

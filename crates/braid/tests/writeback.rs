@@ -59,6 +59,33 @@ fn changes_to_a_file_held_exclusively_return_while_the_server_is_stopped() {
 }
 
 #[test]
+fn removing_one_file_does_not_wait_for_the_opens_of_others() {
+    // Goal: an unlink waits for the server only to tell it of unsent opens of the file it
+    // removes, not of every file open here (dbench's unlinks and renames stalled 30 ms each,
+    // flushing the whole write-back queue first). With the server frozen, in a directory made
+    // here, a file is kept open and another one is removed: the removal answers from the cache.
+    let f = serving(&[]);
+    fs::create_dir(f.m("d")).expect("mkdir d");
+    // The kernel checks the path's permissions: the root's attributes come from the server.
+    fs::metadata(f.m("")).expect("stat the root");
+    f.signal_server(libc::SIGSTOP);
+    let d = f.m("d");
+    let removed = within("an unlink with another file open and the server stopped", Duration::from_secs(10), move || {
+        fs::write(d.join("open"), b"1").expect("create open");
+        fs::write(d.join("gone"), b"2").expect("create gone");
+        let kept_open = File::open(d.join("open")).expect("open");
+        let removed = fs::remove_file(d.join("gone"));
+        drop(kept_open);
+        removed
+    });
+    f.signal_server(libc::SIGCONT);
+    removed.expect("unlink in the cache");
+    File::open(f.m("d")).expect("open d").sync_all().expect("fsync d");
+    assert_eq!(fs::read(f.e("d/open")).expect("read the export"), b"1");
+    assert!(!f.e("d/gone").exists(), "the unlink reached the server");
+}
+
+#[test]
 fn another_client_reads_what_was_not_written_back_yet() {
     // Goal: B reads A's latest bytes and attributes while A keeps the file open and never
     // closes or syncs it: the server has B wait for A's queued changes.
