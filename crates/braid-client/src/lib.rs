@@ -465,13 +465,14 @@ impl Client {
         if !commands.iter().any(|c| matches!(c, Command::Unlink { .. } | Command::Rmdir { .. } | Command::Rename { .. })) {
             return;
         }
+        let unsent = self.unsent_opens.lock().expect("unsent opens lock").clone();
+        if unsent.is_empty() {
+            return;
+        }
         // Only the opens of what loses a name matter; when the listings cannot tell what
         // does, every unsent open is sent.
         let concerned = match self.writeback.unnamed_by(commands) {
-            Some(objects) => {
-                let unsent = self.unsent_opens.lock().expect("unsent opens lock").clone();
-                unsent.iter().any(|open| objects.contains(&self.writeback.canonical_handle(open)))
-            }
+            Some(objects) => unsent.iter().any(|open| objects.contains(&self.writeback.canonical_handle(open))),
             None => true,
         };
         if concerned {

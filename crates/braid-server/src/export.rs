@@ -34,6 +34,9 @@ const FD_CACHE_ENTRIES_MAX: usize = 8192;
 /// once when a change would otherwise run out of it.
 const REMOVED_LINGER: Duration = Duration::from_secs(1);
 
+/// How often the descriptors of removed objects are looked at (see `Export::closes_looked`).
+const CLOSE_BATCH_INTERVAL: Duration = Duration::from_millis(50);
+
 pub type OpResult<T> = Result<T, Errno>;
 
 fn errno(e: impl Into<io::Error>) -> Errno {
@@ -64,6 +67,9 @@ pub struct Export {
     /// unlinked file frees its blocks and first waits for any writeback of its pages, which
     /// under a commit took up to 280 ms, and stalled every request behind the fd cache lock.
     closer: mpsc::Sender<Vec<Arc<OwnedFd>>>,
+    /// When `close_removed` last looked: it looks at most every `CLOSE_BATCH_INTERVAL`, so that
+    /// a stream of removals wakes the closer a few times a second, not once per removal.
+    closes_looked: Mutex<Instant>,
     quota: Option<Quota>,
 }
 
@@ -95,7 +101,16 @@ impl Export {
             .name("braid-close".into())
             .spawn(move || to_close.into_iter().for_each(drop))
             .map_err(|source| ExportError::Open { path: dir.display().to_string(), source })?;
-        Ok(Self { root, root_handle, sealer, fds: Mutex::new(HashMap::new()), removed: Mutex::new(VecDeque::new()), closer, quota })
+        Ok(Self {
+            root,
+            root_handle,
+            sealer,
+            fds: Mutex::new(HashMap::new()),
+            removed: Mutex::new(VecDeque::new()),
+            closer,
+            closes_looked: Mutex::new(Instant::now()),
+            quota,
+        })
     }
 
     pub fn max_bytes(&self) -> Option<u64> {
@@ -648,9 +663,18 @@ impl Export {
     /// Closes, in the background, the descriptors of objects removed before `cutoff` that no
     /// client has open; returns whether any removal was that old.
     fn close_removed(&self, cutoff: Instant) -> bool {
+        {
+            let mut looked = self.closes_looked.lock().expect("closes lock");
+            if looked.elapsed() < CLOSE_BATCH_INTERVAL {
+                return false;
+            }
+            *looked = Instant::now();
+        }
         let Some(closing) = self.take_removed(cutoff) else { return false };
-        if let Err(mpsc::SendError(closing)) = self.closer.send(closing) {
-            drop(closing);
+        if !closing.is_empty() {
+            if let Err(mpsc::SendError(closing)) = self.closer.send(closing) {
+                drop(closing);
+            }
         }
         true
     }
