@@ -35,8 +35,11 @@ pub struct LockTable {
     waiting: HashMap<Owner, Waiting>,
 }
 
+/// What a waiting owner asked for: whom it waits for is worked out from the table when asked,
+/// so that an owner who has let go since is not taken for one still waited for.
 struct Waiting {
-    blockers: Vec<Owner>,
+    handle: Handle,
+    wanted: Wanted,
     until: Instant,
 }
 
@@ -46,6 +49,7 @@ struct Waiting {
 pub struct Deadlock;
 
 /// What a lock request asks for, once decoded.
+#[derive(Clone)]
 pub struct Wanted {
     pub owner: Owner,
     pub kind: LockKind,
@@ -104,24 +108,28 @@ impl LockTable {
     pub fn wait(&mut self, handle: &Handle, wanted: &Wanted, now: Instant) -> Result<(), Deadlock> {
         self.waiting.retain(|_, w| w.until > now);
         let blockers: Vec<Owner> = self.conflicting(handle, wanted).map(|(owner, _)| owner).collect();
-        if self.waits_for(&blockers, wanted.owner) {
+        if self.waits_for(blockers, wanted.owner) {
             self.waiting.remove(&wanted.owner);
             return Err(Deadlock);
         }
-        self.waiting.insert(wanted.owner, Waiting { blockers, until: now + WAIT_REMEMBERED });
+        self.waiting.insert(wanted.owner, Waiting { handle: handle.clone(), wanted: wanted.clone(), until: now + WAIT_REMEMBERED });
         Ok(())
     }
 
-    /// Whether any of `owners` waits, directly or through other waiting owners, for `target`.
-    fn waits_for(&self, owners: &[Owner], target: Owner) -> bool {
+    /// Whether any of `owners` waits, directly or through other waiting owners, for `target`:
+    /// a waiting owner waits for the owners whose locks conflict with what it asked for now.
+    fn waits_for(&self, owners: Vec<Owner>, target: Owner) -> bool {
         let mut seen = HashSet::new();
-        let mut next = owners.to_vec();
+        let mut next = owners;
         while let Some(owner) = next.pop() {
             if owner == target {
                 return true;
             }
-            if seen.insert(owner) {
-                next.extend(self.waiting.get(&owner).into_iter().flat_map(|w| w.blockers.iter().copied()));
+            if !seen.insert(owner) {
+                continue;
+            }
+            if let Some(w) = self.waiting.get(&owner) {
+                next.extend(self.conflicting(&w.handle, &w.wanted).map(|(blocker, _)| blocker));
             }
         }
         false
@@ -222,6 +230,8 @@ mod tests {
         assert_eq!(t.wait(&h1, &want(c, LockKind::Write, 0, 0), now), Err(Deadlock), "c would wait for a, who waits for c");
         assert_eq!(t.wait(&h1, &want(owner(4, 1), LockKind::Write, 0, 0), now), Ok(()), "a bystander may wait for a");
         assert_eq!(t.wait(&h1, &want(c, LockKind::Read, 5, 9), now), Ok(()), "no conflict, nobody waited for");
+        t.set(&h3, &want(c, LockKind::Unlock, 0, u64::MAX)).unwrap();
+        assert_eq!(t.wait(&h1, &want(c, LockKind::Write, 0, 0), now), Ok(()), "b waits for c no more: c let go of what b asked for");
     }
 
     #[test]

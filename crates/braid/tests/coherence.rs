@@ -580,6 +580,73 @@ fn after_a_server_restart_no_client_trusts_what_it_cached_before() {
     assert_eq!(fs::read_dir(b.m("d")).unwrap().count(), 1, "B listed a directory cached before the restart");
 }
 
+/// A python3 worker that, `EACH` times, locks two random 8-byte slots of a counter file with
+/// blocking POSIX locks (in random order, so that workers deadlock each other), increments
+/// both counters and unlocks; on EDEADLK it lets go of the slot it holds and tries again.
+/// Prints "done" and how many deadlocks it was told of.
+const SLOT_WORKER: &str = r#"
+import errno, fcntl, os, random, sys
+path, seed, each, slots = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+rng = random.Random(seed)
+fd = os.open(path, os.O_RDWR)
+def lock(slot, how):
+    fcntl.lockf(fd, how, 8, slot * 8, 0)
+deadlocks = 0
+for _ in range(each):
+    first, second = rng.sample(range(slots), 2)
+    while True:
+        lock(first, fcntl.LOCK_EX)
+        try:
+            lock(second, fcntl.LOCK_EX)
+            break
+        except OSError as e:
+            if e.errno != errno.EDEADLK:
+                raise
+            deadlocks += 1
+            lock(first, fcntl.LOCK_UN)
+    for slot in (first, second):
+        value = int(os.pread(fd, 8, slot * 8))
+        os.pwrite(fd, b"%08d" % (value + 1), slot * 8)
+    lock(second, fcntl.LOCK_UN)
+    lock(first, fcntl.LOCK_UN)
+print("done", deadlocks)
+"#;
+
+#[test]
+fn random_range_locks_from_both_clients_lose_no_update_and_never_hang() {
+    // Goal: byte-range locks under contention from processes on two clients: taken in random
+    // order they deadlock now and then; the server must refuse the wait that closes each
+    // cycle (else the workers hang for ever), and the locks must still exclude (else
+    // increments are lost).
+    let (a, b) = two_clients("30");
+    const SLOTS: usize = 6;
+    const EACH: u32 = 60;
+    fs::write(a.m("slots"), b"00000000".repeat(SLOTS)).unwrap();
+    let paths = [a.m("slots"), a.m("slots"), b.m("slots"), b.m("slots")];
+    let outputs = within("slot workers", Duration::from_secs(60), move || {
+        let children: Vec<_> = paths
+            .iter()
+            .enumerate()
+            .map(|(seed, path)| {
+                std::process::Command::new("python3")
+                    .args(["-c", SLOT_WORKER, path.to_str().unwrap(), &seed.to_string(), &EACH.to_string(), &SLOTS.to_string()])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("spawn python3")
+            })
+            .collect();
+        children.into_iter().map(|c| c.wait_with_output().expect("worker output")).collect::<Vec<_>>()
+    });
+    for out in &outputs {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && stdout.starts_with("done"), "worker failed: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = fs::read_to_string(b.m("slots")).unwrap();
+    let total: u32 = text.as_bytes().chunks(8).map(|slot| std::str::from_utf8(slot).unwrap().parse::<u32>().unwrap()).sum();
+    assert_eq!(total, 4 * EACH * 2, "lost increments: {text}");
+}
+
 /// A python3 sqlite3 worker: `EACH` transactions, each reading the counter, incrementing it
 /// and logging who did it, in sqlite's default rollback-journal mode (POSIX byte-range locks,
 /// fsync of journal and database). Prints "done" when every transaction committed.
