@@ -72,7 +72,7 @@ fio_verify() {
     mkdir -p "$dir"
     timeout -k 10 300 fio --name="verify-$engine" --directory="$dir" --ioengine="$engine" --rw=randwrite \
       --bsrange=512-64k --size="$FIO_SIZE" --numjobs=2 --verify=crc32c --do_verify=1 --verify_fatal=1 \
-      --fsync_on_close=1 --group_reporting >"$OUT/fio.$engine.log" 2>&1
+      --fsync_on_close=1 --verify_state_save=0 --group_reporting >"$OUT/fio.$engine.log" 2>&1
     rc=$?
     if [ $rc = 0 ] && ! grep -qiE 'verify: bad|verify failed|bad magic|err= *[1-9]' "$OUT/fio.$engine.log"; then
       echo "fio verify $engine: ok"
