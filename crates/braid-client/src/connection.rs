@@ -24,7 +24,7 @@ use braid_proto::{
     Lsn, Predecessor, Reply, Request, Response, Welcome, HEADER_BYTES,
 };
 
-use crate::locks::HeldLocks;
+use crate::locks::{Claimed, HeldLocks};
 use crate::{wire_error, ClientConfig, ClientError, Lease, Result};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -191,7 +191,12 @@ impl Connection {
     /// The end of a lease granted by a request sent at `sent`, minus a quarter for clock drift
     /// and delays, so that the client always stops trusting before the server stops protecting.
     fn lease_from(&self, sent: Instant) -> Instant {
-        sent + Duration::from_millis(self.lease_ms.load(Ordering::Relaxed) * 3 / 4)
+        sent + self.trust()
+    }
+
+    /// How long after sending a request the client trusts what its reply granted.
+    fn trust(&self) -> Duration {
+        Duration::from_millis(self.lease_ms.load(Ordering::Relaxed) * 3 / 4)
     }
 
     /// How long the server's rights last (from the latest welcome).
@@ -220,7 +225,10 @@ impl Connection {
             };
             let sent = Instant::now();
             match current.exchange(request, data, id)? {
-                Ok(response) => return Ok((response, sent, current, id)),
+                Ok(response) => {
+                    self.held_locks.answered(sent, self.trust());
+                    return Ok((response, sent, current, id));
+                }
                 Err(error) => {
                     if !self.lost.swap(true, Ordering::AcqRel) {
                         tracing::warn!(server = %self.config.server, %error, "connection lost; reconnecting");
@@ -287,9 +295,11 @@ impl Connection {
     /// kinds of channel tell: an idle client may notice a restart on its callback channel only.
     fn connected_to(self: &Arc<Self>, info: &ExportInfo) {
         self.lease_ms.store(info.lease_ms as u64, Ordering::Relaxed);
+        self.held_locks.set_leased(info.version >= braid_proto::LOCK_LEASE_VERSION);
         let previous = self.server_instance.swap(info.server_instance, Ordering::AcqRel);
         if previous != info.server_instance {
             self.restore_pins();
+            self.held_locks.doubt();
             self.reclaim_locks();
         }
     }
@@ -323,13 +333,26 @@ impl Connection {
     fn reclaim_locks(self: &Arc<Self>) {
         let this = self.clone();
         std::thread::spawn(move || {
-            this.held_locks.reclaim_all(|lock| match this.call(&Request::LockReclaim(lock.clone()), &[]) {
-                Ok((Reply::LockTest(None), _)) => Ok(()),
-                Ok((Reply::LockTest(Some(held)), _)) => Err(format!("held by pid {} of another owner", held.pid)),
-                Ok((other, _)) => Err(format!("unexpected reply {other:?}")),
-                Err(e) => Err(e.to_string()),
-            });
+            if let Err(e) = this.confirm_locks() {
+                tracing::warn!(error = %e, "cannot claim the locks again after the server restarted; I/O relying on them will ask again");
+            }
         });
+    }
+
+    /// Asks the server to confirm every held lock while some may have been dropped unseen
+    /// (see `locks`); the locks it no longer has are marked lost.
+    pub(crate) fn confirm_locks(self: &Arc<Self>) -> Result<()> {
+        let heartbeat = || match self.held_locks.leased() {
+            true => self.renew(&[]).map(drop),
+            false => Ok(()),
+        };
+        self.held_locks.confirm_all(heartbeat, |lock| match self.call(&Request::LockReclaim(lock.clone()), &[]) {
+            Ok((Reply::LockTest(None), _)) => Ok(Claimed::Held),
+            Ok((Reply::LockTest(Some(held)), _)) => Ok(Claimed::Lost(format!("held by pid {} of another owner", held.pid))),
+            Ok((other, _)) => Err(ClientError::Protocol(format!("unexpected reply to a lock claim: {other:?}"))),
+            Err(ClientError::Errno(errno)) => Ok(Claimed::Lost(format!("refused: {errno:?}"))),
+            Err(e) => Err(e),
+        })
     }
 }
 

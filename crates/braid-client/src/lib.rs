@@ -925,6 +925,29 @@ impl Client {
         }
     }
 
+    /// Whether I/O through a file whose owner took locks must ask `lock_lost` first: a lock of
+    /// this client is lost, or may have been dropped by the server unseen (see `locks`).
+    pub fn locks_in_question(&self) -> bool {
+        self.connection.held_locks.in_question()
+    }
+
+    /// Whether the lock `owner` held on `handle` is lost; asks the server to confirm every
+    /// held lock first if some may have been dropped unseen.
+    pub fn lock_lost(&self, handle: &Handle, owner: u64) -> Result<bool> {
+        let held_locks = &self.connection.held_locks;
+        if held_locks.in_doubt() {
+            self.connection.confirm_locks()?;
+        }
+        let handle = self.writeback.server_handle(handle).unwrap_or_else(|_| handle.clone());
+        Ok(held_locks.is_lost(&handle, owner))
+    }
+
+    /// `owner` let go of `handle` (it closed it): its I/O no longer relies on a lost lock.
+    pub fn forget_lost_lock(&self, handle: &Handle, owner: u64) {
+        let handle = self.writeback.server_handle(handle).unwrap_or_else(|_| handle.clone());
+        self.connection.held_locks.forget_lost(&handle, owner);
+    }
+
     /// Returns once every transaction this client has had a reply for is durable.
     pub fn commit(&self) -> Result<Lsn> {
         self.commit_request(Request::Commit)
@@ -965,6 +988,7 @@ fn start_renewal_thread(client: Client) -> std::io::Result<()> {
             // An open the server was not told of is safe while the right lasts; sent now, it is
             // safe whatever becomes of the right.
             client.send_unsent_opens(false);
+            keep_locks_alive(&client);
             let due = client.writeback.rights_to_renew(Instant::now(), lease / 2);
             for handles in due.chunks(braid_proto::limits::READDIR_ENTRIES_MAX) {
                 match client.connection.renew(handles) {
@@ -983,6 +1007,22 @@ fn start_renewal_thread(client: Client) -> std::io::Result<()> {
         }
     })?;
     Ok(())
+}
+
+/// While this client holds locks, lets the server hear from it (it gives away the locks of a
+/// client silent for a lease), and confirms them if a reply came too late to be sure of them.
+fn keep_locks_alive(client: &Client) {
+    let held_locks = &client.connection.held_locks;
+    if !held_locks.holding() || !held_locks.leased() {
+        return;
+    }
+    let alive = client.connection.renew(&[]).map(drop);
+    if let Err(e) = alive.and_then(|()| match held_locks.in_doubt() {
+        true => client.connection.confirm_locks(),
+        false => Ok(()),
+    }) {
+        tracing::warn!(error = %e, "cannot reach the server to keep this client's locks");
+    }
 }
 
 /// Sends the releases of closed files and the opens the server was not told of, in order, for

@@ -346,10 +346,36 @@ impl BraidFs {
         }
     }
 
-    /// Releases every lock `owner` holds on `ino`, if it may hold any.
+    /// Refuses I/O through the open file `fh` (and by `owner`, if the kernel names it) with
+    /// EIO if a lock its owner took on `ino` is lost: the writes it guards could land after
+    /// another client's, which took the lock meanwhile. Costs nothing while no lock is in
+    /// question.
+    fn fenced(&self, ino: INodeNo, fh: FileHandle, owner: Option<LockOwner>) -> Result<(), Errno> {
+        if !self.client.locks_in_question() {
+            return Ok(());
+        }
+        let mut owners: Vec<u64> = self.owners_by_file.lock().expect("owners lock").get(&fh.0).into_iter().flatten().copied().collect();
+        owners.extend(owner.map(|o| o.0));
+        if owners.is_empty() {
+            return Ok(());
+        }
+        let handle = self.handle(ino)?;
+        for owner in owners {
+            if self.check(self.client.lock_lost(&handle, owner))? {
+                return Err(Errno::EIO);
+            }
+        }
+        Ok(())
+    }
+
+    /// Releases every lock `owner` holds on `ino`, if it may hold any; a lost lock of its is
+    /// forgotten (its I/O relies on it no more).
     fn release_locks(&self, ino: INodeNo, owner: LockOwner) -> Result<(), Errno> {
         if !self.lockers.lock().expect("lockers lock").remove(&(ino.0, owner.0)) {
             return Ok(());
+        }
+        if let Ok(handle) = self.handle(ino) {
+            self.client.forget_lost_lock(&handle, owner.0);
         }
         let request = self.lock_request(ino, owner, 0, u64::MAX, libc::F_UNLCK, 0)?;
         self.check(self.client.lock(request)).map(|_| ())
@@ -617,14 +643,15 @@ impl Filesystem for BraidFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
-        _lock: Option<LockOwner>,
+        lock: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.handle(ino).and_then(|h| self.check(self.client.read(&h, offset, size.min(IO_BYTES_MAX)))) {
+        let read = self.fenced(ino, fh, lock).and_then(|()| self.handle(ino));
+        match read.and_then(|h| self.check(self.client.read(&h, offset, size.min(IO_BYTES_MAX)))) {
             Ok((data, lease)) => {
                 self.cache.leased(ino.0, lease);
                 reply.data(&data)
@@ -637,15 +664,15 @@ impl Filesystem for BraidFs {
         &self,
         req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         data: &[u8],
         write_flags: WriteFlags,
         flags: OpenFlags,
-        _lock: Option<LockOwner>,
+        lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let result = self.handle(ino).and_then(|handle| {
+        let result = self.fenced(ino, fh, lock).and_then(|()| self.handle(ino)).and_then(|handle| {
             let kills_setid = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) && self.write_may_kill_setid(&handle);
             let len = data.len() as u32;
             // O_APPEND: at the end of the file as the server sees it, so that appends from
@@ -663,11 +690,12 @@ impl Filesystem for BraidFs {
         reply_written(reply, result);
     }
 
-    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
         // A close does not wait for queued writes (other clients' opens are served only after
-        // they are written back); it ends the POSIX locks of the process on the file, and
-        // reports a failed write-back already known.
-        let result = self.release_locks(ino, lock_owner).and_then(|()| self.write_back_error(ino, false));
+        // they are written back); it reports a lost lock, ends the POSIX locks of the process
+        // on the file, and reports a failed write-back already known.
+        let fenced = self.fenced(ino, fh, Some(lock_owner));
+        let result = fenced.and(self.release_locks(ino, lock_owner)).and_then(|()| self.write_back_error(ino, false));
         self.reply_empty(reply, result);
     }
 
@@ -689,8 +717,8 @@ impl Filesystem for BraidFs {
         self.reply_empty(reply, unlocked.and(result));
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        let result = self.fsync_object(ino);
+    fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let result = self.fenced(ino, fh, None).and_then(|()| self.fsync_object(ino));
         self.reply_empty(reply, result);
     }
 
@@ -886,6 +914,7 @@ impl Filesystem for BraidFs {
     ) {
         let result = self.lock_request(ino, lock_owner, start, end, typ, pid).and_then(|request| {
             if request.kind != LockKind::Unlock {
+                self.fenced(ino, fh, Some(lock_owner))?;
                 self.lockers.lock().expect("lockers lock").insert((ino.0, lock_owner.0));
                 self.owners_by_file.lock().expect("owners lock").entry(fh.0).or_default().insert(lock_owner.0);
             }
@@ -894,9 +923,11 @@ impl Filesystem for BraidFs {
         self.reply_empty(reply, result);
     }
 
-    fn fallocate(&self, req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
-        let result =
-            self.handle(ino).and_then(|handle| self.apply_done(req, &[ino], Command::Fallocate { handle, offset, len: length, mode }));
+    fn fallocate(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+        let result = self
+            .fenced(ino, fh, None)
+            .and_then(|()| self.handle(ino))
+            .and_then(|handle| self.apply_done(req, &[ino], Command::Fallocate { handle, offset, len: length, mode }));
         self.reply_empty(reply, result);
     }
 
@@ -920,13 +951,13 @@ impl Filesystem for BraidFs {
         _fh_in: FileHandle,
         offset_in: u64,
         ino_out: INodeNo,
-        _fh_out: FileHandle,
+        fh_out: FileHandle,
         offset_out: u64,
         len: u64,
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let result = self.handle(ino_in).and_then(|source| {
+        let result = self.fenced(ino_out, fh_out, None).and_then(|()| self.handle(ino_in)).and_then(|source| {
             let target = self.handle(ino_out)?;
             // A FUSE reply carries a 32-bit count; the kernel loops for the rest.
             let len = len.min(u32::MAX as u64 & !0xfff);

@@ -57,6 +57,12 @@ impl OwnerLocks {
         self.ranges.is_empty()
     }
 
+    /// Whether one range of kind `kind` holds all of `start..=end`.
+    pub fn covers(&self, kind: LockKind, start: u64, end: u64) -> bool {
+        let write = kind == LockKind::Write;
+        kind != LockKind::Unlock && self.ranges.iter().any(|r| r.write == write && r.start <= start && end <= r.end)
+    }
+
     /// Removes `start..=end`, splitting a range that straddles it.
     fn carve(&mut self, start: u64, end: u64) {
         let mut kept = Vec::with_capacity(self.ranges.len() + 1);
@@ -116,5 +122,18 @@ mod tests {
         assert_eq!(spans(&locks), [(false, 0, u64::MAX)]);
         locks.apply(LockKind::Write, u64::MAX, u64::MAX, 1);
         assert_eq!(spans(&locks), [(false, 0, u64::MAX - 1), (true, u64::MAX, u64::MAX)]);
+    }
+
+    #[test]
+    fn a_range_is_covered_by_one_range_of_its_kind() {
+        let mut locks = OwnerLocks::default();
+        locks.apply(LockKind::Write, 10, 19, 1);
+        locks.apply(LockKind::Read, 20, 29, 1);
+        assert!(locks.covers(LockKind::Write, 10, 19));
+        assert!(locks.covers(LockKind::Write, 12, 15));
+        assert!(!locks.covers(LockKind::Read, 12, 15), "another kind");
+        assert!(!locks.covers(LockKind::Write, 10, 20), "partly another kind");
+        assert!(!locks.covers(LockKind::Write, 0, 9), "not held");
+        assert!(!locks.covers(LockKind::Unlock, 12, 15));
     }
 }

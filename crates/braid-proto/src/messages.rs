@@ -9,8 +9,9 @@ use crate::codec::Checksum;
 /// [`Request::StagedTxn`], 4 [`Request::XattrNames`] and [`Request::CommitUpTo`], 5
 /// [`Welcome::AcceptedAfter`] and [`Request::Renew`], 6 transactions carrying up to
 /// [`crate::limits::TXN_DATA_BYTES_MAX`] of data, in which a refused write does not stop the
-/// commands after it, 7 [`Request::LockWait`] and [`Request::LockReclaim`].
-pub const PROTOCOL_VERSIONS: &[u16] = &[7, 6, 5, 4, 3, 2, 1];
+/// commands after it, 7 [`Request::LockWait`] and [`Request::LockReclaim`], 8 clients that hold
+/// locks are heard from at least every quarter lease (see [`LOCK_LEASE_VERSION`]).
+pub const PROTOCOL_VERSIONS: &[u16] = &[8, 7, 6, 5, 4, 3, 2, 1];
 
 /// The first protocol version with [`Request::DurableTxn`].
 pub const DURABLE_TXN_VERSION: u16 = 2;
@@ -35,6 +36,13 @@ pub const BULK_TXN_VERSION: u16 = 6;
 /// The first protocol version with [`Request::LockWait`] (deadlock detection) and
 /// [`Request::LockReclaim`] (locks survive a restart of the server).
 pub const LOCK_WAIT_VERSION: u16 = 7;
+
+/// The first protocol version whose clients send a request (an empty [`Request::Renew`] if
+/// nothing else) at least every quarter lease while they hold locks, so that the server may
+/// drop the locks of a client it has not heard from for a whole lease even while its
+/// connections stay open (a frozen or cut-off machine); the client then finds out with
+/// [`Request::LockReclaim`] before it trusts its locks again.
+pub const LOCK_LEASE_VERSION: u16 = 8;
 
 /// Identifies one client (one mount) for deduplication; random, chosen at mount time and kept
 /// across reconnects.
@@ -333,10 +341,11 @@ pub enum Request {
     /// the request is refused with `EDEADLK` instead (none of them could ever go on).
     /// Protocol version 7.
     LockWait(LockRequest),
-    /// A lock this client held from the previous server process, claimed again after a
-    /// restart. Taken only during the grace period (one lease after the start), when no other
-    /// request may take a lock (they are answered with a conflict); refused with `ENOLCK`
-    /// after it: the lock is lost. Protocol version 7.
+    /// A lock this client holds, claimed again. After a restart, during the grace period (one
+    /// lease after the start, when no other request may take a lock: they are answered with a
+    /// conflict), it is taken. Otherwise it is confirmed if the owner still holds it, and
+    /// refused with `ENOLCK` if not: the lock is lost (the server restarted longer than a
+    /// lease ago, or dropped it while it did not hear from the client). Protocol version 7.
     LockReclaim(LockRequest),
 }
 

@@ -21,6 +21,7 @@
 //! objects (the fast path, which costs no lookups): a second client subscribing waits until
 //! fast-path changes in flight are done, and its reads begun before then get no rights.
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -36,7 +37,8 @@ pub enum LockMode {
     Take,
     /// As `Take`, and the owner waits (it retries): see `locks` on deadlocks.
     Wait,
-    /// A lock granted by the previous server process, claimed again during the grace period.
+    /// A lock the client holds, claimed again: taken during the grace period after a restart
+    /// (the previous server process granted it), confirmed if still held otherwise.
     Reclaim,
 }
 
@@ -47,8 +49,8 @@ pub enum LockRefused {
     TableFull,
     /// The asker would wait for owners that wait for it (see `locks`).
     Deadlock,
-    /// A reclaim after the grace period: whoever held the lock lost it.
-    GraceOver,
+    /// A reclaim, after the grace period, of a lock the owner does not hold: it lost it.
+    NotHeld,
 }
 
 /// The conflict reported during the grace period after a restart, to every request that would
@@ -100,6 +102,42 @@ struct Subscriber {
 struct Presence {
     connections: usize,
     gone_since: Option<Instant>,
+    heard: Arc<Heard>,
+    /// The client speaks protocol version 8 or later: it is heard from at least every
+    /// quarter lease while it holds locks, so silence means it is frozen or cut off.
+    heard_while_locking: bool,
+}
+
+impl Presence {
+    /// Whether the client is gone, or silent, for so long that its locks may be given away.
+    fn departed(&self, now: Instant, lease: Duration) -> bool {
+        let gone = self.gone_since.is_some_and(|t| now.duration_since(t) >= lease);
+        gone || (self.heard_while_locking && self.heard.silent_for() >= lease)
+    }
+}
+
+/// When the server last heard from a client (a request read on any of its connections).
+#[derive(Debug)]
+pub struct Heard {
+    base: Instant,
+    /// Milliseconds after `base`.
+    at_ms: AtomicU64,
+}
+
+impl Default for Heard {
+    fn default() -> Self {
+        Self { base: Instant::now(), at_ms: AtomicU64::new(0) }
+    }
+}
+
+impl Heard {
+    pub fn now(&self) {
+        self.at_ms.store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn silent_for(&self) -> Duration {
+        self.base.elapsed().saturating_sub(Duration::from_millis(self.at_ms.load(Ordering::Relaxed)))
+    }
 }
 
 /// One client's right on one object.
@@ -226,11 +264,16 @@ impl Coherence {
         }
     }
 
-    pub fn connected(&self, client: ClientId) {
+    /// A connection of `client` opened, speaking protocol `version`; its session stamps the
+    /// returned `Heard` at every request.
+    pub fn connected(&self, client: ClientId, version: u16) -> Arc<Heard> {
         let mut state = self.lock();
         let presence = state.presence.entry(client).or_default();
         presence.connections += 1;
         presence.gone_since = None;
+        presence.heard_while_locking |= version >= braid_proto::LOCK_LEASE_VERSION;
+        presence.heard.now();
+        presence.heard.clone()
     }
 
     pub fn disconnected(&self, client: ClientId) {
@@ -528,9 +571,11 @@ impl Coherence {
     }
 
     /// Takes, changes or releases a lock for `client`. A conflicting lock of a client that has
-    /// had no connection for a whole lease is dropped: that client died. An owner that waits
-    /// is remembered as waiting for the conflicting owners, unless that would be a deadlock.
-    /// During the grace period after a restart only reclaims and unlocks are carried out.
+    /// had no connection, or (protocol 8) sent no request, for a whole lease is dropped: that
+    /// client died, froze or is cut off, and finds out when it comes back (a reclaim is refused).
+    /// An owner that waits is remembered as waiting for the conflicting owners, unless that
+    /// would be a deadlock. During the grace period after a restart only reclaims and unlocks
+    /// are carried out; after it a reclaim only confirms a lock still held.
     pub fn set_lock(
         &self,
         client: ClientId,
@@ -539,7 +584,12 @@ impl Coherence {
         mode: LockMode,
     ) -> Result<Result<(), LockHeld>, LockRefused> {
         match (mode, self.in_grace()) {
-            (LockMode::Reclaim, false) => return Err(LockRefused::GraceOver),
+            (LockMode::Reclaim, false) => {
+                return match self.lock().locks.holds(handle, wanted) {
+                    true => Ok(Ok(())),
+                    false => Err(LockRefused::NotHeld),
+                }
+            }
             (LockMode::Take | LockMode::Wait, true) if wanted.kind != LockKind::Unlock => return Ok(Err(HELD_BEFORE_THE_RESTART)),
             _ => {}
         }
@@ -577,10 +627,10 @@ impl Coherence {
             .locks
             .conflicting_clients(handle, wanted)
             .into_iter()
-            .filter(|c| state.presence.get(c).is_some_and(|p| p.gone_since.is_some_and(|t| now.duration_since(t) >= self.lease)))
+            .filter(|c| state.presence.get(c).is_some_and(|p| p.departed(now, self.lease)))
             .collect();
         for client in &departed {
-            tracing::info!(client = client.0, "releasing the locks of a client gone for longer than its lease");
+            tracing::warn!(client = client.0, "releasing the locks of a client gone or silent for longer than its lease");
             state.locks.release_client(*client);
         }
         !departed.is_empty()
@@ -666,6 +716,45 @@ mod tests {
             });
             true
         })
+    }
+
+    fn write_lock(client: ClientId) -> Wanted {
+        let owner = crate::locks::Owner { client, id: 1 };
+        Wanted { owner, kind: LockKind::Write, start: 0, end: u64::MAX, pid: 1 }
+    }
+
+    #[test]
+    fn a_client_silent_for_a_lease_loses_its_locks_and_cannot_confirm_them() {
+        // Goal: a client whose connections stay open but which sends nothing (frozen, cut off)
+        // holds its locks one lease at most, if it speaks protocol 8 (it is heard from every
+        // quarter lease while it holds locks); it then finds out when it asks to confirm them.
+        // A client heard from keeps them, and an older client is never taken for silent.
+        let c = Coherence::new(Duration::from_millis(200), false);
+        let (silent, chatty, old, other) = (ClientId(1), ClientId(2), ClientId(3), ClientId(4));
+        let chatty_heard = c.connected(chatty, 8);
+        c.connected(silent, 8);
+        c.connected(old, 7);
+        c.connected(other, 8);
+        for (client, n) in [(silent, 1), (chatty, 2), (old, 3)] {
+            assert_eq!(c.set_lock(client, &h(n), &write_lock(client), LockMode::Take), Ok(Ok(())));
+        }
+        let deadline = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < deadline {
+            chatty_heard.now();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(c.set_lock(other, &h(1), &write_lock(other), LockMode::Take), Ok(Ok(())), "the silent client's lock is given away");
+        assert!(c.set_lock(other, &h(2), &write_lock(other), LockMode::Take).unwrap().is_err(), "a client heard from keeps its lock");
+        assert!(
+            c.set_lock(other, &h(3), &write_lock(other), LockMode::Take).unwrap().is_err(),
+            "a version-7 client is not taken for silent"
+        );
+        assert_eq!(
+            c.set_lock(silent, &h(1), &write_lock(silent), LockMode::Reclaim),
+            Err(LockRefused::NotHeld),
+            "the lost lock is not confirmed"
+        );
+        assert_eq!(c.set_lock(chatty, &h(2), &write_lock(chatty), LockMode::Reclaim), Ok(Ok(())), "a held lock is confirmed");
     }
 
     #[test]

@@ -140,6 +140,12 @@ impl LockTable {
         self.objects.get(handle).map_or(0, |owners| owners.values().map(|locks| locks.ranges().len()).sum())
     }
 
+    /// Whether `wanted.owner` holds all of `wanted`'s range with `wanted`'s kind.
+    pub fn holds(&self, handle: &Handle, wanted: &Wanted) -> bool {
+        let held = self.objects.get(handle).and_then(|owners| owners.get(&wanted.owner));
+        held.is_some_and(|locks| locks.covers(wanted.kind, wanted.start, wanted.end))
+    }
+
     /// Drops every lock of `client` (it unmounted, or vanished for longer than its lease).
     pub fn release_client(&mut self, client: ClientId) {
         self.objects.retain(|_, owners| {

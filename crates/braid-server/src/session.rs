@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, B
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::coherence::{Change, Grant, LockMode, LockRefused, Sink};
+use crate::coherence::{Change, Grant, Heard, LockMode, LockRefused, Sink};
 use crate::export::Export;
 use crate::locks::{Owner, Wanted};
 use crate::ServerState;
@@ -76,8 +76,8 @@ pub async fn serve_connection(state: Arc<ServerState>, stream: TcpStream, peer: 
     let writer_task = tokio::spawn(write_responses(writer, rx));
     let session = state.next_session.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let who = Peer { client: hello.client_id, session, checksum, version };
-    state.coherence.connected(who.client);
-    if let Err(e) = read_requests(&state, &mut reader, tx, who).await {
+    let heard = state.coherence.connected(who.client, version);
+    if let Err(e) = read_requests(&state, &mut reader, tx, who, &heard).await {
         tracing::warn!(%peer, client = who.client.0, error = %e, "closing connection");
     } else {
         tracing::info!(%peer, client = who.client.0, "client disconnected");
@@ -256,7 +256,13 @@ async fn read_payload(reader: &mut Reader, header: FrameHeader, checksum: Checks
     Ok(Frame::from_payload(header, payload, checksum)?)
 }
 
-async fn read_requests(state: &Arc<ServerState>, reader: &mut Reader, tx: mpsc::Sender<Outgoing>, who: Peer) -> Result<(), SessionError> {
+async fn read_requests(
+    state: &Arc<ServerState>,
+    reader: &mut Reader,
+    tx: mpsc::Sender<Outgoing>,
+    who: Peer,
+    heard: &Heard,
+) -> Result<(), SessionError> {
     let permits = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
     loop {
         let header = match read_header(reader).await {
@@ -264,6 +270,7 @@ async fn read_requests(state: &Arc<ServerState>, reader: &mut Reader, tx: mpsc::
             Err(SessionError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
         };
+        heard.now();
         // Room for the payload in the server-wide budget before it is allocated.
         let budget = state.in_flight_bytes.clone().acquire_many_owned(header.payload_bytes() as u32).await.expect("never closed");
         let frame = read_payload(reader, header, who.checksum).await?;
@@ -729,7 +736,7 @@ fn lock(state: &ServerState, client: ClientId, request: &LockRequest, mode: Lock
     let (handle, wanted) = lock_wanted(&state.export, client, request)?;
     match state.coherence.set_lock(client, handle, &wanted, mode) {
         Ok(result) => Ok(Reply::LockTest(result.err())),
-        Err(LockRefused::TableFull | LockRefused::GraceOver) => Err(Errno(libc::ENOLCK)),
+        Err(LockRefused::TableFull | LockRefused::NotHeld) => Err(Errno(libc::ENOLCK)),
         Err(LockRefused::Deadlock) => Err(Errno(libc::EDEADLK)),
     }
 }
@@ -747,17 +754,11 @@ mod tests {
     fn negotiation_picks_common_algorithms_and_names_what_is_missing() {
         // Goal: the refusal names the first missing algorithm; success reports what is in force.
         let (version, algorithms) = negotiate(&hello(), "tls13", "x509").unwrap();
-        assert_eq!(version, 7);
-        let v6_client = Hello { versions: vec![6, 5, 4, 3, 2, 1], ..hello() };
-        assert_eq!(negotiate(&v6_client, "tls13", "x509").unwrap().0, 6, "a version-6 client is still served");
-        let v5_client = Hello { versions: vec![5, 4, 3, 2, 1], ..hello() };
-        assert_eq!(negotiate(&v5_client, "tls13", "x509").unwrap().0, 5, "a version-5 client is still served");
-        let v3_client = Hello { versions: vec![3, 2, 1], ..hello() };
-        assert_eq!(negotiate(&v3_client, "tls13", "x509").unwrap().0, 3, "a version-3 client is still served");
-        let v2_client = Hello { versions: vec![2, 1], ..hello() };
-        assert_eq!(negotiate(&v2_client, "tls13", "x509").unwrap().0, 2, "a version-2 client is still served");
-        let old_client = Hello { versions: vec![1], ..hello() };
-        assert_eq!(negotiate(&old_client, "tls13", "x509").unwrap().0, 1, "a version-1 client is still served");
+        assert_eq!(version, 8);
+        for older in 1..8u16 {
+            let client = Hello { versions: (1..=older).rev().collect(), ..hello() };
+            assert_eq!(negotiate(&client, "tls13", "x509").unwrap().0, older, "a version-{older} client is still served");
+        }
         assert_eq!(algorithms.names(), ["aead", "tls13", "x509"], "under TLS the AEAD covers the payload");
         assert_eq!(negotiate(&hello(), "none", "none").unwrap().1.checksum, "crc32c", "plain TCP always sums the payload");
         let only_aead = Hello { checksums: vec!["aead".into()], ..hello() };
@@ -773,7 +774,7 @@ mod tests {
         assert!(refusal.contains("requires tls13"), "{refusal}");
         assert!(negotiate(&requires_tls, "tls13", "x509").is_ok());
 
-        let future = Hello { versions: vec![8], ..hello() };
+        let future = Hello { versions: vec![PROTOCOL_VERSIONS[0] + 1], ..hello() };
         assert!(negotiate(&future, "none", "none").unwrap_err().contains("no common protocol version"));
     }
 }

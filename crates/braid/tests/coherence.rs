@@ -8,11 +8,11 @@ mod common;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{getxattr, plain_mount_args, setxattr, write_as_user, Fixture, OtherMount};
+use common::{getxattr, last_errno, plain_mount_args, setxattr, write_as_user, Fixture, OtherMount};
 
 /// A server with leases of `lease` seconds, mounted twice: `a` is the fixture's own mount.
 fn two_clients(lease: &str) -> (Fixture, OtherMount) {
@@ -380,6 +380,72 @@ fn a_lock_survives_a_restart_of_the_server() {
     }
     ofd_lock(&on_a, libc::F_UNLCK);
     try_ofd_lock(&on_b).expect("B takes the lock once A let it go");
+}
+
+/// A client stopped with SIGSTOP until this is dropped (also when a test fails: a frozen
+/// client would hang its unmount).
+struct Frozen<'m>(&'m OtherMount);
+
+impl<'m> Frozen<'m> {
+    fn stop(mount: &'m OtherMount) -> Self {
+        mount.signal(libc::SIGSTOP);
+        Self(mount)
+    }
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        self.0.signal(libc::SIGCONT);
+    }
+}
+
+/// A POSIX (process-owned) lock of `kind` on the whole file, waiting for it.
+fn posix_lock(file: &File, kind: i32) -> std::io::Result<()> {
+    // SAFETY: an all-zero `struct flock` is valid; the fields that matter are set below.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = kind as i16;
+    lock.l_whence = libc::SEEK_SET as i16;
+    // SAFETY: fcntl(2) with F_SETLKW and a pointer to a valid struct flock.
+    match unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLKW, &lock) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+#[test]
+fn a_frozen_lock_holder_blocks_others_one_lease_and_then_gets_eio() {
+    // Goal: a client that holds a lock and stops answering (a hung machine, a cut cable: its
+    // connections stay open) blocks the other clients for about one lease, not for ever; when
+    // it comes back, the process that held the lock gets EIO instead of writing under a lock
+    // another client took meanwhile (a lost update, a corrupted database). Once it has closed
+    // the file, its I/O works again.
+    let (a, b) = two_clients("2");
+    fs::write(a.m("db"), b"0").unwrap();
+    let on_b = OpenOptions::new().read(true).write(true).open(b.m("db")).unwrap();
+    posix_lock(&on_b, libc::F_WRLCK).expect("B locks");
+    let frozen = Frozen::stop(&b);
+    let on_a = OpenOptions::new().read(true).write(true).open(a.m("db")).unwrap();
+    let on_a = within("A's lock, while B is frozen", Duration::from_secs(20), move || {
+        ofd_lock(&on_a, libc::F_WRLCK);
+        on_a
+    });
+    on_a.write_all_at(b"A", 0).unwrap();
+    on_a.sync_all().unwrap();
+    drop(frozen);
+    let refused = on_b.write_all_at(b"B", 0).expect_err("B wrote under the lock it lost");
+    assert_eq!(refused.raw_os_error(), Some(libc::EIO), "{refused}");
+    let refused = on_b.sync_all().expect_err("B's fsync under the lock it lost");
+    assert_eq!(refused.raw_os_error(), Some(libc::EIO), "{refused}");
+    // SAFETY: closing a descriptor this test owns; the File is forgotten so it is not closed twice.
+    let closed = unsafe { libc::close(std::os::fd::IntoRawFd::into_raw_fd(on_b)) };
+    assert_eq!((closed, last_errno()), (-1, libc::EIO), "the close reports the lost lock");
+    assert_eq!(fs::read(a.e("db")).unwrap(), b"A", "the server has A's write only");
+    ofd_lock(&on_a, libc::F_UNLCK);
+    let reopened = OpenOptions::new().read(true).write(true).open(b.m("db")).unwrap();
+    posix_lock(&reopened, libc::F_WRLCK).expect("B locks again after closing");
+    reopened.write_all_at(b"B", 0).expect("B writes under its new lock");
+    reopened.sync_all().unwrap();
+    assert_eq!(fs::read(a.m("db")).unwrap(), b"B");
 }
 
 #[test]

@@ -297,6 +297,14 @@ impl OtherMount {
         self.mnt.join(relative)
     }
 
+    /// Sends `signal` to the client (SIGSTOP freezes it as a hung machine would: its
+    /// connections stay open; SIGCONT thaws it).
+    pub fn signal(&self, signal: i32) {
+        let pid = self.child.as_ref().expect("client running").id();
+        // SAFETY: kill(2) on a child we spawned and have not reaped.
+        assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0, "kill({pid}, {signal})");
+    }
+
     /// Kills the client as a crash would (SIGKILL): no unmount, no goodbye to the server.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
