@@ -9,8 +9,9 @@
 pub mod cache;
 mod caller;
 mod errno;
+mod lockers;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -33,6 +34,7 @@ use fuser::{
 };
 
 use crate::cache::KernelCache;
+use crate::lockers::{Lockers, Release};
 
 pub use errno::errno_for;
 
@@ -60,12 +62,9 @@ pub struct BraidFs {
     dirs: Mutex<HashMap<u64, Arc<Mutex<DirStream>>>>,
     next_fh: AtomicU64,
     read_only: bool,
-    /// (node, lock owner) pairs that may hold locks on the server, released when the owner
-    /// closes the file; a close without locks costs no request.
-    lockers: Mutex<HashSet<(u64, u64)>>,
-    /// The lock owners that took locks through each open file: OFD and flock locks end with
-    /// the open file, and the kernel does not name their owner when it releases it.
-    owners_by_file: Mutex<HashMap<u64, HashSet<u64>>>,
+    /// The lock owners that may hold locks on the server, by node and open file: released
+    /// when the owner closes the file (POSIX) or the open file is released (OFD, flock).
+    lockers: Lockers,
     /// Objects of recent listings, by node, with the listing batch they came in: the first
     /// getxattr of one the cache cannot answer asks for the names of the whole batch at once.
     unasked_xattrs: Mutex<HashMap<u64, ListedBatch>>,
@@ -150,8 +149,7 @@ impl BraidFs {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             read_only: info.read_only,
-            lockers: Mutex::new(HashSet::new()),
-            owners_by_file: Mutex::new(HashMap::new()),
+            lockers: Lockers::default(),
             unasked_xattrs: Mutex::new(HashMap::new()),
         }
     }
@@ -354,7 +352,7 @@ impl BraidFs {
         if !self.client.locks_in_question() {
             return Ok(());
         }
-        let mut owners: Vec<u64> = self.owners_by_file.lock().expect("owners lock").get(&fh.0).into_iter().flatten().copied().collect();
+        let mut owners = self.lockers.owners_of(fh.0);
         owners.extend(owner.map(|o| o.0));
         if owners.is_empty() {
             return Ok(());
@@ -368,12 +366,10 @@ impl BraidFs {
         Ok(())
     }
 
-    /// Releases every lock `owner` holds on `ino`, if it may hold any; a lost lock of its is
-    /// forgotten (its I/O relies on it no more).
-    fn release_locks(&self, ino: INodeNo, owner: LockOwner) -> Result<(), Errno> {
-        if !self.lockers.lock().expect("lockers lock").remove(&(ino.0, owner.0)) {
-            return Ok(());
-        }
+    /// Sends `release` (every lock of its owner on its node) to the server; a lost lock of the
+    /// owner is forgotten (its I/O relies on it no more).
+    fn release_locks(&self, release: Release<'_>) -> Result<(), Errno> {
+        let (ino, owner) = (INodeNo(release.node), LockOwner(release.owner));
         if let Ok(handle) = self.handle(ino) {
             self.client.forget_lost_lock(&handle, owner.0);
         }
@@ -695,7 +691,8 @@ impl Filesystem for BraidFs {
         // they are written back); it reports a lost lock, ends the POSIX locks of the process
         // on the file, and reports a failed write-back already known.
         let fenced = self.fenced(ino, fh, Some(lock_owner));
-        let result = fenced.and(self.release_locks(ino, lock_owner)).and_then(|()| self.write_back_error(ino, false));
+        let released = self.lockers.end_owner(ino.0, lock_owner.0).map_or(Ok(()), |r| self.release_locks(r));
+        let result = fenced.and(released).and_then(|()| self.write_back_error(ino, false));
         self.reply_empty(reply, result);
     }
 
@@ -710,9 +707,8 @@ impl Filesystem for BraidFs {
         reply: ReplyEmpty,
     ) {
         // The last close of an open file ends its flock and OFD locks.
-        let mut owners = self.owners_by_file.lock().expect("owners lock").remove(&fh.0).unwrap_or_default();
-        owners.extend(lock_owner.map(|o| o.0));
-        let unlocked = owners.into_iter().try_for_each(|owner| self.release_locks(ino, LockOwner(owner)));
+        let releases = self.lockers.end_file(ino.0, fh.0, lock_owner.map(|o| o.0));
+        let unlocked = releases.into_iter().try_for_each(|release| self.release_locks(release));
         let result = self.handle(ino).map(|h| self.client.release(&h));
         self.reply_empty(reply, unlocked.and(result));
     }
@@ -915,8 +911,7 @@ impl Filesystem for BraidFs {
         let result = self.lock_request(ino, lock_owner, start, end, typ, pid).and_then(|request| {
             if request.kind != LockKind::Unlock {
                 self.fenced(ino, fh, Some(lock_owner))?;
-                self.lockers.lock().expect("lockers lock").insert((ino.0, lock_owner.0));
-                self.owners_by_file.lock().expect("owners lock").entry(fh.0).or_default().insert(lock_owner.0);
+                self.lockers.taking(ino.0, lock_owner.0, fh.0);
             }
             self.lock_until_granted(request, sleep.then(|| req.pid()))
         });
