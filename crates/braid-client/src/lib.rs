@@ -89,6 +89,9 @@ pub struct Client {
     version_4: bool,
     /// Whether the server answers `LockWait` (protocol version 7).
     lock_wait: bool,
+    /// Whether the server holds a conflicting `LockWait` until the lock is free or 100 ms have
+    /// passed (protocol version 8).
+    lock_wait_at_server: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,6 +177,7 @@ impl Client {
             fsync_txn: FsyncTxn::for_version(info.version),
             version_4: info.version >= braid_proto::XATTR_NAMES_VERSION,
             lock_wait: info.version >= braid_proto::LOCK_WAIT_VERSION,
+            lock_wait_at_server: info.version >= braid_proto::LOCK_WAIT_AT_SERVER_VERSION,
         };
         client.start_flusher().map_err(thread_error)?;
         if info.version >= braid_proto::RENEW_VERSION {
@@ -900,6 +904,12 @@ impl Client {
             true => self.lock_call(Request::LockWait(request)),
             false => self.lock_call(Request::Lock(request)),
         }
+    }
+
+    /// Whether `lock_waiting` answers a conflict only after the server waited for the lock a
+    /// while: the caller may ask again at once.
+    pub fn lock_waits_at_server(&self) -> bool {
+        self.lock_wait_at_server
     }
 
     /// The first lock that conflicts with `request`, if any.

@@ -319,7 +319,8 @@ impl BraidFs {
     }
 
     /// Takes a lock. When `waiter` names the calling thread (a blocking request), a conflict
-    /// is retried until the lock is free (the server does not queue waiters), the server finds
+    /// is retried until the lock is free (the server of protocol 8 waits up to 100 ms for it
+    /// each time; it does not queue waiters), the server finds
     /// that the wait would close a cycle of waiters (EDEADLK), or the caller is signalled
     /// (EINTR; see `caller::interrupted`). A conflict with a lock of this mount is retried
     /// briefly even without a waiter: the kernel releases closed files asynchronously, so the
@@ -335,6 +336,8 @@ impl BraidFs {
             let Some(held) = self.check(attempt)? else { return Ok(()) };
             match waiter {
                 Some(tid) if caller::interrupted(tid) => return Err(Errno::EINTR),
+                // The server waited for the lock before it answered.
+                Some(_) if self.client.lock_waits_at_server() => continue,
                 Some(_) => {}
                 None if held.mine && Instant::now() < own_release_deadline => {}
                 None => return Err(Errno::EAGAIN),

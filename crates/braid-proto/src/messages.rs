@@ -10,7 +10,8 @@ use crate::codec::Checksum;
 /// [`Welcome::AcceptedAfter`] and [`Request::Renew`], 6 transactions carrying up to
 /// [`crate::limits::TXN_DATA_BYTES_MAX`] of data, in which a refused write does not stop the
 /// commands after it, 7 [`Request::LockWait`] and [`Request::LockReclaim`], 8 clients that hold
-/// locks are heard from at least every quarter lease (see [`LOCK_LEASE_VERSION`]).
+/// locks are heard from at least every quarter lease (see [`LOCK_LEASE_VERSION`]) and a lock wait
+/// waits at the server (see [`LOCK_WAIT_AT_SERVER_VERSION`]).
 pub const PROTOCOL_VERSIONS: &[u16] = &[8, 7, 6, 5, 4, 3, 2, 1];
 
 /// The first protocol version with [`Request::DurableTxn`].
@@ -43,6 +44,10 @@ pub const LOCK_WAIT_VERSION: u16 = 7;
 /// connections stay open (a frozen or cut-off machine); the client then finds out with
 /// [`Request::LockReclaim`] before it trusts its locks again.
 pub const LOCK_LEASE_VERSION: u16 = 8;
+
+/// The first protocol version whose server holds a conflicting [`Request::LockWait`] for up to
+/// 100 ms, answering as soon as the lock can be taken, so that its client asks again at once.
+pub const LOCK_WAIT_AT_SERVER_VERSION: u16 = 8;
 
 /// Identifies one client (one mount) for deduplication; random, chosen at mount time and kept
 /// across reconnects.

@@ -62,6 +62,8 @@ pub type Sink = Arc<dyn Fn(u64, &Callback) -> bool + Send + Sync>;
 
 pub struct Coherence {
     lease: Duration,
+    /// Woken whenever a lock is taken, changed or released: waiting owners try again.
+    locks_changed: Arc<tokio::sync::Notify>,
     /// Until then, changes wait: clients of the previous server process may still cache.
     grace_until: Option<Instant>,
     state: Mutex<State>,
@@ -200,7 +202,8 @@ impl Coherence {
     /// changes then wait one lease (the grace period).
     pub fn new(lease: Duration, after_restart: bool) -> Self {
         let grace_until = after_restart.then(|| Instant::now() + lease);
-        Self { lease, grace_until, state: Mutex::new(State::default()), changed: Condvar::new() }
+        let locks_changed = Arc::new(tokio::sync::Notify::new());
+        Self { lease, locks_changed, grace_until, state: Mutex::new(State::default()), changed: Condvar::new() }
     }
 
     /// Whether changes must still wait for the rights of a previous server process to expire.
@@ -256,6 +259,13 @@ impl Coherence {
             object.holders.remove(&client);
         }
         state.locks.release_client(client);
+        self.locks_changed.notify_waiters();
+    }
+
+    /// Woken whenever a lock is taken, changed or released; a waiting owner enables its
+    /// `notified()` before it tries, so that no change between its try and its wait is missed.
+    pub fn locks_changed(&self) -> Arc<tokio::sync::Notify> {
+        self.locks_changed.clone()
     }
 
     pub fn callback_done(&self, id: u64) {
@@ -602,10 +612,13 @@ impl Coherence {
             Err(_) if self.drop_departed(&mut state, handle, wanted) => state.locks.set(handle, wanted),
             result => result,
         };
-        if result.is_err() {
-            tracing::trace!(client = client.0, "lock conflict");
-            if mode == LockMode::Wait {
-                state.locks.wait(handle, wanted, Instant::now()).map_err(|Deadlock| LockRefused::Deadlock)?;
+        match result {
+            Ok(()) => self.locks_changed.notify_waiters(),
+            Err(_) => {
+                tracing::trace!(client = client.0, "lock conflict");
+                if mode == LockMode::Wait {
+                    state.locks.wait(handle, wanted, Instant::now()).map_err(|Deadlock| LockRefused::Deadlock)?;
+                }
             }
         }
         Ok(result)
@@ -632,6 +645,9 @@ impl Coherence {
         for client in &departed {
             tracing::warn!(client = client.0, "releasing the locks of a client gone or silent for longer than its lease");
             state.locks.release_client(*client);
+        }
+        if !departed.is_empty() {
+            self.locks_changed.notify_waiters();
         }
         !departed.is_empty()
     }

@@ -287,7 +287,7 @@ async fn read_requests(
             }
             continue;
         }
-        if is_quick(state, who.client, &request) {
+        if is_quick(state, who, &request) {
             // Quick requests are served right here: handing them to another thread costs more
             // (two wake-ups) than the few microseconds of file-system work they need.
             let id = frame.header.request_id;
@@ -405,13 +405,16 @@ fn effective_creds(state: &ServerState, creds: braid_proto::Credentials) -> brai
 /// job) when no other client can hold rights to recall.
 /// A read may have to wait for another client to write back what it holds exclusively: that
 /// wait must not block the connection's task.
-fn is_quick(state: &ServerState, client: ClientId, request: &Request) -> bool {
+fn is_quick(state: &ServerState, who: Peer, request: &Request) -> bool {
+    let (client, version) = (who.client, who.version);
     match request {
         Request::Read { len, .. } => *len <= 128 * 1024 && !state.coherence.exclusive_elsewhere(client),
         Request::Commit | Request::CommitUpTo(_) | Request::DurableTxn(_) | Request::StagedTxn(_) => false,
         Request::Txn(txn) => txn.commands.len() <= 16 && !state.coherence.shared(client) && !state.coherence.in_grace(),
         Request::StatFs | Request::Release { .. } | Request::CallbackDone { .. } | Request::Unsubscribe | Request::Renew(_) => true,
-        Request::Lock(_) | Request::LockWait(_) | Request::LockReclaim(_) | Request::TestLock(_) | Request::Subscribe => true,
+        Request::Lock(_) | Request::LockReclaim(_) | Request::TestLock(_) | Request::Subscribe => true,
+        // From protocol 8 on the server waits for the lock a while: not on the reading task.
+        Request::LockWait(_) => version < braid_proto::LOCK_WAIT_AT_SERVER_VERSION,
         _ => !state.coherence.exclusive_elsewhere(client),
     }
 }
@@ -453,7 +456,35 @@ async fn handle_request(state: &Arc<ServerState>, who: Peer, request: Request, f
             }
             handled
         }
+        Request::LockWait(request) if who.version >= braid_proto::LOCK_WAIT_AT_SERVER_VERSION => {
+            Handled::plain(wait_for_lock(state, who.client, &request).await)
+        }
         request => run_blocking(state, who, request, frame).await,
+    }
+}
+
+/// How long a `LockWait` waits at the server for a conflicting lock to go before it is
+/// answered with the conflict (the client then checks its caller for signals and asks again).
+const LOCK_WAIT_SLICE: Duration = Duration::from_millis(100);
+
+/// Takes a lock for an owner that waits: tries again whenever a lock changes, for up to
+/// `LOCK_WAIT_SLICE`, so that a lock let go is taken at once instead of at the waiter's next
+/// try (a client backing off up to 50 ms made waits of hundreds of milliseconds).
+async fn wait_for_lock(state: &ServerState, client: ClientId, request: &LockRequest) -> Result<Reply, Errno> {
+    let deadline = tokio::time::Instant::now() + LOCK_WAIT_SLICE;
+    let changes = state.coherence.locks_changed();
+    loop {
+        let changed = changes.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        match lock(state, client, request, LockMode::Wait)? {
+            Reply::LockTest(Some(_)) if tokio::time::Instant::now() < deadline => {
+                if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                    return lock(state, client, request, LockMode::Wait);
+                }
+            }
+            reply => return Ok(reply),
+        }
     }
 }
 

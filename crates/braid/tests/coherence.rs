@@ -12,7 +12,8 @@ use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{getxattr, last_errno, plain_mount_args, setxattr, write_as_user, Fixture, OtherMount};
+use braid_proto::{LockKind, LockRequest, Reply, Request};
+use common::{getxattr, last_errno, plain_mount_args, setxattr, write_as_user, Fixture, OtherMount, RawSession};
 
 /// A server with leases of `lease` seconds, mounted twice: `a` is the fixture's own mount.
 fn two_clients(lease: &str) -> (Fixture, OtherMount) {
@@ -396,6 +397,24 @@ fn a_lock_survives_a_restart_of_the_server() {
     }
     ofd_lock(&on_a, libc::F_UNLCK);
     try_ofd_lock(&on_b).expect("B takes the lock once A let it go");
+}
+
+#[test]
+fn a_waiting_lock_request_is_granted_as_soon_as_the_lock_is_let_go() {
+    // Goal: the server holds a conflicting LockWait for a while and grants it the moment the
+    // holder lets go, instead of answering the conflict at once and leaving the waiter to
+    // poll (with backoff up to 50 ms: waits of hundreds of milliseconds, and starvation by
+    // holders that take the lock again at once).
+    let fx = Fixture::serving_with(|export| fs::write(export.join("f"), b"x").unwrap());
+    let (mut holder, mut waiter) = (RawSession::open(fx.addr()), RawSession::open(fx.addr()));
+    let handle = holder.lookup(&holder.root(), b"f").expect("lookup").handle;
+    let lock = |owner, kind| LockRequest { handle: handle.clone(), owner, kind, start: 0, end: u64::MAX, pid: 1 };
+    assert!(matches!(holder.call(&Request::Lock(lock(1, LockKind::Write)), &[]), Ok((Reply::LockTest(None), _))));
+    waiter.send(&Request::LockWait(lock(2, LockKind::Write)));
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(matches!(holder.call(&Request::Lock(lock(1, LockKind::Unlock)), &[]), Ok((Reply::LockTest(None), _))));
+    let answer = waiter.next_response().result;
+    assert!(matches!(answer, Ok(Reply::LockTest(None))), "the waiter was answered {answer:?}, not granted the lock let go");
 }
 
 /// A client stopped with SIGSTOP until this is dropped (also when a test fails: a frozen

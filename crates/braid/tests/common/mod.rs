@@ -535,6 +535,14 @@ impl RawSession {
         (frame.decode().expect("response decodes"), frame.data)
     }
 
+    /// Sends one request without waiting for its response (`next_response` reads it).
+    pub fn send(&mut self, request: &Request) {
+        let id = self.next_request_id;
+        self.next_request_id += 1;
+        let bytes = encode_frame(FrameKind::Request, id, request, &[]).expect("encode request");
+        self.stream.write_all(&bytes).expect("send request");
+    }
+
     /// A further response to the request sent last (a `StagedTxn` has two).
     pub fn next_response(&mut self) -> Response {
         let frame = read_frame(&mut self.stream).expect("a further response");
