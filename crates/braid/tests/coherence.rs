@@ -195,24 +195,30 @@ fn appends_from_both_clients_are_neither_lost_nor_torn() {
     assert_eq!(seen.len(), 4 * RECORDS, "duplicated records");
 }
 
-/// Takes (`F_WRLCK`) or releases (`F_UNLCK`) an OFD lock on the whole file, waiting for it.
-fn ofd_lock(file: &File, kind: i32) {
-    ofd_lock_range(file, kind, 0, 0).unwrap_or_else(|e| panic!("F_OFD_SETLKW: {e}"));
-}
-
 /// An OFD lock of `kind` on `len` bytes from `start` (0: to the end), waiting for it.
 fn ofd_lock_range(file: &File, kind: i32, start: i64, len: i64) -> std::io::Result<()> {
+    fcntl_lock(file, libc::F_OFD_SETLKW, kind, start, len)
+}
+
+/// fcntl(2) lock command `command` (F_SETLKW, F_OFD_SETLK...) for `kind` on `len` bytes from
+/// `start` (0: to the end).
+fn fcntl_lock(file: &File, command: i32, kind: i32, start: i64, len: i64) -> std::io::Result<()> {
     // SAFETY: an all-zero `struct flock` is valid; the fields that matter are set below.
     let mut lock: libc::flock = unsafe { std::mem::zeroed() };
     lock.l_type = kind as i16;
     lock.l_whence = libc::SEEK_SET as i16;
     lock.l_start = start;
     lock.l_len = len;
-    // SAFETY: fcntl(2) with F_OFD_SETLKW and a pointer to a valid struct flock.
-    match unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLKW, &lock) } {
+    // SAFETY: fcntl(2) with a lock command and a pointer to a valid struct flock.
+    match unsafe { libc::fcntl(file.as_raw_fd(), command, &lock) } {
         0 => Ok(()),
         _ => Err(std::io::Error::last_os_error()),
     }
+}
+
+/// Takes (`F_WRLCK`) or releases (`F_UNLCK`) an OFD lock on the whole file, waiting for it.
+fn ofd_lock(file: &File, kind: i32) {
+    ofd_lock_range(file, kind, 0, 0).unwrap_or_else(|e| panic!("F_OFD_SETLKW: {e}"));
 }
 
 #[test]
@@ -364,15 +370,7 @@ fn a_process_waiting_for_a_lock_can_be_interrupted_and_killed() {
 
 /// Tries to take an OFD write lock on the whole file without waiting.
 fn try_ofd_lock(file: &File) -> std::io::Result<()> {
-    // SAFETY: an all-zero `struct flock` is valid; the fields that matter are set below.
-    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-    lock.l_type = libc::F_WRLCK as i16;
-    lock.l_whence = libc::SEEK_SET as i16;
-    // SAFETY: fcntl(2) with F_OFD_SETLK and a pointer to a valid struct flock.
-    match unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) } {
-        0 => Ok(()),
-        _ => Err(std::io::Error::last_os_error()),
-    }
+    fcntl_lock(file, libc::F_OFD_SETLK, libc::F_WRLCK, 0, 0)
 }
 
 #[test]
@@ -436,15 +434,7 @@ impl Drop for Frozen<'_> {
 
 /// A POSIX (process-owned) lock of `kind` on the whole file, waiting for it.
 fn posix_lock(file: &File, kind: i32) -> std::io::Result<()> {
-    // SAFETY: an all-zero `struct flock` is valid; the fields that matter are set below.
-    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-    lock.l_type = kind as i16;
-    lock.l_whence = libc::SEEK_SET as i16;
-    // SAFETY: fcntl(2) with F_SETLKW and a pointer to a valid struct flock.
-    match unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLKW, &lock) } {
-        0 => Ok(()),
-        _ => Err(std::io::Error::last_os_error()),
-    }
+    fcntl_lock(file, libc::F_SETLKW, kind, 0, 0)
 }
 
 #[test]
