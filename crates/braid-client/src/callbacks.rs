@@ -88,6 +88,7 @@ fn run(
                 // Rights lost with the last channel no longer keep what is open here.
                 client.send_unsent_opens(false);
                 let error = serve(&mut channel, client, handler, &next_id, &subscribed);
+                client.subscribed.store(false, Ordering::Release);
                 if !stop.load(Ordering::Acquire) {
                     tracing::warn!(%error, "callback channel lost; dropping every cached object and subscribing again");
                 }
@@ -124,6 +125,7 @@ fn serve(
         match frame.header.kind {
             // Acknowledgements of Subscribe (the first) and of CallbackDone.
             FrameKind::Response => {
+                client.subscribed.store(true, Ordering::Release);
                 let _ = subscribed.try_send(());
                 continue;
             }

@@ -15,7 +15,7 @@ mod locks;
 mod writeback;
 
 use std::collections::{BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -92,6 +92,8 @@ pub struct Client {
     /// Whether the server holds a conflicting `LockWait` until the lock is free or 100 ms have
     /// passed (protocol version 8).
     lock_wait_at_server: bool,
+    /// The callback channel is subscribed: the server grants rights and recalls them.
+    subscribed: Arc<AtomicBool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,6 +180,7 @@ impl Client {
             version_4: info.version >= braid_proto::XATTR_NAMES_VERSION,
             lock_wait: info.version >= braid_proto::LOCK_WAIT_VERSION,
             lock_wait_at_server: info.version >= braid_proto::LOCK_WAIT_AT_SERVER_VERSION,
+            subscribed: Arc::new(AtomicBool::new(false)),
         };
         client.start_flusher().map_err(thread_error)?;
         if info.version >= braid_proto::RENEW_VERSION {
@@ -246,6 +249,11 @@ impl Client {
 
     /// The attributes of `handle` if this client knows them without asking (it holds the
     /// object exclusively and its shadow is exact).
+    /// Whether this client holds `handle` exclusively: no other client can change it.
+    pub fn holds_exclusively(&self, handle: &Handle) -> bool {
+        self.writeback.holds(handle)
+    }
+
     pub fn known_attributes(&self, handle: &Handle) -> Option<Attr> {
         self.writeback.exact_attributes(handle).map(|(attr, _)| attr)
     }
@@ -288,12 +296,24 @@ impl Client {
         }
     }
 
+    /// Reads from the server. A read that a change of another client overlapped comes without
+    /// a lease: it may hold bytes from before that change, whose recall may already have been
+    /// carried out here, so nothing would ever drop them from the kernel's pages. Such a read is
+    /// made again (while the server grants leases at all), and the caller must not let the
+    /// kernel keep what a read without a lease returned.
     pub fn read(&self, handle: &Handle, offset: u64, len: u32) -> Result<(Vec<u8>, Lease)> {
         let handle = self.settled(handle)?;
-        let (reply, data, lease) = self.connection.call_leased(&Request::Read { handle, offset, len }, &[])?;
-        match reply {
-            Reply::Read => Ok((data, lease)),
-            other => unexpected(other),
+        let request = Request::Read { handle, offset, len };
+        let mut attempts = 1;
+        loop {
+            let (reply, data, lease) = self.connection.call_leased(&request, &[])?;
+            if !matches!(reply, Reply::Read) {
+                return unexpected(reply);
+            }
+            if lease.is_some() || attempts == READ_ATTEMPTS_FOR_A_LEASE || !self.subscribed.load(Ordering::Acquire) {
+                return Ok((data, lease));
+            }
+            attempts += 1;
         }
     }
 
@@ -987,6 +1007,9 @@ impl Client {
         self.connection.call_leased(&request, &[]).map(|(reply, _, lease)| (reply, lease))
     }
 }
+
+/// How many times a read is made while a change of another client overlaps it (see `read`).
+const READ_ATTEMPTS_FOR_A_LEASE: u32 = 3;
 
 /// Renews the exclusive rights this client was granted lately, a quarter of a lease before
 /// they would end, until unmount (see `writeback::RENEW_HORIZON`).

@@ -13,7 +13,10 @@
 //! are marked busy; a recall of a busy object is acknowledged at once and its notification sent
 //! by the invalidator thread once the change has returned. In that narrow case (both clients
 //! changing the same object at the same moment) the old state stays visible here for the
-//! duration of one round trip.
+//! duration of one round trip, except to a process that takes a lock: a lock taken on a file
+//! this mount does not hold exclusively drops its pages first (as NFS does), so what the lock
+//! guards is read afresh. A read that a change overlapped comes without a lease and is made
+//! again; if it still has none, its pages are dropped after the answer.
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -66,6 +69,12 @@ struct NodeLease {
 enum Notice {
     /// Attributes and pages (for a directory, its cached listing).
     Node(u64),
+    /// The pages of `len` bytes from `offset` of a file.
+    Pages {
+        node: u64,
+        offset: u64,
+        len: u64,
+    },
     Entry {
         parent: u64,
         name: Vec<u8>,
@@ -75,7 +84,7 @@ enum Notice {
 impl Notice {
     fn node(&self) -> u64 {
         match self {
-            Notice::Node(node) => *node,
+            Notice::Node(node) | Notice::Pages { node, .. } => *node,
             Notice::Entry { parent, .. } => *parent,
         }
     }
@@ -213,6 +222,21 @@ impl KernelCache {
         self.missing_xattrs.lock().expect("xattr lock").insert(node, known);
     }
 
+    /// Drops the kernel's attributes and pages of `node` now. Only from a request that no
+    /// change of the server waits for (see "Deadlock avoidance").
+    pub fn drop_node_now(&self, node: u64) {
+        self.notify(&Notice::Node(node));
+    }
+
+    /// A read of `node` came without a lease (a change of another client overlapped it): the
+    /// kernel must not keep the pages it filled, which may hold bytes from before that change.
+    /// Sent by the invalidator thread: the notification may wait for other reads of the file,
+    /// which need the thread that calls this.
+    pub fn drop_pages_later(&self, node: u64, offset: u64, len: u64) {
+        self.deferred.lock().expect("deferred lock").push(Notice::Pages { node, offset, len });
+        self.idle.notify_all();
+    }
+
     /// This mount changes the extended attributes of `node` (its own changes recall nothing here).
     pub fn xattrs_changed(&self, node: u64) {
         self.missing_xattrs.lock().expect("xattr lock").remove(&node);
@@ -223,6 +247,7 @@ impl KernelCache {
         // ENOENT: the kernel no longer has it cached, which is what we want.
         let _ = match notice {
             Notice::Node(node) => notifier.inval_inode(INodeNo(*node), 0, 0),
+            Notice::Pages { node, offset, len } => notifier.inval_inode(INodeNo(*node), *offset as i64, *len as i64),
             Notice::Entry { parent, name } => notifier.inval_entry(INodeNo(*parent), OsStr::from_bytes(name)),
         };
     }

@@ -653,7 +653,10 @@ impl Filesystem for BraidFs {
         match read.and_then(|h| self.check(self.client.read(&h, offset, size.min(IO_BYTES_MAX)))) {
             Ok((data, lease)) => {
                 self.cache.leased(ino.0, lease);
-                reply.data(&data)
+                reply.data(&data);
+                if lease.is_none() {
+                    self.cache.drop_pages_later(ino.0, offset, data.len() as u64);
+                }
             }
             Err(e) => reply.error(e),
         }
@@ -912,11 +915,20 @@ impl Filesystem for BraidFs {
         reply: ReplyEmpty,
     ) {
         let result = self.lock_request(ino, lock_owner, start, end, typ, pid).and_then(|request| {
-            if request.kind != LockKind::Unlock {
+            let (taking, handle) = (request.kind != LockKind::Unlock, request.handle.clone());
+            if taking {
                 self.fenced(ino, fh, Some(lock_owner))?;
                 self.lockers.taking(ino.0, lock_owner.0, fh.0);
             }
-            self.lock_until_granted(request, sleep.then(|| req.pid()))
+            self.lock_until_granted(request, sleep.then(|| req.pid()))?;
+            // What the lock guards must be read afresh: a recall that came while this mount
+            // was changing the file was acknowledged before its pages were dropped (see
+            // `cache`), so they may still hold what another client changed before it let go
+            // of the lock. NFS drops a file's cache on every lock for the same reason.
+            if taking && !self.client.holds_exclusively(&handle) {
+                self.cache.drop_node_now(ino.0);
+            }
+            Ok(())
         });
         self.reply_empty(reply, result);
     }

@@ -708,12 +708,15 @@ fn random_range_locks_from_both_clients_lose_no_update_and_never_hang() {
     // Goal: byte-range locks under contention from processes on two clients: taken in random
     // order they deadlock now and then; the server must refuse the wait that closes each
     // cycle (else the workers hang for ever), and the locks must still exclude (else
-    // increments are lost).
+    // increments are lost). Three processes per client: while some write the file, a recall
+    // is acknowledged before the kernel's pages are dropped, and a process that takes a lock
+    // must not read those pages (they lost increments in about one run in four under load).
     let (a, b) = two_clients("30");
     const SLOTS: usize = 6;
     const EACH: u32 = 60;
     fs::write(a.m("slots"), b"00000000".repeat(SLOTS)).unwrap();
-    let paths = [a.m("slots"), a.m("slots"), b.m("slots"), b.m("slots")];
+    let paths = [a.m("slots"), a.m("slots"), a.m("slots"), b.m("slots"), b.m("slots"), b.m("slots")];
+    let paths_count = paths.len() as u32;
     let outputs = within("slot workers", Duration::from_secs(60), move || {
         let children: Vec<_> = paths
             .iter()
@@ -735,7 +738,7 @@ fn random_range_locks_from_both_clients_lose_no_update_and_never_hang() {
     }
     let text = fs::read_to_string(b.m("slots")).unwrap();
     let total: u32 = text.as_bytes().chunks(8).map(|slot| std::str::from_utf8(slot).unwrap().parse::<u32>().unwrap()).sum();
-    assert_eq!(total, 4 * EACH * 2, "lost increments: {text}");
+    assert_eq!(total, paths_count * EACH * 2, "lost increments: {text}");
 }
 
 /// A python3 sqlite3 worker: `EACH` transactions, each reading the counter, incrementing it
