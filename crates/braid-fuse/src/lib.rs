@@ -10,6 +10,7 @@ pub mod cache;
 mod caller;
 mod errno;
 mod lockers;
+mod waits;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -18,7 +19,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use braid_client::inodes::InodeTable;
 use braid_client::{Client, ClientError, Lease};
@@ -35,12 +36,9 @@ use fuser::{
 
 use crate::cache::KernelCache;
 use crate::lockers::{Lockers, Release};
+use crate::waits::Locking;
 
 pub use errno::errno_for;
-
-/// How long a non-blocking lock request waits for a conflicting lock of this mount to be
-/// released by a close the kernel has not sent yet.
-const OWN_RELEASE_GRACE: Duration = Duration::from_millis(20);
 
 /// Largest FUSE read or write; matches the protocol's data limit, so one kernel request is one
 /// frame.
@@ -65,6 +63,8 @@ pub struct BraidFs {
     /// The lock owners that may hold locks on the server, by node and open file: released
     /// when the owner closes the file (POSIX) or the open file is released (OFD, flock).
     lockers: Lockers,
+    /// Lock requests, and a thread for each that waits.
+    locking: Locking,
     /// Objects of recent listings, by node, with the listing batch they came in: the first
     /// getxattr of one the cache cannot answer asks for the names of the whole batch at once.
     unasked_xattrs: Mutex<HashMap<u64, ListedBatch>>,
@@ -143,9 +143,11 @@ fn nix_is_root() -> bool {
 
 impl BraidFs {
     pub fn new(client: Client, info: &ExportInfo) -> Self {
+        let cache = KernelCache::new(InodeTable::new(info.root.attr.ino, info.root.handle.clone()));
         Self {
+            locking: Locking { client: client.clone(), cache: cache.clone() },
             client,
-            cache: KernelCache::new(InodeTable::new(info.root.attr.ino, info.root.handle.clone())),
+            cache,
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             read_only: info.read_only,
@@ -316,35 +318,6 @@ impl BraidFs {
 
     fn new_fh(&self) -> FileHandle {
         FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed))
-    }
-
-    /// Takes a lock. When `waiter` names the calling thread (a blocking request), a conflict
-    /// is retried until the lock is free (the server of protocol 8 waits up to 100 ms for it
-    /// each time; it does not queue waiters), the server finds
-    /// that the wait would close a cycle of waiters (EDEADLK), or the caller is signalled
-    /// (EINTR; see `caller::interrupted`). A conflict with a lock of this mount is retried
-    /// briefly even without a waiter: the kernel releases closed files asynchronously, so the
-    /// lock may be on its way out.
-    fn lock_until_granted(&self, request: LockRequest, waiter: Option<u32>) -> Result<(), Errno> {
-        let mut backoff = Duration::from_millis(1);
-        let own_release_deadline = Instant::now() + OWN_RELEASE_GRACE;
-        loop {
-            let attempt = match waiter {
-                Some(_) => self.client.lock_waiting(request.clone()),
-                None => self.client.lock(request.clone()),
-            };
-            let Some(held) = self.check(attempt)? else { return Ok(()) };
-            match waiter {
-                Some(tid) if caller::interrupted(tid) => return Err(Errno::EINTR),
-                // The server waited for the lock before it answered.
-                Some(_) if self.client.lock_waits_at_server() => continue,
-                Some(_) => {}
-                None if held.mine && Instant::now() < own_release_deadline => {}
-                None => return Err(Errno::EAGAIN),
-            }
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(Duration::from_millis(50));
-        }
     }
 
     /// Refuses I/O through the open file `fh` (and by `owner`, if the kernel names it) with
@@ -914,23 +887,17 @@ impl Filesystem for BraidFs {
         sleep: bool,
         reply: ReplyEmpty,
     ) {
-        let result = self.lock_request(ino, lock_owner, start, end, typ, pid).and_then(|request| {
-            let (taking, handle) = (request.kind != LockKind::Unlock, request.handle.clone());
-            if taking {
+        let request = self.lock_request(ino, lock_owner, start, end, typ, pid).and_then(|request| {
+            if request.kind != LockKind::Unlock {
                 self.fenced(ino, fh, Some(lock_owner))?;
                 self.lockers.taking(ino.0, lock_owner.0, fh.0);
             }
-            self.lock_until_granted(request, sleep.then(|| req.pid()))?;
-            // What the lock guards must be read afresh: a recall that came while this mount
-            // was changing the file was acknowledged before its pages were dropped (see
-            // `cache`), so they may still hold what another client changed before it let go
-            // of the lock. NFS drops a file's cache on every lock for the same reason.
-            if taking && !self.client.holds_exclusively(&handle) {
-                self.cache.drop_node_now(ino.0);
-            }
-            Ok(())
+            Ok(request)
         });
-        self.reply_empty(reply, result);
+        match request {
+            Ok(request) => self.locking.take(ino.0, request, sleep.then(|| req.pid()), reply),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn fallocate(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {

@@ -415,6 +415,36 @@ fn a_waiting_lock_request_is_granted_as_soon_as_the_lock_is_let_go() {
     assert!(matches!(answer, Ok(Reply::LockTest(None))), "the waiter was answered {answer:?}, not granted the lock let go");
 }
 
+#[test]
+fn processes_waiting_for_a_lock_leave_the_mount_usable() {
+    // Goal: a process waiting for a lock another client holds does not take one of the mount's
+    // kernel request threads (8) for the whole wait: with more waiters than threads, every other
+    // request on the mount hung until the lock was let go.
+    let (a, b) = two_clients("30");
+    fs::write(a.m("lk"), b"x").unwrap();
+    fs::write(a.m("other"), b"still here").unwrap();
+    let on_b = OpenOptions::new().read(true).write(true).open(b.m("lk")).unwrap();
+    ofd_lock(&on_b, libc::F_WRLCK);
+    let waiters: Vec<_> = (0..12)
+        .map(|_| {
+            let path = a.m("lk");
+            std::thread::spawn(move || {
+                let file = OpenOptions::new().read(true).write(true).open(path).expect("open on A");
+                ofd_lock(&file, libc::F_WRLCK);
+                ofd_lock(&file, libc::F_UNLCK);
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // A create always reaches the daemon (a read may be served by the kernel's cache).
+    let new = a.m("new");
+    let made = within("a create on A while twelve processes wait for a lock", Duration::from_secs(10), move || fs::write(new, b"made"));
+    made.expect("create on A");
+    assert_eq!(fs::read(a.m("other")).unwrap(), b"still here");
+    ofd_lock(&on_b, libc::F_UNLCK);
+    within("the waiters, once B let go", Duration::from_secs(30), move || waiters.into_iter().for_each(|w| w.join().expect("waiter")));
+}
+
 /// A client stopped with SIGSTOP until this is dropped (also when a test fails: a frozen
 /// client would hang its unmount).
 struct Frozen<'m>(&'m OtherMount);
