@@ -38,6 +38,9 @@ pub struct KernelCache {
     busy: Mutex<HashMap<u64, usize>>,
     /// Notifications waiting for their objects to stop being busy.
     deferred: Mutex<Vec<Notice>>,
+    /// Deferred notifications not sent yet (waiting or being sent), per node: until they are
+    /// out, the kernel may hold pages of the node that are no longer right.
+    unsent: Mutex<HashMap<u64, usize>>,
     /// Signalled when an object stops being busy or a notice is deferred.
     idle: Condvar,
     notifier: OnceLock<Notifier>,
@@ -120,6 +123,7 @@ impl KernelCache {
             missing_xattrs: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashMap::new()),
             deferred: Mutex::new(Vec::new()),
+            unsent: Mutex::new(HashMap::new()),
             idle: Condvar::new(),
             notifier: OnceLock::new(),
         })
@@ -233,8 +237,37 @@ impl KernelCache {
     /// Sent by the invalidator thread: the notification may wait for other reads of the file,
     /// which need the thread that calls this.
     pub fn drop_pages_later(&self, node: u64, offset: u64, len: u64) {
-        self.deferred.lock().expect("deferred lock").push(Notice::Pages { node, offset, len });
+        self.defer([Notice::Pages { node, offset, len }]);
+    }
+
+    /// Whether the kernel's pages of `node` are known to be right: a lease covers them without
+    /// a gap and no notification about them waits to be sent. A process that takes a lock
+    /// must not read them otherwise (see "Deadlock avoidance").
+    pub fn pages_trusted(&self, node: u64) -> bool {
+        let leased = self.leases.lock().expect("lease lock").get(&node).is_some_and(|held| held.until > Instant::now() && !held.gap);
+        leased && !self.unsent.lock().expect("unsent lock").contains_key(&node)
+    }
+
+    /// Leaves `notices` to the invalidator thread.
+    fn defer(&self, notices: impl IntoIterator<Item = Notice>) {
+        let mut deferred = self.deferred.lock().expect("deferred lock");
+        let mut unsent = self.unsent.lock().expect("unsent lock");
+        for notice in notices {
+            *unsent.entry(notice.node()).or_default() += 1;
+            deferred.push(notice);
+        }
         self.idle.notify_all();
+    }
+
+    /// A deferred notification was sent.
+    fn sent(&self, notice: &Notice) {
+        let mut unsent = self.unsent.lock().expect("unsent lock");
+        let node = notice.node();
+        let count = unsent.get_mut(&node).expect("a deferred notice is counted");
+        *count -= 1;
+        if *count == 0 {
+            unsent.remove(&node);
+        }
     }
 
     /// This mount changes the extended attributes of `node` (its own changes recall nothing here).
@@ -258,8 +291,7 @@ impl KernelCache {
             self.drop_node_state(node);
         }
         if self.busy.lock().expect("busy lock").contains_key(&notice.node()) {
-            self.deferred.lock().expect("deferred lock").push(notice);
-            self.idle.notify_all();
+            self.defer([notice]);
         } else {
             self.notify(&notice);
         }
@@ -276,7 +308,10 @@ impl KernelCache {
             };
             if !ready.is_empty() {
                 drop(deferred);
-                ready.iter().for_each(|n| self.notify(n));
+                ready.iter().for_each(|n| {
+                    self.notify(n);
+                    self.sent(n);
+                });
                 deferred = self.deferred.lock().expect("deferred lock");
                 continue;
             }
@@ -319,8 +354,7 @@ impl CallbackHandler for KernelCache {
             notices.push(Notice::Node(node));
         }
         // Never from here: the caller may serve a request the notification would wait for.
-        self.deferred.lock().expect("deferred lock").extend(notices);
-        self.idle.notify_all();
+        self.defer(notices);
     }
 
     fn created(&self, provisional: &Handle, real: &Handle, ino: u64) {
@@ -404,5 +438,28 @@ mod tests {
         assert!(!c.may_keep_pages(9), "the recall ended the lease at once");
         drop(guard);
         assert!(c.busy.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn pages_are_trusted_under_a_lease_with_no_notice_waiting() {
+        // Goal: a process that takes a lock may read the kernel's pages only if a lease covers
+        // them and no invalidation of them waits to be sent (a recall acknowledged while this
+        // mount was changing the file): then they may hold what another client changed.
+        let c = cache();
+        let h = Handle(vec![9]);
+        c.inodes.lock().unwrap().remember(9, &h);
+        assert!(!c.pages_trusted(9), "never leased");
+        c.leased(9, Some(Instant::now() + Duration::from_secs(5)));
+        assert!(c.pages_trusted(9));
+        let guard = c.busy(&[9]);
+        c.recall(&[Invalidation::Object(h)]);
+        c.leased(9, Some(Instant::now() + Duration::from_secs(5)));
+        assert!(!c.pages_trusted(9), "leased again by a read, but the recall's invalidation waits");
+        let waiting = std::mem::take(&mut *c.deferred.lock().unwrap());
+        waiting.iter().for_each(|notice| c.sent(notice));
+        assert!(c.pages_trusted(9), "the invalidation went out");
+        drop(guard);
+        c.drop_pages_later(9, 0, 4096);
+        assert!(!c.pages_trusted(9), "a read without a lease waits to be dropped");
     }
 }

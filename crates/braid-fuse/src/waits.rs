@@ -90,12 +90,14 @@ impl Locking {
         }
     }
 
-    /// What the lock guards must be read afresh: a recall that came while this mount was
-    /// changing the file was acknowledged before its pages were dropped (see `cache`), so
-    /// they may still hold what another client changed before it let go of the lock. NFS
-    /// drops a file's cache on every lock for the same reason.
+    /// What the lock guards must be read afresh unless the kernel's pages are known to be
+    /// right: a recall that came while this mount was changing the file was acknowledged
+    /// before its pages were dropped (see `cache`), so they may still hold what another client
+    /// changed before it let go of the lock. (NFS drops a file's cache on every lock unless
+    /// it holds a delegation; a lease with nothing waiting to be invalidated is one.)
     fn granted(&self, node: u64, request: &LockRequest) {
-        if request.kind != LockKind::Unlock && !self.client.holds_exclusively(&request.handle) {
+        let trusted = self.client.holds_exclusively(&request.handle) || self.cache.pages_trusted(node);
+        if request.kind != LockKind::Unlock && !trusted {
             self.cache.drop_node_now(node);
         }
     }
