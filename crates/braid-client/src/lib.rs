@@ -247,13 +247,13 @@ impl Client {
         Ok((entry, lease))
     }
 
-    /// The attributes of `handle` if this client knows them without asking (it holds the
-    /// object exclusively and its shadow is exact).
     /// Whether this client holds `handle` exclusively: no other client can change it.
     pub fn holds_exclusively(&self, handle: &Handle) -> bool {
         self.writeback.holds(handle)
     }
 
+    /// The attributes of `handle` if this client knows them without asking (it holds the
+    /// object exclusively and its shadow is exact).
     pub fn known_attributes(&self, handle: &Handle) -> Option<Attr> {
         self.writeback.exact_attributes(handle).map(|(attr, _)| attr)
     }
