@@ -58,6 +58,9 @@ pub struct Granted {
     pub lease: Lease,
     /// Whether the rights granted are exclusive.
     pub exclusive: bool,
+    /// When the request was (last) sent: a callback taken in after it may have been sent
+    /// after the rights were granted, and overtaken this response.
+    pub sent: Instant,
     /// The server process that answered: the lsns in the reply are its own.
     pub epoch: Arc<Epoch>,
 }
@@ -166,10 +169,10 @@ impl Connection {
         self.decode_granted(response, sent, epoch)
     }
 
-    /// Sends a `StagedTxn` and returns its first answer (applied) as `call_granted` does, with
+    /// Sends a `StagedTxn` (or staged `WriteBack`) and returns its first answer (applied) as `call_granted` does, with
     /// what waits for the second (durable).
     pub fn call_staged(self: &Arc<Self>, request: &Request, data: &[u8]) -> Result<(Granted, Staged)> {
-        debug_assert!(matches!(request, Request::StagedTxn(_)));
+        debug_assert!(matches!(request, Request::StagedTxn(_) | Request::WriteBack { staged: true, .. }));
         let (response, sent, channel, id) = self.call_on_a_channel(request, data)?;
         let granted = self.decode_granted(response, sent, channel.epoch.clone())?;
         Ok((granted, Staged { connection: self.clone(), channel, id }))
@@ -208,7 +211,7 @@ impl Connection {
         let decoded: Response = response.decode().map_err(|e| ClientError::Protocol(e.to_string()))?;
         let lease = decoded.leased.then(|| self.lease_from(sent));
         let exclusive = decoded.exclusive && lease.is_some();
-        Ok(Granted { result: decoded.result.map_err(wire_error), data: response.data, lease, exclusive, epoch })
+        Ok(Granted { result: decoded.result.map_err(wire_error), data: response.data, lease, exclusive, sent, epoch })
     }
 
     /// Sends `request` and reads its (first) response, across reconnects, within the retry

@@ -92,6 +92,10 @@ pub struct Client {
     /// Whether the server holds a conflicting `LockWait` until the lock is free or 100 ms have
     /// passed (protocol version 8).
     lock_wait_at_server: bool,
+    /// Whether the server takes `WriteBack` (protocol version 9): refuses changes this client
+    /// made in its cache under exclusive rights it lost, rather than let them overwrite what
+    /// another client did since.
+    write_back_fence: bool,
     /// The callback channel is subscribed: the server grants rights and recalls them.
     subscribed: Arc<AtomicBool>,
 }
@@ -180,6 +184,7 @@ impl Client {
             version_4: info.version >= braid_proto::XATTR_NAMES_VERSION,
             lock_wait: info.version >= braid_proto::LOCK_WAIT_VERSION,
             lock_wait_at_server: info.version >= braid_proto::LOCK_WAIT_AT_SERVER_VERSION,
+            write_back_fence: info.version >= braid_proto::WRITE_BACK_FENCE_VERSION,
             subscribed: Arc::new(AtomicBool::new(false)),
         };
         client.start_flusher().map_err(thread_error)?;
@@ -690,7 +695,7 @@ impl Client {
             let creates: Vec<(usize, Handle)> =
                 batch.iter().enumerate().filter_map(|(at, op)| op.creates.clone().map(|created| (at, created))).collect();
             let last = durable && batches.is_empty();
-            let (mut results, lease, staged) = match self.send_txn(batch[0].creds.clone(), &commands, &data, &creates, batch.len(), last) {
+            let (mut results, lease, staged) = match self.send_txn(batch[0].creds.clone(), &commands, &data, &creates, &batch, last) {
                 Ok(done) => done,
                 Err(e) => {
                     // Nothing more will be tried: every change not sent is lost.
@@ -727,7 +732,7 @@ impl Client {
             }
         }
         match direct {
-            Some(d) => self.send_txn(d.creds, &d.commands, &d.data, &[], 0, false).map(|(results, lease, _)| Some((results, lease))),
+            Some(d) => self.send_txn(d.creds, &d.commands, &d.data, &[], &[], false).map(|(results, lease, _)| Some((results, lease))),
             None => Ok(outcome),
         }
     }
@@ -746,7 +751,7 @@ impl Client {
                 .map(|batch| {
                     scope.spawn(|| {
                         let commands: Vec<Command> = batch.iter().map(|op| op.command.clone()).collect();
-                        self.send_txn(batch[0].creds.clone(), &commands, &writeback::data_of(batch), &[], batch.len(), false)
+                        self.send_txn(batch[0].creds.clone(), &commands, &writeback::data_of(batch), &[], batch, false)
                     })
                 })
                 .collect();
@@ -812,7 +817,7 @@ impl Client {
         kept
     }
 
-    /// Sends one transaction of `commands` (the first `queued` of them from the queue, `creates`
+    /// Sends one transaction of `commands` (the first of them the changes `queued`, `creates`
     /// the provisional handles their creates give), resolves what it created and records the
     /// rights its response grants and the attributes and names its results report. `durable`:
     /// answered once durable; with `StagedTxn` that answer is still to be awaited (`Staged`).
@@ -822,23 +827,40 @@ impl Client {
         commands: &[Command],
         data: &[u8],
         creates: &[(usize, Handle)],
-        queued: usize,
+        queued: &[writeback::Queued],
         durable: bool,
     ) -> Result<(TxnResults, Lease, Option<connection::Staged>)> {
         let wire = self.writeback.on_the_wire(commands, creates).map_err(ClientError::Errno)?;
         let (seq, replied_below) = self.txns.begin();
         let txn = Txn { seq, replied_below, creds, commands: wire };
-        let (result, staged) = match (durable, self.fsync_txn) {
-            (false, _) => (self.connection.call_granted(&Request::Txn(txn), data), None),
-            (true, FsyncTxn::Staged) => match self.connection.call_staged(&Request::StagedTxn(txn), data) {
+        let request = self.txn_request(txn, queued, durable);
+        let (result, staged) = match request {
+            Request::StagedTxn(_) | Request::WriteBack { staged: true, .. } => match self.connection.call_staged(&request, data) {
                 Ok((granted, staged)) => (Ok(granted), Some(staged)),
                 Err(e) => (Err(e), None),
             },
-            (true, _) => (self.connection.call_granted(&Request::DurableTxn(txn), data), None),
+            _ => (self.connection.call_granted(&request, data), None),
         };
         self.txns.end(seq);
-        let (results, lease) = self.applied(result?, commands, creates, queued)?;
+        let (results, lease) = self.applied(result?, commands, creates, queued.len())?;
         Ok((results, lease, staged))
+    }
+
+    /// The request that carries `txn`, whose first commands are the changes `queued`: a
+    /// `WriteBack` if there are any and the server fences them (all made under rights of one
+    /// server process, else it could not tell which; it then applies them as before), else a
+    /// `Txn`, or for a `durable` one a `StagedTxn` or `DurableTxn`, as the server speaks.
+    fn txn_request(&self, txn: Txn, queued: &[writeback::Queued], durable: bool) -> Request {
+        let staged = durable && self.fsync_txn == FsyncTxn::Staged;
+        let instance = queued.first().map(|op| op.rights_of);
+        if let Some(instance) = instance.filter(|i| self.write_back_fence && queued.iter().all(|op| op.rights_of == *i)) {
+            return Request::WriteBack { txn, queued: queued.len() as u32, instance, staged };
+        }
+        match (durable, self.fsync_txn) {
+            (false, _) => Request::Txn(txn),
+            (true, FsyncTxn::Staged) => Request::StagedTxn(txn),
+            (true, _) => Request::DurableTxn(txn),
+        }
     }
 
     /// Takes in the outcome of a transaction (see `send_txn`).
@@ -849,7 +871,7 @@ impl Client {
         creates: &[(usize, Handle)],
         queued: usize,
     ) -> Result<(TxnResults, Lease)> {
-        let connection::Granted { result, lease, exclusive, epoch, .. } = result;
+        let connection::Granted { result, lease, exclusive, sent, epoch, .. } = result;
         match result {
             Ok(Reply::Txn(outcome)) => {
                 tracing::trace!(?lease, exclusive, commands = commands.len(), "txn applied");
@@ -860,7 +882,8 @@ impl Client {
                 }
                 let commands = self.writeback.canonical(commands);
                 let created = writeback::created(&outcome.results);
-                self.writeback.granted(commands.iter().flat_map(Command::handles).chain(created), lease, exclusive);
+                let rights = writeback::Rights { until: lease, exclusive, sent };
+                self.writeback.granted(commands.iter().flat_map(Command::handles).chain(created), rights);
                 self.writeback.applied(&commands, &outcome.results, queued, (outcome.lsn, &epoch));
                 Ok((outcome.results, lease))
             }

@@ -11,8 +11,8 @@ use crate::codec::Checksum;
 /// [`crate::limits::TXN_DATA_BYTES_MAX`] of data, in which a refused write does not stop the
 /// commands after it, 7 [`Request::LockWait`] and [`Request::LockReclaim`], 8 clients that hold
 /// locks are heard from at least every quarter lease (see [`LOCK_LEASE_VERSION`]) and a lock wait
-/// waits at the server (see [`LOCK_WAIT_AT_SERVER_VERSION`]).
-pub const PROTOCOL_VERSIONS: &[u16] = &[8, 7, 6, 5, 4, 3, 2, 1];
+/// waits at the server (see [`LOCK_WAIT_AT_SERVER_VERSION`]), 9 [`Request::WriteBack`].
+pub const PROTOCOL_VERSIONS: &[u16] = &[9, 8, 7, 6, 5, 4, 3, 2, 1];
 
 /// The first protocol version with [`Request::DurableTxn`].
 pub const DURABLE_TXN_VERSION: u16 = 2;
@@ -48,6 +48,11 @@ pub const LOCK_LEASE_VERSION: u16 = 8;
 /// The first protocol version whose server holds a conflicting [`Request::LockWait`] for up to
 /// 100 ms, answering as soon as the lock can be taken, so that its client asks again at once.
 pub const LOCK_WAIT_AT_SERVER_VERSION: u16 = 8;
+
+/// The first protocol version with [`Request::WriteBack`]: changes a client made in its cache
+/// under exclusive rights are refused once those rights were taken from it without its
+/// acknowledgement, instead of overwriting what another client did since.
+pub const WRITE_BACK_FENCE_VERSION: u16 = 9;
 
 /// Identifies one client (one mount) for deduplication; random, chosen at mount time and kept
 /// across reconnects.
@@ -352,6 +357,19 @@ pub enum Request {
     /// refused with `ENOLCK` if not: the lock is lost (the server restarted longer than a
     /// lease ago, or dropped it while it did not hear from the client). Protocol version 7.
     LockReclaim(LockRequest),
+    /// A transaction whose first `queued` commands the client made in its cache, under
+    /// exclusive rights granted by server process `instance`, and answered before sending
+    /// (write-back). Applied as `Txn` (or, if `staged`, as `StagedTxn`), except that a queued
+    /// command naming an object on which this server process took the client's exclusive right
+    /// without the client's acknowledgement (its lease ran out: it was frozen, cut off or too
+    /// slow to answer a recall) is refused with `EIO`: another client may have changed the
+    /// object since, and the late change would overwrite that. Protocol version 9.
+    WriteBack {
+        txn: Txn,
+        queued: u32,
+        instance: u64,
+        staged: bool,
+    },
 }
 
 /// A whole-file or byte-range lock request. `owner` is the client's name for the lock owner

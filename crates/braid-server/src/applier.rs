@@ -29,9 +29,10 @@ impl Applier {
     }
 }
 
-/// The client a transaction comes from, and what a refusal in it stops.
+/// The client a transaction comes from, what a refusal in it stops, and which of its commands
+/// come too late.
 #[derive(Debug, Clone, Copy)]
-pub struct Sender {
+pub struct Sender<'f> {
     pub client: ClientId,
     /// A refused `Write` does not stop the commands after it: the write-back of a client of
     /// protocol version 6 or later sends writes it has already answered, and, as a local file
@@ -40,12 +41,31 @@ pub struct Sender {
     /// the rest of the batch per refused write: a full disk cost minutes). Any other refusal
     /// ends the transaction.
     pub writes_go_on: bool,
+    pub fence: Fence<'f>,
 }
 
-impl From<ClientId> for Sender {
+impl From<ClientId> for Sender<'_> {
     /// A client whose transactions end at their first refusal (protocol versions 1 to 5).
     fn from(client: ClientId) -> Self {
-        Self { client, writes_go_on: false }
+        Self { client, writes_go_on: false, fence: Fence::default() }
+    }
+}
+
+/// The commands of a write-back (`Request::WriteBack`) that the client made in its cache under
+/// exclusive rights it has lost since (`Coherence::rights_lost`): each is refused with `EIO`,
+/// as a write-back a local file system could not complete, instead of overwriting what another
+/// client did meanwhile.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fence<'f> {
+    /// How many of the transaction's first commands were made in the client's cache.
+    pub queued: usize,
+    /// Objects none of those commands may change.
+    pub lost: &'f [Handle],
+}
+
+impl Fence<'_> {
+    fn refuses(&self, index: usize, command: &Command) -> bool {
+        index < self.queued && command.handles().iter().any(|h| self.lost.contains(h))
     }
 }
 
@@ -57,7 +77,7 @@ pub fn apply_txn(
     applier: &Mutex<Applier>,
     committer: &Arc<Committer>,
     export: &Export,
-    sender: Sender,
+    sender: Sender<'_>,
     txn: &Txn,
     message: &[u8],
     data: &[u8],
@@ -89,8 +109,9 @@ pub fn apply_txn(
 
     let mut results = Vec::with_capacity(txn.commands.len());
     let mut created: Vec<Option<Handle>> = Vec::with_capacity(txn.commands.len());
-    for (command, slice) in txn.commands.iter().zip(slices) {
+    for (index, (command, slice)) in txn.commands.iter().zip(slices).enumerate() {
         let result = match with_created(command, &created) {
+            Ok(_) if sender.fence.refuses(index, command) => Err(Errno(libc::EIO)),
             Ok(Some(resolved)) => export.apply(&resolved, slice, &txn.creds, tolerant),
             Ok(None) => export.apply(command, slice, &txn.creds, tolerant),
             Err(errno) => Err(errno),
@@ -304,7 +325,7 @@ mod tests {
             let txn = Txn { seq: TxnSeq(seq), replied_below: TxnSeq(seq), creds: Credentials::default(), commands: commands.clone() };
             let message = postcard::to_stdvec(&Request::Txn(txn.clone())).unwrap();
             std::fs::write(dir.path().join("data/f"), b"abc").unwrap();
-            let sender = Sender { client: ClientId(4), writes_go_on };
+            let sender = Sender { client: ClientId(4), writes_go_on, fence: Fence::default() };
             let Ok(Reply::Txn(outcome)) = apply_txn(&applier, &committer, &export, sender, &txn, &message, b"XEY") else {
                 panic!("txn failed")
             };
@@ -312,6 +333,38 @@ mod tests {
             assert_eq!(outcome.results[1], Err(Errno(libc::EFBIG)));
             assert_eq!(std::fs::read(dir.path().join("data/f")).unwrap(), content, "writes_go_on {writes_go_on}");
         }
+    }
+
+    #[test]
+    fn queued_commands_naming_an_object_whose_right_was_lost_are_refused() {
+        // Goal: in a write-back, each queued command that names a lost object is refused with
+        // EIO (a refused write does not stop the rest, as any refused write); queued commands on
+        // other objects, and commands after the queued ones (sent directly), are applied.
+        let dir = tempfile::tempdir().unwrap();
+        let (export, applier, committer, lost) = setup(dir.path());
+        std::fs::write(dir.path().join("data/g"), b"ghi").unwrap();
+        let kept = export.lookup(&export.root_entry().unwrap().handle, b"g").unwrap().handle;
+        let write = |handle: &Handle, offset| Command::Write { handle: handle.clone(), offset, len: 1 };
+        let commands = vec![write(&lost, 0), write(&kept, 0), write(&lost, 1), write(&kept, 1), write(&lost, 2)];
+        let txn = Txn { seq: TxnSeq(1), replied_below: TxnSeq(1), creds: Credentials::default(), commands };
+        let message = postcard::to_stdvec(&Request::Txn(txn.clone())).unwrap();
+        let lost_objects = [lost.clone()];
+        let sender = Sender { client: ClientId(4), writes_go_on: true, fence: Fence { queued: 4, lost: &lost_objects } };
+        let Ok(Reply::Txn(outcome)) = apply_txn(&applier, &committer, &export, sender, &txn, &message, b"VWXYZ") else {
+            panic!("txn failed")
+        };
+        let refused: Vec<bool> = outcome.results.iter().map(|r| *r == Err(Errno(libc::EIO))).collect();
+        assert_eq!(refused, [true, false, true, false, false], "{:?}", outcome.results);
+        assert_eq!(std::fs::read(dir.path().join("data/f")).unwrap(), b"abZ", "only the direct write reached the lost object");
+        assert_eq!(std::fs::read(dir.path().join("data/g")).unwrap(), b"WYi");
+
+        let setattr = Command::SetAttr { handle: lost.clone(), changes: braid_proto::AttrChanges { size: Some(0), ..Default::default() } };
+        let txn = Txn { seq: TxnSeq(2), replied_below: TxnSeq(2), creds: Credentials::default(), commands: vec![setattr, write(&kept, 2)] };
+        let message = postcard::to_stdvec(&Request::Txn(txn.clone())).unwrap();
+        let sender = Sender { fence: Fence { queued: 2, lost: &lost_objects }, ..sender };
+        let Ok(Reply::Txn(outcome)) = apply_txn(&applier, &committer, &export, sender, &txn, &message, b"Q") else { panic!("txn failed") };
+        assert_eq!(outcome.results, [Err(Errno(libc::EIO))], "any other refusal ends the transaction");
+        assert_eq!(std::fs::read(dir.path().join("data/f")).unwrap(), b"abZ");
     }
 
     #[test]

@@ -79,7 +79,7 @@ struct State {
     /// Start epochs of reads in flight, with their counts.
     reads: BTreeMap<u64, usize>,
     /// Callbacks sent and not yet acknowledged.
-    pending: HashSet<u64>,
+    pending: HashMap<u64, Asked>,
     next_callback: u64,
     /// Fast-path changes in flight.
     fast_busy: usize,
@@ -139,6 +139,20 @@ impl Heard {
 
     fn silent_for(&self) -> Duration {
         self.base.elapsed().saturating_sub(Duration::from_millis(self.at_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// A callback waited for: until its client acknowledges it or its lease ends, the client may
+/// still write back changes it made under its exclusive rights on these objects.
+struct Asked {
+    client: ClientId,
+    handles: Vec<Handle>,
+    until: Instant,
+}
+
+impl Asked {
+    fn covers(&self, client: ClientId, handle: &Handle, now: Instant) -> bool {
+        self.client == client && self.until > now && self.handles.contains(handle)
     }
 }
 
@@ -269,7 +283,7 @@ impl Coherence {
     }
 
     pub fn callback_done(&self, id: u64) {
-        if self.lock().pending.remove(&id) {
+        if self.lock().pending.remove(&id).is_some() {
             self.changed.notify_all();
         }
     }
@@ -423,6 +437,21 @@ impl Coherence {
         true
     }
 
+    /// Of `handles`, those on which changes `client` made in its cache may have been overtaken:
+    /// it no longer holds them exclusively (its right ran out, or was taken without its
+    /// acknowledgement), is not being asked to write them back (a flush or recall it may still
+    /// answer), and another client changed, holds or used them since, or this server no longer
+    /// remembers (its record was swept after the right ran out). Such changes must be refused:
+    /// applied late, they would overwrite what the other client did.
+    pub fn rights_lost<'h>(&self, client: ClientId, handles: impl IntoIterator<Item = &'h Handle>) -> Vec<Handle> {
+        let state = self.lock();
+        let now = Instant::now();
+        let mut named: Vec<&Handle> = handles.into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        named.dedup();
+        named.into_iter().filter(|handle| right_lost(&state, client, handle, now)).cloned().collect()
+    }
+
     /// Whether requests of `client` must name what they touch: someone else may hold rights.
     pub fn shared(&self, client: ClientId) -> bool {
         others_subscribed(&self.lock(), client)
@@ -520,7 +549,7 @@ impl Coherence {
             state.next_callback += 1;
             let delivered = state.subscribers.get(&holder).is_some_and(|s| (s.sink)(id, &callback));
             if delivered {
-                state.pending.insert(id);
+                state.pending.insert(id, Asked { client: holder, handles: callback_handles(&callback), until });
             } else {
                 tracing::debug!(client = holder.0, "callback undeliverable; waiting for the lease to run out");
             }
@@ -534,7 +563,7 @@ impl Coherence {
             let now = Instant::now();
             let open: Vec<Instant> = waits
                 .iter()
-                .filter(|(id, until)| *until > now && id.is_none_or(|id| state.pending.contains(&id)))
+                .filter(|(id, until)| *until > now && id.is_none_or(|id| state.pending.contains_key(&id)))
                 .map(|(_, until)| *until)
                 .collect();
             let Some(first_end) = open.iter().min() else { break };
@@ -650,6 +679,46 @@ impl Coherence {
             self.locks_changed.notify_waiters();
         }
         !departed.is_empty()
+    }
+}
+
+/// See [`Coherence::rights_lost`].
+fn right_lost(state: &State, client: ClientId, handle: &Handle, now: Instant) -> bool {
+    let asked = state.pending.values().any(|asked| asked.covers(client, handle, now));
+    let Some(object) = state.objects.get(handle) else {
+        if !asked {
+            tracing::warn!(client = client.0, ?handle, "refusing changes a client made in its cache: its right is long gone");
+        }
+        return !asked;
+    };
+    let right = object.holders.get(&client);
+    let held = right.is_some_and(|right| right.exclusive && right.until > now);
+    let changed_by_other = object.changed_by.is_some_and(|c| c != client);
+    let others = object.holders.keys().filter(|c| **c != client).count() + object.busy.iter().filter(|c| **c != client).count();
+    let lost = !held && !asked && (changed_by_other || others > 0);
+    if lost {
+        tracing::warn!(
+            client = client.0,
+            ?handle,
+            ?right,
+            others,
+            changed_by_other,
+            "refusing changes a client made in its cache under an exclusive right it lost"
+        );
+    }
+    lost
+}
+
+/// The objects a callback asks about: a recalled name's directory, a recalled or flushed object.
+fn callback_handles(callback: &Callback) -> Vec<Handle> {
+    match callback {
+        Callback::Flush(handles) => handles.clone(),
+        Callback::Recall(items) => items
+            .iter()
+            .map(|item| match item {
+                Invalidation::Object(handle) | Invalidation::Entry { parent: handle, .. } => handle.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -849,6 +918,47 @@ mod tests {
         assert_eq!(c.renew(b, &[h(1)]), vec![false], "B holds no exclusive right");
         c.unsubscribe(a);
         assert_eq!(c.renew(a, &[h(1)]), vec![false], "no callback channel, no renewal");
+    }
+
+    #[test]
+    fn changes_made_under_a_right_lost_without_acknowledgement_are_refused_once_another_client_came() {
+        // Goal: what a client made in its cache under an exclusive right may still be written
+        // back while the right lasts and while a flush it was asked for is awaited; once the
+        // right was taken without its acknowledgement (frozen: it never answers) and another
+        // client used the object, it is lost (applied late, it would overwrite the other's
+        // change). A right that simply ran out, with nobody else there, is not; one whose record
+        // was forgotten is (nothing is known).
+        let c = Arc::new(Coherence::new(Duration::from_millis(200), false));
+        let (a, b) = (ClientId(1), ClientId(2));
+        c.subscribe(a, 1, Arc::new(|_, _: &Callback| true));
+        c.subscribe(b, 2, acking_sink(&c, Duration::ZERO, Arc::new(AtomicUsize::new(0))));
+        let (read, changed, idle) = (h(1), h(2), h(3));
+        let change = c.begin_change(
+            a,
+            &[Invalidation::Object(read.clone()), Invalidation::Object(changed.clone()), Invalidation::Object(idle.clone())],
+        );
+        assert_eq!(c.end_change(change, [&read, &changed, &idle]), Grant::Exclusive);
+        assert!(c.rights_lost(a, [&read, &changed, &idle]).is_empty(), "held");
+
+        let flushing = {
+            let (c, read) = (c.clone(), read.clone());
+            std::thread::spawn(move || c.flush_others(b, &[read]))
+        };
+        let changing = {
+            let (c, changed) = (c.clone(), changed.clone());
+            std::thread::spawn(move || c.begin_change(b, &[Invalidation::Object(changed)]))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(c.rights_lost(a, [&read, &changed]).is_empty(), "asked to write back (a flush, a recall), and the lease runs");
+        assert!(flushing.join().unwrap(), "B's read waited for A's lease");
+        let change = changing.join().unwrap();
+        assert!(c.rights_lost(a, [&read, &idle]).is_empty(), "ran out, but nobody else came yet");
+        c.end_change(change, [&changed]);
+        assert_eq!(c.rights_lost(a, [&changed]), vec![changed.clone()], "B changed it");
+        assert_eq!(c.grant(c.begin_read(), b, [&read]), Grant::Shared);
+        assert_eq!(c.rights_lost(a, [&changed, &read]), vec![read.clone(), changed.clone()], "B read it without A's changes");
+        assert_eq!(c.rights_lost(a, [&h(4)]), vec![h(4)], "a record forgotten (swept out): nothing is known");
+        assert!(c.rights_lost(b, [&changed]).is_empty(), "B's own right");
     }
 
     #[test]

@@ -303,23 +303,35 @@ async fn read_requests(
         let (state, tx) = (state.clone(), tx.clone());
         tokio::spawn(async move {
             let id = frame.header.request_id;
-            if let Request::StagedTxn(txn) = request {
-                let applied = apply_as_txn(&state, who, txn, frame).await;
-                let lsn = applied.txn_lsn();
-                drop(budget);
-                if tx.send(outgoing(&state, who, id, applied)).await.is_ok() {
-                    // Always a second answer, also after a refusal: the commands before the
-                    // one refused were applied, and the client waits for this one.
-                    let committed = Handled::plain(Ok(Reply::Committed(commit_txn(&state, lsn).await)));
-                    let _ = tx.send(outgoing(&state, who, id, committed)).await;
+            match staged(request) {
+                Ok((txn, written_back)) => {
+                    let applied = apply_as_txn(&state, who, txn, written_back, frame).await;
+                    let lsn = applied.txn_lsn();
+                    drop(budget);
+                    if tx.send(outgoing(&state, who, id, applied)).await.is_ok() {
+                        // Always a second answer, also after a refusal: the commands before the
+                        // one refused were applied, and the client waits for this one.
+                        let committed = Handled::plain(Ok(Reply::Committed(commit_txn(&state, lsn).await)));
+                        let _ = tx.send(outgoing(&state, who, id, committed)).await;
+                    }
                 }
-                return;
+                Err(request) => {
+                    let handled = handle_request(&state, who, request, frame).await;
+                    drop(budget);
+                    let _ = tx.send(outgoing(&state, who, id, handled)).await;
+                }
             }
-            let handled = handle_request(&state, who, request, frame).await;
-            drop(budget);
-            let _ = tx.send(outgoing(&state, who, id, handled)).await;
             drop(permit);
         });
+    }
+}
+
+/// The transaction of a request answered twice (applied, then durable), or the request.
+fn staged(request: Request) -> Result<(braid_proto::Txn, Option<WrittenBack>), Request> {
+    match request {
+        Request::StagedTxn(txn) => Ok((txn, None)),
+        Request::WriteBack { txn, queued, instance, staged: true } => Ok((txn, Some(WrittenBack::new(queued, instance)))),
+        request => Err(request),
     }
 }
 
@@ -410,7 +422,10 @@ fn is_quick(state: &ServerState, who: Peer, request: &Request) -> bool {
     match request {
         Request::Read { len, .. } => *len <= 128 * 1024 && !state.coherence.exclusive_elsewhere(client),
         Request::Commit | Request::CommitUpTo(_) | Request::DurableTxn(_) | Request::StagedTxn(_) => false,
-        Request::Txn(txn) => txn.commands.len() <= 16 && !state.coherence.shared(client) && !state.coherence.in_grace(),
+        Request::WriteBack { staged: true, .. } => false,
+        Request::Txn(txn) | Request::WriteBack { txn, .. } => {
+            txn.commands.len() <= 16 && !state.coherence.shared(client) && !state.coherence.in_grace()
+        }
         Request::StatFs | Request::Release { .. } | Request::CallbackDone { .. } | Request::Unsubscribe | Request::Renew(_) => true,
         Request::Lock(_) | Request::LockReclaim(_) | Request::TestLock(_) | Request::Subscribe => true,
         // From protocol 8 on the server waits for the lock a while: not on the reading task.
@@ -450,7 +465,7 @@ async fn handle_request(state: &Arc<ServerState>, who: Peer, request: Request, f
         Request::Commit => Handled::plain(Ok(Reply::Committed(state.committer.commit().await))),
         Request::CommitUpTo(lsn) => Handled::plain(Ok(Reply::Committed(state.committer.commit_up_to(lsn).await))),
         Request::DurableTxn(txn) => {
-            let handled = apply_as_txn(state, who, txn, frame).await;
+            let handled = apply_as_txn(state, who, txn, None, frame).await;
             if handled.result.is_ok() {
                 commit_txn(state, handled.txn_lsn()).await;
             }
@@ -497,11 +512,90 @@ async fn commit_txn(state: &ServerState, lsn: Option<Lsn>) -> Lsn {
     }
 }
 
-/// Applies the transaction of a `DurableTxn` or `StagedTxn`: logged, deduplicated and applied
-/// as the `Txn` it is, so that a resend in either form gets the same reply.
-async fn apply_as_txn(state: &Arc<ServerState>, who: Peer, txn: braid_proto::Txn, mut frame: Frame) -> Handled {
-    frame.message = postcard::to_stdvec(&Request::Txn(txn.clone())).expect("a txn always encodes");
-    run_blocking(state, who, Request::Txn(txn), frame).await
+/// Applies the transaction of a `DurableTxn`, `StagedTxn` or staged `WriteBack` on a blocking
+/// thread (see [`apply_change`]).
+async fn apply_as_txn(
+    state: &Arc<ServerState>,
+    who: Peer,
+    txn: braid_proto::Txn,
+    written_back: Option<WrittenBack>,
+    frame: Frame,
+) -> Handled {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let message = as_txn(&txn);
+        apply_change(&state, who, txn, written_back, &message, &frame.data)
+    })
+    .await
+    .unwrap_or_else(|e| Handled::failed(WireError::Malformed(format!("transaction handler failed: {e}"))))
+}
+
+/// What a `WriteBack` says of the commands its client made in its cache.
+#[derive(Debug, Clone, Copy)]
+struct WrittenBack {
+    /// How many of the transaction's first commands.
+    queued: usize,
+    /// The server process whose exclusive rights they were made under.
+    instance: u64,
+}
+
+impl WrittenBack {
+    fn new(queued: u32, instance: u64) -> Self {
+        Self { queued: queued as usize, instance }
+    }
+}
+
+/// The encoded `Txn` of a transaction that came in another request: the log holds every
+/// transaction in that form, so that a resend in any form gets the same reply.
+fn as_txn(txn: &braid_proto::Txn) -> Vec<u8> {
+    postcard::to_stdvec(&Request::Txn(txn.clone())).expect("a txn always encodes")
+}
+
+/// Applies `txn`, whose `Txn` form is `message`: logged, deduplicated. Queued commands of a write-back
+/// that the client made under exclusive rights it lost are refused (see `Fence`).
+fn apply_change(
+    state: &ServerState,
+    who: Peer,
+    mut txn: braid_proto::Txn,
+    written_back: Option<WrittenBack>,
+    message: &[u8],
+    data: &[u8],
+) -> Handled {
+    if state.read_only {
+        return Handled::failed(WireError::ReadOnly);
+    }
+    let client = who.client;
+    txn.creds = effective_creds(state, txn.creds);
+    let lost = written_back.map_or_else(Vec::new, |w| rights_lost(state, client, &txn, w));
+    let change = begin_change(state, client, &txn.commands);
+    let sender = crate::applier::Sender {
+        client,
+        // From protocol version 6 on, a refused write does not stop the writes after it.
+        writes_go_on: who.version >= braid_proto::BULK_TXN_VERSION,
+        fence: crate::applier::Fence { queued: written_back.map_or(0, |w| w.queued), lost: &lost },
+    };
+    let result = crate::applier::apply_txn(&state.applier, &state.committer, &state.export, sender, &txn, message, data);
+    let mut touched: Vec<&Handle> = txn.commands.iter().flat_map(Command::handles).filter(|h| h.created_index().is_none()).collect();
+    if let Ok(Reply::Txn(outcome)) = &result {
+        touched.extend(outcome.results.iter().filter_map(|r| match r {
+            Ok(CommandOk::Entry(entry)) => Some(&entry.handle),
+            _ => None,
+        }));
+    }
+    let grant = state.coherence.end_change(change, touched);
+    Handled { result, data: Vec::new(), grant }
+}
+
+/// The objects that the queued commands of a write-back name and that their client may no
+/// longer change from its cache. Commands made under rights of an earlier server process are
+/// not fenced: this process cannot know what they were (they wait for the grace period, as
+/// every change does).
+fn rights_lost(state: &ServerState, client: ClientId, txn: &braid_proto::Txn, written_back: WrittenBack) -> Vec<Handle> {
+    if written_back.instance != state.instance {
+        return Vec::new();
+    }
+    let named = txn.commands.iter().take(written_back.queued).flat_map(Command::handles).filter(|h| h.created_index().is_none());
+    state.coherence.rights_lost(client, named)
 }
 
 /// Serves `request` on a blocking thread (it may wait for the disk or for other clients).
@@ -608,33 +702,10 @@ fn handle_blocking(state: &ServerState, who: Peer, request: Request, frame: Fram
             ))
         }
         Request::Release { handle } => Handled::plain(export.unpin(&handle).map(|()| Reply::Done)),
-        Request::Txn(mut txn) => {
-            if state.read_only {
-                return Handled::failed(WireError::ReadOnly);
-            }
-            txn.creds = effective_creds(state, txn.creds);
-            let change = begin_change(state, client, &txn.commands);
-            // From protocol version 6 on, a refused write does not stop the writes after it.
-            let writes_go_on = who.version >= braid_proto::BULK_TXN_VERSION;
-            let result = crate::applier::apply_txn(
-                &state.applier,
-                &state.committer,
-                export,
-                crate::applier::Sender { client, writes_go_on },
-                &txn,
-                &frame.message,
-                &frame.data,
-            );
-            let mut touched: Vec<&Handle> =
-                txn.commands.iter().flat_map(Command::handles).filter(|h| h.created_index().is_none()).collect();
-            if let Ok(Reply::Txn(outcome)) = &result {
-                touched.extend(outcome.results.iter().filter_map(|r| match r {
-                    Ok(CommandOk::Entry(entry)) => Some(&entry.handle),
-                    _ => None,
-                }));
-            }
-            let grant = state.coherence.end_change(change, touched);
-            Handled { result, data: Vec::new(), grant }
+        Request::Txn(txn) => apply_change(state, who, txn, None, &frame.message, &frame.data),
+        Request::WriteBack { txn, queued, instance, staged: false } => {
+            let message = as_txn(&txn);
+            apply_change(state, who, txn, Some(WrittenBack::new(queued, instance)), &message, &frame.data)
         }
         Request::Lock(request) => Handled::plain(lock(state, client, &request, LockMode::Take)),
         Request::LockWait(request) => Handled::plain(lock(state, client, &request, LockMode::Wait)),
@@ -651,9 +722,11 @@ fn handle_blocking(state: &ServerState, who: Peer, request: Request, frame: Fram
             Handled::plain(Ok(Reply::Done))
         }
         Request::Subscribe => unreachable!("handled on the connection's task"),
-        Request::Commit | Request::CommitUpTo(_) | Request::DurableTxn(_) | Request::StagedTxn(_) => {
-            unreachable!("handled by handle_request")
-        }
+        Request::Commit
+        | Request::CommitUpTo(_)
+        | Request::DurableTxn(_)
+        | Request::StagedTxn(_)
+        | Request::WriteBack { staged: true, .. } => unreachable!("handled by handle_request"),
     }
 }
 
@@ -785,8 +858,8 @@ mod tests {
     fn negotiation_picks_common_algorithms_and_names_what_is_missing() {
         // Goal: the refusal names the first missing algorithm; success reports what is in force.
         let (version, algorithms) = negotiate(&hello(), "tls13", "x509").unwrap();
-        assert_eq!(version, 8);
-        for older in 1..8u16 {
+        assert_eq!(version, 9);
+        for older in 1..9u16 {
             let client = Hello { versions: (1..=older).rev().collect(), ..hello() };
             assert_eq!(negotiate(&client, "tls13", "x509").unwrap().0, older, "a version-{older} client is still served");
         }

@@ -504,6 +504,41 @@ fn a_frozen_lock_holder_blocks_others_one_lease_and_then_gets_eio() {
 }
 
 #[test]
+fn a_write_a_frozen_client_made_in_its_cache_does_not_overwrite_what_another_client_wrote_since() {
+    // Goal: a client that holds a file exclusively and wrote to it in its cache (not sent yet),
+    // then froze (a hung machine: its connections stay open) for longer than its lease, loses
+    // that write instead of overwriting what another client wrote meanwhile: its fsync reports
+    // EIO (a write-back that failed, as on a local disk), the server keeps the other client's
+    // bytes, and both clients read them. Without the server's fence the late write-back lands
+    // over them. The write is sent within 25 ms; a round where it left before the freeze
+    // proves nothing and is done again.
+    let (a, b) = two_clients("2");
+    for round in 0..10 {
+        let (dir, file) = (format!("d{round}"), format!("d{round}/f"));
+        fs::create_dir(b.m(&dir)).unwrap();
+        // B made the directory and the file: it holds the file exclusively, writes are queued.
+        let on_b = OpenOptions::new().create(true).truncate(true).write(true).open(b.m(&file)).unwrap();
+        on_b.write_all_at(b"BBBB", 0).unwrap();
+        let frozen = Frozen::stop(&b);
+        if fs::metadata(a.e(&file)).is_ok_and(|m| m.len() > 0) {
+            continue;
+        }
+        let path = a.m(&file);
+        within("A's write while B is frozen", Duration::from_secs(20), move || fs::write(path, b"AAAAAAAA")).expect("write on A");
+        drop(frozen);
+        let refused = on_b.sync_all().expect_err("B's fsync of a write it lost");
+        assert_eq!(refused.raw_os_error(), Some(libc::EIO), "{refused}");
+        assert_eq!(fs::read(a.e(&file)).unwrap(), b"AAAAAAAA", "the server kept A's bytes");
+        assert_eq!(fs::read(b.m(&file)).unwrap(), b"AAAAAAAA", "B reads A's bytes, not its lost write");
+        on_b.sync_all().expect("the error was reported once");
+        fs::write(b.m(&file), b"again").expect("B writes again");
+        assert_eq!(fs::read(a.m(&file)).unwrap(), b"again");
+        return;
+    }
+    panic!("B's write-back always left before B was frozen");
+}
+
+#[test]
 fn a_file_unlinked_on_one_client_stays_readable_where_it_is_open() {
     let (a, b) = two_clients("30");
     let content = vec![7u8; 300_000];
