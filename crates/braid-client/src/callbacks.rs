@@ -9,6 +9,7 @@ use std::time::Duration;
 use braid_proto::{Callback, FrameKind, Handle, Invalidation, Request};
 
 use crate::connection::Channel;
+use crate::taken_back::Taken;
 use crate::Client;
 
 /// What the client does with callbacks; implemented by the FUSE adapter.
@@ -156,6 +157,11 @@ fn carry_out(client: &Client, handler: &dyn CallbackHandler, callback: &Callback
             .collect(),
         Callback::Flush(handles) => handles.clone(),
     };
+    let taken = match callback {
+        Callback::Recall(_) => Taken::Right,
+        Callback::Flush(_) => Taken::Exclusivity,
+    };
+    client.connection.taken_back.record(&handles, taken);
     client.writeback.downgraded(&handles);
     if let Err(e) = client.flush() {
         tracing::warn!(error = %e, "cannot write queued changes back for a callback");

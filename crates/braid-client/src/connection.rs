@@ -25,6 +25,7 @@ use braid_proto::{
 };
 
 use crate::locks::{Claimed, HeldLocks};
+use crate::taken_back::TakenBack;
 use crate::{wire_error, ClientConfig, ClientError, Lease, Result};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -45,6 +46,8 @@ pub struct Connection {
     pins: Mutex<HashMap<Handle, i64>>,
     /// The locks this client holds, to claim them again after the server restarts.
     pub(crate) held_locks: HeldLocks,
+    /// Callbacks carried out lately: responses they overtook grant nothing they took.
+    pub(crate) taken_back: TakenBack,
     /// How long the server's rights last, in milliseconds (from the latest welcome).
     lease_ms: AtomicU64,
 }
@@ -58,9 +61,6 @@ pub struct Granted {
     pub lease: Lease,
     /// Whether the rights granted are exclusive.
     pub exclusive: bool,
-    /// When the request was (last) sent: a callback taken in after it may have been sent
-    /// after the rights were granted, and overtaken this response.
-    pub sent: Instant,
     /// The server process that answered: the lsns in the reply are its own.
     pub epoch: Arc<Epoch>,
 }
@@ -130,6 +130,7 @@ impl Connection {
             lost: AtomicBool::new(false),
             pins: Mutex::new(HashMap::new()),
             held_locks: HeldLocks::default(),
+            taken_back: TakenBack::default(),
             lease_ms: AtomicU64::new(info.lease_ms as u64),
         });
         Ok((connection, info))
@@ -166,7 +167,7 @@ impl Connection {
         let (response, sent, channel, _) = self.call_on_a_channel(request, data)?;
         let epoch = channel.epoch.clone();
         self.idle.lock().expect("idle lock").push(channel);
-        self.decode_granted(response, sent, epoch)
+        self.decode_granted(request, response, sent, epoch)
     }
 
     /// Sends a `StagedTxn` (or staged `WriteBack`) and returns its first answer (applied) as `call_granted` does, with
@@ -174,7 +175,7 @@ impl Connection {
     pub fn call_staged(self: &Arc<Self>, request: &Request, data: &[u8]) -> Result<(Granted, Staged)> {
         debug_assert!(matches!(request, Request::StagedTxn(_) | Request::WriteBack { staged: true, .. }));
         let (response, sent, channel, id) = self.call_on_a_channel(request, data)?;
-        let granted = self.decode_granted(response, sent, channel.epoch.clone())?;
+        let granted = self.decode_granted(request, response, sent, channel.epoch.clone())?;
         Ok((granted, Staged { connection: self.clone(), channel, id }))
     }
 
@@ -207,11 +208,11 @@ impl Connection {
         Duration::from_millis(self.lease_ms.load(Ordering::Relaxed))
     }
 
-    fn decode_granted(&self, response: Frame, sent: Instant, epoch: Arc<Epoch>) -> Result<Granted> {
+    fn decode_granted(&self, request: &Request, response: Frame, sent: Instant, epoch: Arc<Epoch>) -> Result<Granted> {
         let decoded: Response = response.decode().map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let lease = decoded.leased.then(|| self.lease_from(sent));
-        let exclusive = decoded.exclusive && lease.is_some();
-        Ok(Granted { result: decoded.result.map_err(wire_error), data: response.data, lease, exclusive, sent, epoch })
+        let (leased, exclusive) = self.taken_back.vet(request, decoded.result.as_ref().ok(), sent, decoded.leased, decoded.exclusive);
+        let lease = leased.then(|| self.lease_from(sent));
+        Ok(Granted { result: decoded.result.map_err(wire_error), data: response.data, lease, exclusive, epoch })
     }
 
     /// Sends `request` and reads its (first) response, across reconnects, within the retry

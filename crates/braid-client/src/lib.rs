@@ -12,6 +12,7 @@ mod callbacks;
 mod connection;
 pub mod inodes;
 mod locks;
+mod taken_back;
 mod writeback;
 
 use std::collections::{BTreeSet, VecDeque};
@@ -871,7 +872,7 @@ impl Client {
         creates: &[(usize, Handle)],
         queued: usize,
     ) -> Result<(TxnResults, Lease)> {
-        let connection::Granted { result, lease, exclusive, sent, epoch, .. } = result;
+        let connection::Granted { result, lease, exclusive, epoch, .. } = result;
         match result {
             Ok(Reply::Txn(outcome)) => {
                 tracing::trace!(?lease, exclusive, commands = commands.len(), "txn applied");
@@ -882,8 +883,7 @@ impl Client {
                 }
                 let commands = self.writeback.canonical(commands);
                 let created = writeback::created(&outcome.results);
-                let rights = writeback::Rights { until: lease, exclusive, sent };
-                self.writeback.granted(commands.iter().flat_map(Command::handles).chain(created), rights);
+                self.writeback.granted(commands.iter().flat_map(Command::handles).chain(created), lease, exclusive);
                 self.writeback.applied(&commands, &outcome.results, queued, (outcome.lsn, &epoch));
                 Ok((outcome.results, lease))
             }

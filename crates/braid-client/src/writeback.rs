@@ -36,24 +36,6 @@ use braid_proto::{Attr, AttrChanges, Command, CommandOk, Credentials, Entry, Err
 /// How long a change may wait in the queue for others to share its transaction.
 pub const FLUSH_DELAY: Duration = Duration::from_millis(25);
 
-/// How long a callback that took exclusivity back is remembered: a response to a request sent
-/// longer ago grants rights that have ended (they are counted from the send, and leases are
-/// shorter than this).
-const TAKEN_BACK_MEMORY: Duration = Duration::from_secs(600);
-
-/// Callbacks remembered before the ones older than [`TAKEN_BACK_MEMORY`] are forgotten.
-const TAKEN_BACK_PRUNED_AT: usize = 4096;
-
-/// The rights a response grants on what it names.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Rights {
-    /// `None`: none.
-    pub until: Option<Instant>,
-    pub exclusive: bool,
-    /// When the request was sent.
-    pub sent: Instant,
-}
-
 /// Queued data beyond which writers wait for the queue to drain (the memory bound).
 pub const DIRTY_BYTES_MAX: usize = 64 << 20;
 
@@ -130,10 +112,6 @@ struct State {
     pending: HashMap<Handle, usize>,
     /// Exclusive rights held, and until when.
     exclusive: HashMap<Handle, Instant>,
-    /// When the server last took exclusivity on each object back (a flush or recall was carried
-    /// out), for [`TAKEN_BACK_MEMORY`]: a response to a request sent before then may grant an
-    /// exclusivity the server had already taken back (the callback overtook the response).
-    taken_back: HashMap<Handle, Instant>,
     /// When each exclusive right was last granted (not renewed): rights are renewed only for
     /// [`RENEW_HORIZON`] after that.
     granted_at: HashMap<Handle, Instant>,
@@ -489,17 +467,14 @@ impl WriteBack {
         self.state.lock().expect("write-back lock")
     }
 
-    /// Records the rights a response granted on `handles`. An exclusive right on an object whose
-    /// exclusivity the server took back since the request was sent is not taken: the grant may
-    /// be older than the callback, which was carried out before the response came (changes
-    /// queued under it would be refused, or overtake the other client's read).
-    pub(crate) fn granted<'h>(&self, handles: impl IntoIterator<Item = &'h Handle>, rights: Rights) {
+    /// Records the rights a response granted on `handles` (see `taken_back` on responses that
+    /// a callback overtook).
+    pub(crate) fn granted<'h>(&self, handles: impl IntoIterator<Item = &'h Handle>, until: Option<Instant>, exclusive: bool) {
         let mut state = self.lock();
         for handle in handles {
             let handle = state.canonical(handle);
-            let taken_back = state.taken_back.get(&handle).is_some_and(|at| *at >= rights.sent);
-            match rights.until {
-                Some(until) if rights.exclusive && !taken_back => state.hold(handle, until),
+            match until {
+                Some(until) if exclusive => state.hold(handle, until),
                 _ => state.not_exclusive(&handle),
             }
         }
@@ -679,14 +654,9 @@ impl WriteBack {
     /// queue is sent next).
     pub(crate) fn downgraded(&self, handles: &[Handle]) {
         let mut state = self.lock();
-        let now = Instant::now();
-        if state.taken_back.len() >= TAKEN_BACK_PRUNED_AT {
-            state.taken_back.retain(|_, at| now.duration_since(*at) < TAKEN_BACK_MEMORY);
-        }
         for handle in handles {
             let handle = state.canonical(handle);
             state.not_exclusive(&handle);
-            state.taken_back.insert(handle, now);
         }
     }
 
@@ -1383,11 +1353,6 @@ mod tests {
     use braid_proto::limits::TXN_DATA_BYTES_MAX;
     use braid_proto::Predecessor;
 
-    /// Rights granted by a response to a request sent now.
-    fn rights(until: Option<Instant>, exclusive: bool) -> Rights {
-        Rights { until, exclusive, sent: Instant::now() }
-    }
-
     fn h(n: u8) -> Handle {
         Handle(vec![n])
     }
@@ -1398,7 +1363,7 @@ mod tests {
     }
 
     fn held(w: &WriteBack, handle: &Handle, attr: Attr) {
-        w.granted([handle], rights(Some(Instant::now() + Duration::from_secs(10)), true));
+        w.granted([handle], Some(Instant::now() + Duration::from_secs(10)), true);
         w.attributes(handle, &attr);
     }
 
@@ -1544,32 +1509,14 @@ mod tests {
     }
 
     #[test]
-    fn an_exclusive_grant_overtaken_by_a_callback_is_not_taken() {
-        // Goal: a response granting exclusivity that comes after a flush or recall of the same
-        // object was carried out, for a request sent before it, grants none (the server may
-        // have taken it back after granting it; changes queued under it would come too late).
-        // Other objects of the response, and responses to requests sent later, are believed.
-        let w = WriteBack::new(false);
-        let until = Some(Instant::now() + Duration::from_secs(10));
-        let sent = Instant::now();
-        w.downgraded(&[h(1)]);
-        w.granted([&h(1), &h(2)], Rights { until, exclusive: true, sent });
-        assert!(!w.holds(&h(1)), "taken back after the request was sent");
-        assert!(w.holds(&h(2)));
-        std::thread::sleep(Duration::from_millis(1));
-        w.granted([&h(1)], rights(until, true));
-        assert!(w.holds(&h(1)), "a request sent after the callback");
-    }
-
-    #[test]
     fn only_changes_to_objects_held_exclusively_are_queued() {
         let w = WriteBack::new(true);
         let creds = Credentials::default();
         let write = |n| Command::Write { handle: h(n), offset: 0, len: 3 };
         assert_eq!(w.queue(&creds, &write(1), b"abc"), None, "no right");
-        w.granted([&h(1)], rights(Some(Instant::now() + Duration::from_secs(10)), false));
+        w.granted([&h(1)], Some(Instant::now() + Duration::from_secs(10)), false);
         assert_eq!(w.queue(&creds, &write(1), b"abc"), None, "shared right");
-        w.granted([&h(1)], rights(Some(Instant::now() + Duration::from_millis(100)), true));
+        w.granted([&h(1)], Some(Instant::now() + Duration::from_millis(100)), true);
         assert_eq!(w.queue(&creds, &write(1), b"abc"), None, "right about to end");
         held(&w, &h(1), Attr::default());
         assert_eq!(w.queue(&creds, &write(1), b"abc"), Some(CommandOk::Written(3)));
@@ -1674,7 +1621,7 @@ mod tests {
         let (root, dir) = (h(1), h(2));
         let mkdir = [Command::Mkdir { parent: root.clone(), name: b"d".to_vec(), mode: 0o755 }];
         let made = [Ok(CommandOk::Entry(Entry { handle: dir.clone(), attr: Attr::default() }))];
-        w.granted([&root, &dir], rights(Some(Instant::now() + Duration::from_secs(10)), true));
+        w.granted([&root, &dir], Some(Instant::now() + Duration::from_secs(10)), true);
         w.names_changed(&mkdir, &made, 0);
         assert!(w.known_missing(&dir, b"a"));
         assert!(!w.known_missing(&dir, &[b'n'; 256]), "an overlong name is the server's to refuse");
@@ -1691,7 +1638,7 @@ mod tests {
         assert!(w.known_missing(&dir, b"b"), "unlinked");
         w.names_changed(&[create(b"c")], &[Err(Errno(libc::ENOSPC))], 0);
         assert!(!w.known_missing(&dir, b"z"), "a failed change leaves the listing unknown");
-        w.granted([&dir], rights(Some(Instant::now() + Duration::from_secs(10)), true));
+        w.granted([&dir], Some(Instant::now() + Duration::from_secs(10)), true);
         w.names_changed(&mkdir, &made, 0);
         w.downgraded(std::slice::from_ref(&dir));
         assert!(!w.known_missing(&dir, b"z"), "another client read it");
@@ -1703,7 +1650,7 @@ mod tests {
         let w = WriteBack::new(false);
         let (dir, file) = (h(1), h(2));
         let until = Some(Instant::now() + Duration::from_secs(10));
-        w.granted([&dir, &file], rights(until, true));
+        w.granted([&dir, &file], until, true);
         let dir_attr = Attr { ino: 1, nlink: 2, ..Attr::default() };
         let create = Command::Create { parent: dir.clone(), name: b"f".to_vec(), mode: 0o644, rdev: 0, exclusive: true, pin: false };
         let probe = Command::SetAttr { handle: dir.clone(), changes: AttrChanges::default() };
