@@ -1044,7 +1044,6 @@ fn start_renewal_thread(client: Client) -> std::io::Result<()> {
             // An open the server was not told of is safe while the right lasts; sent now, it is
             // safe whatever becomes of the right.
             client.send_unsent_opens(false);
-            keep_locks_alive(&client);
             let due = client.writeback.rights_to_renew(Instant::now(), lease / 2);
             for handles in due.chunks(braid_proto::limits::READDIR_ENTRIES_MAX) {
                 match client.connection.renew(handles) {
@@ -1060,6 +1059,7 @@ fn start_renewal_thread(client: Client) -> std::io::Result<()> {
                     }
                 }
             }
+            keep_locks_alive(&client, lease);
         }
     })?;
     Ok(())
@@ -1067,9 +1067,14 @@ fn start_renewal_thread(client: Client) -> std::io::Result<()> {
 
 /// While this client holds locks, lets the server hear from it (it gives away the locks of a
 /// client silent for a lease), and confirms them if a reply came too late to be sure of them.
-fn keep_locks_alive(client: &Client) {
+/// A request answered within the last quarter `lease` (a renewal just now, any request of the
+/// mount) was heard: nothing need be sent until the next tick.
+fn keep_locks_alive(client: &Client, lease: Duration) {
     let held_locks = &client.connection.held_locks;
     if !held_locks.holding() || !held_locks.leased() {
+        return;
+    }
+    if !held_locks.in_doubt() && held_locks.trusted_for() > lease / 2 {
         return;
     }
     let alive = client.connection.renew(&[]).map(drop);

@@ -2,7 +2,7 @@
 //! only, so after it restarts the client claims each again (`Request::LockReclaim`) during the
 //! grace period, before anyone else may take one. A server of protocol 8 also gives away the
 //! locks of a client it has not heard from for a whole lease (frozen, cut off): such a client
-//! sends a request every quarter lease while it holds locks, and when a reply comes later than
+//! sends a request at least every half lease while it holds locks, and when a reply comes later than
 //! it could trust its locks (`in_doubt`), it asks the server to confirm each before any I/O
 //! relies on one. A lock the server no longer has is lost: I/O through the files of its owner
 //! fails (`EIO`) until the owner lets go, as on NFS; carrying on would write under a lock that
@@ -116,6 +116,13 @@ impl HeldLocks {
     pub fn in_doubt(&self) -> bool {
         let lapsed = self.lapses.load(Ordering::Acquire) != self.confirmed.load(Ordering::Acquire);
         self.holding() && (lapsed || self.expired())
+    }
+
+    /// How much longer the server keeps this client's locks for sure, counting from the last
+    /// request it answered.
+    pub fn trusted_for(&self) -> Duration {
+        let until = self.trusted_until_us.load(Ordering::Acquire);
+        Duration::from_micros(until.saturating_sub(self.micros(Instant::now())))
     }
 
     fn expired(&self) -> bool {
@@ -281,5 +288,18 @@ mod tests {
         };
         held.confirm_all(heartbeat, claim).unwrap();
         assert!(!held.in_doubt() && !held.is_lost(&Handle(vec![1]), 1), "confirmed");
+    }
+
+    #[test]
+    fn the_trust_left_counts_from_the_last_request_answered() {
+        // Goal: the renewal thread sends a heartbeat only when no request was answered lately;
+        // what it reads is the trust left after the latest send that was answered.
+        let held = HeldLocks::default();
+        assert_eq!(held.trusted_for(), Duration::ZERO, "nothing answered yet");
+        let sent = Instant::now();
+        held.answered(sent, Duration::from_secs(7));
+        held.answered(sent - Duration::from_secs(5), Duration::from_secs(7));
+        let left = held.trusted_for();
+        assert!(left > Duration::from_secs(6) && left <= Duration::from_secs(7), "{left:?}: an older answer changes nothing");
     }
 }

@@ -10,7 +10,7 @@ use crate::codec::Checksum;
 /// [`Welcome::AcceptedAfter`] and [`Request::Renew`], 6 transactions carrying up to
 /// [`crate::limits::TXN_DATA_BYTES_MAX`] of data, in which a refused write does not stop the
 /// commands after it, 7 [`Request::LockWait`] and [`Request::LockReclaim`], 8 clients that hold
-/// locks are heard from at least every quarter lease (see [`LOCK_LEASE_VERSION`]) and a lock wait
+/// locks are heard from at least every half lease (see [`LOCK_LEASE_VERSION`]) and a lock wait
 /// waits at the server (see [`LOCK_WAIT_AT_SERVER_VERSION`]), 9 [`Request::WriteBack`].
 pub const PROTOCOL_VERSIONS: &[u16] = &[9, 8, 7, 6, 5, 4, 3, 2, 1];
 
@@ -39,7 +39,7 @@ pub const BULK_TXN_VERSION: u16 = 6;
 pub const LOCK_WAIT_VERSION: u16 = 7;
 
 /// The first protocol version whose clients send a request (an empty [`Request::Renew`] if
-/// nothing else) at least every quarter lease while they hold locks, so that the server may
+/// nothing else) at least every half lease while they hold locks, so that the server may
 /// drop the locks of a client it has not heard from for a whole lease even while its
 /// connections stay open (a frozen or cut-off machine); the client then finds out with
 /// [`Request::LockReclaim`] before it trusts its locks again.

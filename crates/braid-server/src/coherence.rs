@@ -106,7 +106,7 @@ struct Presence {
     gone_since: Option<Instant>,
     heard: Arc<Heard>,
     /// The client speaks protocol version 8 or later: it is heard from at least every
-    /// quarter lease while it holds locks, so silence means it is frozen or cut off.
+    /// half lease while it holds locks, so silence means it is frozen or cut off.
     heard_while_locking: bool,
 }
 
@@ -811,8 +811,8 @@ mod tests {
     #[test]
     fn a_client_silent_for_a_lease_loses_its_locks_and_cannot_confirm_them() {
         // Goal: a client whose connections stay open but which sends nothing (frozen, cut off)
-        // holds its locks one lease at most, if it speaks protocol 8 (it is heard from every
-        // quarter lease while it holds locks); it then finds out when it asks to confirm them.
+        // holds its locks one lease at most, if it speaks protocol 8 (it is heard from at least every
+        // half lease while it holds locks); it then finds out when it asks to confirm them.
         // A client heard from keeps them, and an older client is never taken for silent.
         let c = Coherence::new(Duration::from_millis(200), false);
         let (silent, chatty, old, other) = (ClientId(1), ClientId(2), ClientId(3), ClientId(4));

@@ -504,6 +504,25 @@ fn a_frozen_lock_holder_blocks_others_one_lease_and_then_gets_eio() {
 }
 
 #[test]
+fn an_idle_lock_holder_keeps_its_lock_for_many_leases() {
+    // Goal: a client that holds a lock and does nothing else is still heard from (its renewal
+    // thread sends a heartbeat when no other request was answered lately), so the server never
+    // takes it for frozen: after three leases the other client still meets the lock, and the
+    // holder's I/O goes on without EIO.
+    let (a, b) = two_clients("2");
+    fs::write(a.m("held"), b"0").unwrap();
+    let on_b = OpenOptions::new().read(true).write(true).open(b.m("held")).unwrap();
+    posix_lock(&on_b, libc::F_WRLCK).expect("B locks");
+    std::thread::sleep(Duration::from_secs(6));
+    let on_a = OpenOptions::new().read(true).write(true).open(a.m("held")).unwrap();
+    let refused = try_ofd_lock(&on_a).expect_err("A took the lock B holds");
+    assert_eq!(refused.raw_os_error(), Some(libc::EAGAIN), "{refused}");
+    on_b.write_all_at(b"B", 0).expect("B writes under its lock");
+    on_b.sync_all().expect("B's fsync");
+    assert_eq!(fs::read(a.m("held")).unwrap(), b"B");
+}
+
+#[test]
 fn a_write_a_frozen_client_made_in_its_cache_does_not_overwrite_what_another_client_wrote_since() {
     // Goal: a client that holds a file exclusively and wrote to it in its cache (not sent yet),
     // then froze (a hung machine: its connections stay open) for longer than its lease, loses
