@@ -156,6 +156,20 @@ impl Asked {
     }
 }
 
+/// A callback sent, or that could not be: waited for until acknowledged or `until`.
+struct Wait {
+    holder: ClientId,
+    /// `None`: undeliverable.
+    id: Option<u64>,
+    until: Instant,
+}
+
+impl Wait {
+    fn unanswered(&self, state: &State) -> bool {
+        self.id.is_none_or(|id| state.pending.contains_key(&id))
+    }
+}
+
 /// One client's right on one object.
 #[derive(Debug, Clone, Copy)]
 struct Right {
@@ -433,7 +447,7 @@ impl Coherence {
         }
         let callbacks = flushes.into_iter().map(|(holder, (handles, until))| (holder, Callback::Flush(handles), until)).collect();
         let waits = self.send_callbacks(&mut state, callbacks);
-        self.wait_for(state, waits);
+        drop(self.wait_for(state, waits));
         true
     }
 
@@ -536,13 +550,14 @@ impl Coherence {
             })
             .collect();
         let waits = self.send_callbacks(&mut state, callbacks);
-        self.wait_for(state, waits);
+        let (state, silent) = self.wait_for(state, waits);
+        drop(self.wait_for_changes_of(state, &busy, &silent));
         Change { client, busy: Some(busy), ticket }
     }
 
     /// Sends each callback to its client; returns what to wait for: the callback id (if
     /// delivered) and the end of the client's lease.
-    fn send_callbacks(&self, state: &mut State, callbacks: Vec<(ClientId, Callback, Instant)>) -> Vec<(Option<u64>, Instant)> {
+    fn send_callbacks(&self, state: &mut State, callbacks: Vec<(ClientId, Callback, Instant)>) -> Vec<Wait> {
         let mut waits = Vec::with_capacity(callbacks.len());
         for (holder, callback, until) in callbacks {
             let id = state.next_callback;
@@ -553,26 +568,42 @@ impl Coherence {
             } else {
                 tracing::debug!(client = holder.0, "callback undeliverable; waiting for the lease to run out");
             }
-            waits.push((delivered.then_some(id), until));
+            waits.push(Wait { holder, id: delivered.then_some(id), until });
         }
         waits
     }
 
-    fn wait_for(&self, mut state: MutexGuard<'_, State>, waits: Vec<(Option<u64>, Instant)>) {
+    /// Waits until each callback is acknowledged or its client's lease has ended; returns the
+    /// clients that did not acknowledge.
+    fn wait_for<'s>(&self, mut state: MutexGuard<'s, State>, waits: Vec<Wait>) -> (MutexGuard<'s, State>, Vec<ClientId>) {
         loop {
             let now = Instant::now();
-            let open: Vec<Instant> = waits
-                .iter()
-                .filter(|(id, until)| *until > now && id.is_none_or(|id| state.pending.contains_key(&id)))
-                .map(|(_, until)| *until)
-                .collect();
+            let open: Vec<Instant> = waits.iter().filter(|w| w.until > now && w.unanswered(&state)).map(|w| w.until).collect();
             let Some(first_end) = open.iter().min() else { break };
             state = self.changed.wait_timeout(state, *first_end - now).expect("coherence lock").0;
         }
-        for (id, _) in waits {
-            if let Some(id) = id {
-                state.pending.remove(&id);
+        let silent = waits.iter().filter(|w| w.unanswered(&state)).map(|w| w.holder).collect();
+        for id in waits.iter().filter_map(|w| w.id) {
+            state.pending.remove(&id);
+        }
+        (state, silent)
+    }
+
+    /// Waits until no change of `holders` (clients whose rights on `handles` ended without
+    /// their acknowledgement) is in flight on `handles`. Such a change began while their right
+    /// still held (it passed the write-back fence), so it comes first; applied after the change
+    /// that waited for them, it would overwrite it. Waits two leases at most: that change may
+    /// itself wait for a recall from a client that vanished.
+    fn wait_for_changes_of<'s>(&self, mut state: MutexGuard<'s, State>, handles: &[Handle], holders: &[ClientId]) -> MutexGuard<'s, State> {
+        let deadline = Instant::now() + 2 * self.lease;
+        loop {
+            let theirs = |o: &Object| o.busy.iter().any(|c| holders.contains(c));
+            let in_flight = !holders.is_empty() && handles.iter().any(|h| state.objects.get(h).is_some_and(theirs));
+            let now = Instant::now();
+            if !in_flight || now >= deadline {
+                return state;
             }
+            state = self.changed.wait_timeout(state, deadline - now).expect("coherence lock").0;
         }
     }
 
@@ -599,6 +630,8 @@ impl Coherence {
                         }
                     }
                 }
+                // A change of another client may wait for this one (`wait_for_changes_of`).
+                self.changed.notify_all();
             }
         }
         let granted = self.grant_locked(&mut state, &change.ticket, change.client, touched, true);
@@ -959,6 +992,34 @@ mod tests {
         assert_eq!(c.rights_lost(a, [&changed, &read]), vec![read.clone(), changed.clone()], "B read it without A's changes");
         assert_eq!(c.rights_lost(a, [&h(4)]), vec![h(4)], "a record forgotten (swept out): nothing is known");
         assert!(c.rights_lost(b, [&changed]).is_empty(), "B's own right");
+    }
+
+    #[test]
+    fn a_change_waits_for_the_change_in_flight_of_a_holder_whose_lease_ran_out() {
+        // Goal: a holder that did not answer a recall within its lease may have a change of the
+        // object in flight that began while its right held (it passed the write-back fence:
+        // a write-back slow at the server); the recalling change waits for it to end instead
+        // of being applied first and overwritten by it.
+        let c = Arc::new(Coherence::new(Duration::from_millis(200), false));
+        let (a, b) = (ClientId(1), ClientId(2));
+        c.subscribe(a, 1, Arc::new(|_, _: &Callback| true));
+        c.subscribe(b, 2, acking_sink(&c, Duration::ZERO, Arc::new(AtomicUsize::new(0))));
+        let change = c.begin_change(a, &[Invalidation::Object(h(1))]);
+        assert_eq!(c.end_change(change, [&h(1)]), Grant::Exclusive);
+        let in_flight = c.begin_change(a, &[Invalidation::Object(h(1))]);
+        let (began, waiting) = std::sync::mpsc::channel();
+        let recalling = {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let change = c.begin_change(b, &[Invalidation::Object(h(1))]);
+                began.send(()).unwrap();
+                c.end_change(change, [&h(1)]);
+            })
+        };
+        assert!(waiting.recv_timeout(Duration::from_millis(500)).is_err(), "B waits past A's lease, for A's change");
+        c.end_change(in_flight, [&h(1)]);
+        waiting.recv_timeout(Duration::from_secs(2)).expect("B goes on once A's change has ended");
+        recalling.join().unwrap();
     }
 
     #[test]
