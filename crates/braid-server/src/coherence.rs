@@ -836,6 +836,16 @@ mod tests {
         })
     }
 
+    /// Leases of 200 ms; client 1 receives callbacks and never answers them (frozen), client 2
+    /// answers at once.
+    fn silent_and_answering_clients() -> (Arc<Coherence>, ClientId, ClientId) {
+        let c = Arc::new(Coherence::new(Duration::from_millis(200), false));
+        let (a, b) = (ClientId(1), ClientId(2));
+        c.subscribe(a, 1, Arc::new(|_, _: &Callback| true));
+        c.subscribe(b, 2, acking_sink(&c, Duration::ZERO, Arc::new(AtomicUsize::new(0))));
+        (c, a, b)
+    }
+
     fn write_lock(client: ClientId) -> Wanted {
         let owner = crate::locks::Owner { client, id: 1 };
         Wanted { owner, kind: LockKind::Write, start: 0, end: u64::MAX, pid: 1 }
@@ -961,10 +971,7 @@ mod tests {
         // client used the object, it is lost (applied late, it would overwrite the other's
         // change). A right that simply ran out, with nobody else there, is not; one whose record
         // was forgotten is (nothing is known).
-        let c = Arc::new(Coherence::new(Duration::from_millis(200), false));
-        let (a, b) = (ClientId(1), ClientId(2));
-        c.subscribe(a, 1, Arc::new(|_, _: &Callback| true));
-        c.subscribe(b, 2, acking_sink(&c, Duration::ZERO, Arc::new(AtomicUsize::new(0))));
+        let (c, a, b) = silent_and_answering_clients();
         let (read, changed, idle) = (h(1), h(2), h(3));
         let change = c.begin_change(
             a,
@@ -1000,10 +1007,7 @@ mod tests {
         // object in flight that began while its right held (it passed the write-back fence:
         // a write-back slow at the server); the recalling change waits for it to end instead
         // of being applied first and overwritten by it.
-        let c = Arc::new(Coherence::new(Duration::from_millis(200), false));
-        let (a, b) = (ClientId(1), ClientId(2));
-        c.subscribe(a, 1, Arc::new(|_, _: &Callback| true));
-        c.subscribe(b, 2, acking_sink(&c, Duration::ZERO, Arc::new(AtomicUsize::new(0))));
+        let (c, a, b) = silent_and_answering_clients();
         let change = c.begin_change(a, &[Invalidation::Object(h(1))]);
         assert_eq!(c.end_change(change, [&h(1)]), Grant::Exclusive);
         let in_flight = c.begin_change(a, &[Invalidation::Object(h(1))]);

@@ -467,6 +467,15 @@ fn posix_lock(file: &File, kind: i32) -> std::io::Result<()> {
     fcntl_lock(file, libc::F_SETLKW, kind, 0, 0)
 }
 
+/// Two clients with leases of 2 s, and `name` (holding "0") open on B under B's POSIX write lock.
+fn locked_on_b(name: &str) -> (Fixture, OtherMount, File) {
+    let (a, b) = two_clients("2");
+    fs::write(a.m(name), b"0").unwrap();
+    let on_b = OpenOptions::new().read(true).write(true).open(b.m(name)).unwrap();
+    posix_lock(&on_b, libc::F_WRLCK).expect("B locks");
+    (a, b, on_b)
+}
+
 #[test]
 fn a_frozen_lock_holder_blocks_others_one_lease_and_then_gets_eio() {
     // Goal: a client that holds a lock and stops answering (a hung machine, a cut cable: its
@@ -474,10 +483,7 @@ fn a_frozen_lock_holder_blocks_others_one_lease_and_then_gets_eio() {
     // it comes back, the process that held the lock gets EIO instead of writing under a lock
     // another client took meanwhile (a lost update, a corrupted database). Once it has closed
     // the file, its I/O works again.
-    let (a, b) = two_clients("2");
-    fs::write(a.m("db"), b"0").unwrap();
-    let on_b = OpenOptions::new().read(true).write(true).open(b.m("db")).unwrap();
-    posix_lock(&on_b, libc::F_WRLCK).expect("B locks");
+    let (a, b, on_b) = locked_on_b("db");
     let frozen = Frozen::stop(&b);
     let on_a = OpenOptions::new().read(true).write(true).open(a.m("db")).unwrap();
     let on_a = within("A's lock, while B is frozen", Duration::from_secs(20), move || {
@@ -509,10 +515,7 @@ fn an_idle_lock_holder_keeps_its_lock_for_many_leases() {
     // thread sends a heartbeat when no other request was answered lately), so the server never
     // takes it for frozen: after three leases the other client still meets the lock, and the
     // holder's I/O goes on without EIO.
-    let (a, b) = two_clients("2");
-    fs::write(a.m("held"), b"0").unwrap();
-    let on_b = OpenOptions::new().read(true).write(true).open(b.m("held")).unwrap();
-    posix_lock(&on_b, libc::F_WRLCK).expect("B locks");
+    let (a, _b, on_b) = locked_on_b("held");
     std::thread::sleep(Duration::from_secs(6));
     let on_a = OpenOptions::new().read(true).write(true).open(a.m("held")).unwrap();
     let refused = try_ofd_lock(&on_a).expect_err("A took the lock B holds");
