@@ -10,7 +10,7 @@ pub mod cache;
 mod caller;
 mod errno;
 mod lockers;
-mod waits;
+mod locking;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -35,8 +35,7 @@ use fuser::{
 };
 
 use crate::cache::KernelCache;
-use crate::lockers::{Lockers, Release};
-use crate::waits::Locking;
+use crate::locking::Locking;
 
 pub use errno::errno_for;
 
@@ -60,10 +59,8 @@ pub struct BraidFs {
     dirs: Mutex<HashMap<u64, Arc<Mutex<DirStream>>>>,
     next_fh: AtomicU64,
     read_only: bool,
-    /// The lock owners that may hold locks on the server, by node and open file: released
-    /// when the owner closes the file (POSIX) or the open file is released (OFD, flock).
-    lockers: Lockers,
-    /// Lock requests, and a thread for each that waits.
+    /// Locks of this mount's processes: taken (a thread for each that waits), fenced once lost,
+    /// released when the owner closes the file (POSIX) or the open file is released (OFD, flock).
     locking: Locking,
     /// Objects of recent listings, by node, with the listing batch they came in: the first
     /// getxattr of one the cache cannot answer asks for the names of the whole batch at once.
@@ -145,13 +142,12 @@ impl BraidFs {
     pub fn new(client: Client, info: &ExportInfo) -> Self {
         let cache = KernelCache::new(InodeTable::new(info.root.attr.ino, info.root.handle.clone()));
         Self {
-            locking: Locking { client: client.clone(), cache: cache.clone() },
+            locking: Locking::new(client.clone(), cache.clone()),
             client,
             cache,
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             read_only: info.read_only,
-            lockers: Lockers::default(),
             unasked_xattrs: Mutex::new(HashMap::new()),
         }
     }
@@ -318,39 +314,6 @@ impl BraidFs {
 
     fn new_fh(&self) -> FileHandle {
         FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed))
-    }
-
-    /// Refuses I/O through the open file `fh` (and by `owner`, if the kernel names it) with
-    /// EIO if a lock its owner took on `ino` is lost: the writes it guards could land after
-    /// another client's, which took the lock meanwhile. Costs nothing while no lock is in
-    /// question.
-    fn fenced(&self, ino: INodeNo, fh: FileHandle, owner: Option<LockOwner>) -> Result<(), Errno> {
-        if !self.client.locks_in_question() {
-            return Ok(());
-        }
-        let mut owners = self.lockers.owners_of(fh.0);
-        owners.extend(owner.map(|o| o.0));
-        if owners.is_empty() {
-            return Ok(());
-        }
-        let handle = self.handle(ino)?;
-        for owner in owners {
-            if self.check(self.client.lock_lost(&handle, owner))? {
-                return Err(Errno::EIO);
-            }
-        }
-        Ok(())
-    }
-
-    /// Sends `release` (every lock of its owner on its node) to the server; a lost lock of the
-    /// owner is forgotten (its I/O relies on it no more).
-    fn release_locks(&self, release: Release<'_>) -> Result<(), Errno> {
-        let (ino, owner) = (INodeNo(release.node), LockOwner(release.owner));
-        if let Ok(handle) = self.handle(ino) {
-            self.client.forget_lost_lock(&handle, owner.0);
-        }
-        let request = self.lock_request(ino, owner, 0, u64::MAX, libc::F_UNLCK, 0)?;
-        self.check(self.client.lock(request)).map(|_| ())
     }
 
     fn child(&self, parent: INodeNo, name: &OsStr) -> Result<(Handle, Vec<u8>), Errno> {
@@ -622,7 +585,7 @@ impl Filesystem for BraidFs {
         lock: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let read = self.fenced(ino, fh, lock).and_then(|()| self.handle(ino));
+        let read = self.locking.fenced(ino.0, fh.0, lock.map(|o| o.0)).and_then(|()| self.handle(ino));
         match read.and_then(|h| self.check(self.client.read(&h, offset, size.min(IO_BYTES_MAX)))) {
             Ok((data, lease)) => {
                 self.cache.leased(ino.0, lease);
@@ -647,7 +610,7 @@ impl Filesystem for BraidFs {
         lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let result = self.fenced(ino, fh, lock).and_then(|()| self.handle(ino)).and_then(|handle| {
+        let result = self.locking.fenced(ino.0, fh.0, lock.map(|o| o.0)).and_then(|()| self.handle(ino)).and_then(|handle| {
             let kills_setid = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) && self.write_may_kill_setid(&handle);
             let len = data.len() as u32;
             // O_APPEND: at the end of the file as the server sees it, so that appends from
@@ -669,8 +632,8 @@ impl Filesystem for BraidFs {
         // A close does not wait for queued writes (other clients' opens are served only after
         // they are written back); it reports a lost lock, ends the POSIX locks of the process
         // on the file, and reports a failed write-back already known.
-        let fenced = self.fenced(ino, fh, Some(lock_owner));
-        let released = self.lockers.end_owner(ino.0, lock_owner.0).map_or(Ok(()), |r| self.release_locks(r));
+        let fenced = self.locking.fenced(ino.0, fh.0, Some(lock_owner.0));
+        let released = self.locking.closed_by(ino.0, lock_owner.0);
         let result = fenced.and(released).and_then(|()| self.write_back_error(ino, false));
         self.reply_empty(reply, result);
     }
@@ -686,14 +649,13 @@ impl Filesystem for BraidFs {
         reply: ReplyEmpty,
     ) {
         // The last close of an open file ends its flock and OFD locks.
-        let releases = self.lockers.end_file(ino.0, fh.0, lock_owner.map(|o| o.0));
-        let unlocked = releases.into_iter().try_for_each(|release| self.release_locks(release));
+        let unlocked = self.locking.file_released(ino.0, fh.0, lock_owner.map(|o| o.0));
         let result = self.handle(ino).map(|h| self.client.release(&h));
         self.reply_empty(reply, unlocked.and(result));
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        let result = self.fenced(ino, fh, None).and_then(|()| self.fsync_object(ino));
+        let result = self.locking.fenced(ino.0, fh.0, None).and_then(|()| self.fsync_object(ino));
         self.reply_empty(reply, result);
     }
 
@@ -887,22 +849,16 @@ impl Filesystem for BraidFs {
         sleep: bool,
         reply: ReplyEmpty,
     ) {
-        let request = self.lock_request(ino, lock_owner, start, end, typ, pid).and_then(|request| {
-            if request.kind != LockKind::Unlock {
-                self.fenced(ino, fh, Some(lock_owner))?;
-                self.lockers.taking(ino.0, lock_owner.0, fh.0);
-            }
-            Ok(request)
-        });
-        match request {
-            Ok(request) => self.locking.take(ino.0, request, sleep.then(|| req.pid()), reply),
+        match self.lock_request(ino, lock_owner, start, end, typ, pid) {
+            Ok(request) => self.locking.take(ino.0, fh.0, request, sleep.then(|| req.pid()), reply),
             Err(e) => reply.error(e),
         }
     }
 
     fn fallocate(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
         let result = self
-            .fenced(ino, fh, None)
+            .locking
+            .fenced(ino.0, fh.0, None)
             .and_then(|()| self.handle(ino))
             .and_then(|handle| self.apply_done(req, &[ino], Command::Fallocate { handle, offset, len: length, mode }));
         self.reply_empty(reply, result);
@@ -934,7 +890,7 @@ impl Filesystem for BraidFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let result = self.fenced(ino_out, fh_out, None).and_then(|()| self.handle(ino_in)).and_then(|source| {
+        let result = self.locking.fenced(ino_out.0, fh_out.0, None).and_then(|()| self.handle(ino_in)).and_then(|source| {
             let target = self.handle(ino_out)?;
             // A FUSE reply carries a 32-bit count; the kernel loops for the rest.
             let len = len.min(u32::MAX as u64 & !0xfff);

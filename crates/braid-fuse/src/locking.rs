@@ -1,15 +1,19 @@
-//! Lock requests, and the ones that wait. A blocking request (`F_SETLKW`, a blocking `flock`)
-//! that meets a conflict waits on a thread of its own, not on one of the mount's few kernel
-//! request threads: as many waiting processes as there are threads (8 by default) left none
-//! for anything else, and every request on the mount hung until the lock was let go.
+//! Locks of this mount's processes: taken (and waited for), fenced once lost, released at
+//! close.
+//!
+//! A blocking request (`F_SETLKW`, a blocking `flock`) that meets a conflict waits on a thread
+//! of its own, not on one of the mount's few kernel request threads: as many waiting processes
+//! as there are threads (8 by default) left none for anything else, and every request on the
+//! mount hung until the lock was let go. Which owner's locks a close ends is `lockers`' job.
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use braid_client::Client;
-use braid_proto::{LockHeld, LockKind, LockRequest};
+use braid_proto::{Handle, LockHeld, LockKind, LockRequest};
 use fuser::{Errno, ReplyEmpty};
 
 use crate::cache::KernelCache;
+use crate::lockers::{Lockers, Release};
 use crate::{caller, errno_for};
 
 /// How long a non-blocking lock request waits for a conflicting lock of this mount to be
@@ -22,17 +26,29 @@ const WAIT_BACKOFF_MAX: Duration = Duration::from_millis(50);
 
 #[derive(Clone)]
 pub struct Locking {
-    pub client: Client,
-    pub cache: Arc<KernelCache>,
+    client: Client,
+    cache: Arc<KernelCache>,
+    lockers: Arc<Lockers>,
 }
 
 impl Locking {
-    /// Takes, changes or releases a lock of `node`, and answers `reply`: at once, or, when
-    /// `waiter` names the calling thread (a blocking request) and the lock is held, from a
-    /// thread of its own once the lock is granted, the server finds that the wait would close
-    /// a cycle of waiters (EDEADLK), or the caller is signalled (EINTR; see
-    /// `caller::interrupted`).
-    pub fn take(&self, node: u64, request: LockRequest, waiter: Option<u32>, reply: ReplyEmpty) {
+    pub fn new(client: Client, cache: Arc<KernelCache>) -> Self {
+        Self { client, cache, lockers: Arc::default() }
+    }
+
+    /// Takes, changes or releases a lock of `node` through the open file `fh`, and answers
+    /// `reply`: at once, or, when `waiter` names the calling thread (a blocking request) and
+    /// the lock is held, from a thread of its own once the lock is granted, the server finds
+    /// that the wait would close a cycle of waiters (EDEADLK), or the caller is signalled
+    /// (EINTR; see `caller::interrupted`). An owner that lost a lock there takes none until it
+    /// lets go (EIO).
+    pub fn take(&self, node: u64, fh: u64, request: LockRequest, waiter: Option<u32>, reply: ReplyEmpty) {
+        if request.kind != LockKind::Unlock {
+            if let Err(e) = self.fenced(node, fh, Some(request.owner)) {
+                return reply.error(e);
+            }
+            self.lockers.taking(node, request.owner, fh);
+        }
         let tid = match (self.without_waiting(&request), waiter) {
             (Ok(None), _) => {
                 self.granted(node, &request);
@@ -88,6 +104,52 @@ impl Locking {
                 backoff = (backoff * 2).min(WAIT_BACKOFF_MAX);
             }
         }
+    }
+
+    /// Refuses I/O through the open file `fh` (and by `owner`, if the kernel names it) with
+    /// EIO if a lock its owner took on `node` is lost: the writes it guards could land after
+    /// another client's, which took the lock meanwhile. Costs nothing while no lock is in
+    /// question.
+    pub fn fenced(&self, node: u64, fh: u64, owner: Option<u64>) -> Result<(), Errno> {
+        if !self.client.locks_in_question() {
+            return Ok(());
+        }
+        let mut owners = self.lockers.owners_of(fh);
+        owners.extend(owner);
+        if owners.is_empty() {
+            return Ok(());
+        }
+        let handle = self.handle(node)?;
+        for owner in owners {
+            if self.client.lock_lost(&handle, owner).map_err(|e| errno_for(&e))? {
+                return Err(Errno::EIO);
+            }
+        }
+        Ok(())
+    }
+
+    /// A process closed a descriptor of `node`: the POSIX locks of `owner` there end.
+    pub fn closed_by(&self, node: u64, owner: u64) -> Result<(), Errno> {
+        self.lockers.end_owner(node, owner).map_or(Ok(()), |release| self.release(release))
+    }
+
+    /// The open file `fh` of `node` is released (its last descriptor closed): the flock and OFD
+    /// locks taken through it end, and those of `owner` if the kernel names one.
+    pub fn file_released(&self, node: u64, fh: u64, owner: Option<u64>) -> Result<(), Errno> {
+        self.lockers.end_file(node, fh, owner).into_iter().try_for_each(|release| self.release(release))
+    }
+
+    /// Sends `release` (every lock of its owner on its node) to the server; a lost lock of the
+    /// owner is forgotten (its I/O relies on it no more).
+    fn release(&self, release: Release<'_>) -> Result<(), Errno> {
+        let handle = self.handle(release.node)?;
+        self.client.forget_lost_lock(&handle, release.owner);
+        let request = LockRequest { handle, owner: release.owner, kind: LockKind::Unlock, start: 0, end: u64::MAX, pid: 0 };
+        self.client.lock(request).map(drop).map_err(|e| errno_for(&e))
+    }
+
+    fn handle(&self, node: u64) -> Result<Handle, Errno> {
+        self.cache.inodes.lock().expect("inode lock").handle(node).ok_or(Errno::ESTALE)
     }
 
     /// What the lock guards must be read afresh unless the kernel's pages are known to be
