@@ -147,16 +147,7 @@ fn serve(
 /// Gives up exclusivity first (nothing more is queued for these objects), writes the queue back,
 /// and for a recall drops the objects from every cache.
 fn carry_out(client: &Client, handler: &dyn CallbackHandler, callback: &Callback) {
-    let handles: Vec<Handle> = match callback {
-        Callback::Recall(items) => items
-            .iter()
-            .map(|item| match item {
-                Invalidation::Object(handle) => handle.clone(),
-                Invalidation::Entry { parent, .. } => parent.clone(),
-            })
-            .collect(),
-        Callback::Flush(handles) => handles.clone(),
-    };
+    let handles = callback.handles();
     let taken = match callback {
         Callback::Recall(_) => Taken::Right,
         Callback::Flush(_) => Taken::Exclusivity,

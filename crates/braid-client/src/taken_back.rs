@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use braid_proto::{Command, CommandOk, Handle, Reply, Request};
+use braid_proto::{Command, Handle, Reply, Request};
 
 /// How long a callback is remembered: a response to a request sent longer ago grants rights
 /// that have ended anyway (they are counted from the send; leases are shorter than this).
@@ -104,10 +104,7 @@ fn named<'a>(request: &'a Request, reply: Option<&'a Reply>) -> Vec<&'a Handle> 
     match reply {
         Some(Reply::Entry(entry)) => handles.push(&entry.handle),
         Some(Reply::ReadDir { entries, .. }) => handles.extend(entries.iter().filter_map(|e| e.entry.as_ref().map(|e| &e.handle))),
-        Some(Reply::Txn(outcome)) => handles.extend(outcome.results.iter().filter_map(|r| match r {
-            Ok(CommandOk::Entry(entry)) => Some(&entry.handle),
-            _ => None,
-        })),
+        Some(Reply::Txn(outcome)) => handles.extend(outcome.created()),
         _ => {}
     }
     handles

@@ -587,7 +587,7 @@ impl WriteBack {
         };
         self.names_changed(commands, results, queued);
         let mut state = self.lock();
-        state.changed_at(lsn.0, lsn.1, commands.iter().flat_map(Command::handles).chain(created(results)));
+        state.changed_at(lsn.0, lsn.1, commands.iter().flat_map(Command::handles).chain(braid_proto::created(results)));
         for (index, (command, result)) in commands.iter().zip(results).enumerate() {
             match (command, result) {
                 (_, Ok(CommandOk::Attr(attr))) => {
@@ -1260,14 +1260,6 @@ pub(crate) fn data_of(batch: &[Queued]) -> Vec<u8> {
         data.extend_from_slice(&op.data);
     }
     data
-}
-
-/// The objects a transaction's `results` created.
-pub(crate) fn created(results: &[Result<CommandOk, Errno>]) -> impl Iterator<Item = &Handle> {
-    results.iter().filter_map(|r| match r {
-        Ok(CommandOk::Entry(entry)) => Some(&entry.handle),
-        _ => None,
-    })
 }
 
 /// A transaction's worth of queued changes (the flusher sends the queue once it holds that many).

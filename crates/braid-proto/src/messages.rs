@@ -428,6 +428,25 @@ pub enum Invalidation {
     Entry { parent: Handle, name: Vec<u8> },
 }
 
+impl Invalidation {
+    /// The object whose right it takes back: the object, or the directory of the name.
+    pub fn handle(&self) -> &Handle {
+        match self {
+            Invalidation::Object(handle) | Invalidation::Entry { parent: handle, .. } => handle,
+        }
+    }
+}
+
+impl Callback {
+    /// The objects it takes rights (or exclusivity) back on.
+    pub fn handles(&self) -> Vec<Handle> {
+        match self {
+            Callback::Recall(items) => items.iter().map(|item| item.handle().clone()).collect(),
+            Callback::Flush(handles) => handles.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Txn {
     pub seq: TxnSeq,
@@ -602,6 +621,21 @@ pub enum CommandOk {
 pub struct TxnOutcome {
     pub lsn: Lsn,
     pub results: Vec<Result<CommandOk, Errno>>,
+}
+
+impl TxnOutcome {
+    /// The objects its commands created.
+    pub fn created(&self) -> impl Iterator<Item = &Handle> {
+        created(&self.results)
+    }
+}
+
+/// The objects that the commands with these `results` created.
+pub fn created(results: &[Result<CommandOk, Errno>]) -> impl Iterator<Item = &Handle> {
+    results.iter().filter_map(|r| match r {
+        Ok(CommandOk::Entry(entry)) => Some(&entry.handle),
+        _ => None,
+    })
 }
 
 /// A POSIX error number, as on Linux.

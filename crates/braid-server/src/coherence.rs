@@ -503,10 +503,7 @@ impl Coherence {
         let mut recalls: HashMap<ClientId, (Vec<Invalidation>, Instant)> = HashMap::new();
         let mut busy = Vec::with_capacity(items.len());
         for item in items {
-            let handle = match item {
-                Invalidation::Object(h) => h,
-                Invalidation::Entry { parent, .. } => parent,
-            };
+            let handle = item.handle();
             let object = state.objects.entry(handle.clone()).or_default();
             object.busy.push(client);
             object.changed_at = epoch;
@@ -564,7 +561,7 @@ impl Coherence {
             state.next_callback += 1;
             let delivered = state.subscribers.get(&holder).is_some_and(|s| (s.sink)(id, &callback));
             if delivered {
-                state.pending.insert(id, Asked { client: holder, handles: callback_handles(&callback), until });
+                state.pending.insert(id, Asked { client: holder, handles: callback.handles(), until });
             } else {
                 tracing::debug!(client = holder.0, "callback undeliverable; waiting for the lease to run out");
             }
@@ -740,19 +737,6 @@ fn right_lost(state: &State, client: ClientId, handle: &Handle, now: Instant) ->
         );
     }
     lost
-}
-
-/// The objects a callback asks about: a recalled name's directory, a recalled or flushed object.
-fn callback_handles(callback: &Callback) -> Vec<Handle> {
-    match callback {
-        Callback::Flush(handles) => handles.clone(),
-        Callback::Recall(items) => items
-            .iter()
-            .map(|item| match item {
-                Invalidation::Object(handle) | Invalidation::Entry { parent: handle, .. } => handle.clone(),
-            })
-            .collect(),
-    }
 }
 
 /// Whether a client other than `client` is subscribed (and so may hold rights) or holds an

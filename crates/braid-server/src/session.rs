@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use braid_proto::limits::{HANDSHAKE_TIMEOUT_MS, REQUESTS_IN_FLIGHT_MAX};
 use braid_proto::{
-    encode_frame, encode_parts, Algorithms, Callback, Checksum, ClientId, Command, CommandOk, EncodedFrame, Errno, ExportInfo, Frame,
-    FrameHeader, FrameKind, Handle, Hello, Invalidation, LockRequest, Lsn, Reply, Request, Response, Welcome, WireError, HEADER_BYTES,
+    encode_frame, encode_parts, Algorithms, Callback, Checksum, ClientId, Command, EncodedFrame, Errno, ExportInfo, Frame, FrameHeader,
+    FrameKind, Handle, Hello, Invalidation, LockRequest, Lsn, Reply, Request, Response, Welcome, WireError, HEADER_BYTES,
     PREDECESSORS_VERSION, PROTOCOL_VERSIONS,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
@@ -577,10 +577,7 @@ fn apply_change(
     let result = crate::applier::apply_txn(&state.applier, &state.committer, &state.export, sender, &txn, message, data);
     let mut touched: Vec<&Handle> = txn.commands.iter().flat_map(Command::handles).filter(|h| h.created_index().is_none()).collect();
     if let Ok(Reply::Txn(outcome)) = &result {
-        touched.extend(outcome.results.iter().filter_map(|r| match r {
-            Ok(CommandOk::Entry(entry)) => Some(&entry.handle),
-            _ => None,
-        }));
+        touched.extend(outcome.created());
     }
     let grant = state.coherence.end_change(change, touched);
     Handled { result, data: Vec::new(), grant }
