@@ -38,6 +38,9 @@ pub(crate) struct TakenBack {
 
 #[derive(Default)]
 struct Times {
+    /// The last callback of all: a response to a request sent after it needs no look at the
+    /// maps (the common case, every response of a mount).
+    last: Option<Instant>,
     /// The last flush or recall of each object.
     exclusivity: HashMap<Handle, Instant>,
     /// The last recall of each object.
@@ -56,6 +59,7 @@ impl TakenBack {
                 map.retain(|_, at| now.duration_since(*at) < MEMORY);
             }
         }
+        times.last = Some(now);
         for handle in handles {
             times.exclusivity.insert(handle.clone(), now);
             if what == Taken::Right {
@@ -71,7 +75,7 @@ impl TakenBack {
             return (false, false);
         }
         let times = self.times.lock().expect("taken-back lock");
-        if times.exclusivity.is_empty() {
+        if times.last.is_none_or(|last| last < sent) {
             return (leased, exclusive);
         }
         let since = |map: &HashMap<Handle, Instant>, handle: &Handle| map.get(handle).is_some_and(|at| *at >= sent);

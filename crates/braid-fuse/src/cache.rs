@@ -137,6 +137,11 @@ impl KernelCache {
         Ok(())
     }
 
+    /// The handle of the object the kernel knows as `node` (ESTALE once forgotten).
+    pub fn handle(&self, node: u64) -> Result<Handle, fuser::Errno> {
+        self.inodes.lock().expect("inode lock").handle(node).ok_or(fuser::Errno::ESTALE)
+    }
+
     pub fn busy(&self, nodes: &[u64]) -> BusyGuard<'_> {
         let mut busy = self.busy.lock().expect("busy lock");
         for node in nodes {

@@ -157,7 +157,7 @@ impl BraidFs {
     }
 
     fn handle(&self, ino: INodeNo) -> Result<Handle, Errno> {
-        self.cache.inodes.lock().expect("inode lock").handle(ino.0).ok_or(Errno::ESTALE)
+        self.cache.handle(ino.0)
     }
 
     fn node_id(&self, ino: u64) -> u64 {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use braid_client::Client;
-use braid_proto::{Handle, LockHeld, LockKind, LockRequest};
+use braid_proto::{LockHeld, LockKind, LockRequest};
 use fuser::{Errno, ReplyEmpty};
 
 use crate::cache::KernelCache;
@@ -119,7 +119,7 @@ impl Locking {
         if owners.is_empty() {
             return Ok(());
         }
-        let handle = self.handle(node)?;
+        let handle = self.cache.handle(node)?;
         for owner in owners {
             if self.client.lock_lost(&handle, owner).map_err(|e| errno_for(&e))? {
                 return Err(Errno::EIO);
@@ -142,14 +142,10 @@ impl Locking {
     /// Sends `release` (every lock of its owner on its node) to the server; a lost lock of the
     /// owner is forgotten (its I/O relies on it no more).
     fn release(&self, release: Release<'_>) -> Result<(), Errno> {
-        let handle = self.handle(release.node)?;
+        let handle = self.cache.handle(release.node)?;
         self.client.forget_lost_lock(&handle, release.owner);
         let request = LockRequest { handle, owner: release.owner, kind: LockKind::Unlock, start: 0, end: u64::MAX, pid: 0 };
         self.client.lock(request).map(drop).map_err(|e| errno_for(&e))
-    }
-
-    fn handle(&self, node: u64) -> Result<Handle, Errno> {
-        self.cache.inodes.lock().expect("inode lock").handle(node).ok_or(Errno::ESTALE)
     }
 
     /// What the lock guards must be read afresh unless the kernel's pages are known to be

@@ -521,13 +521,11 @@ async fn apply_as_txn(
     written_back: Option<WrittenBack>,
     frame: Frame,
 ) -> Handled {
-    let state = state.clone();
-    tokio::task::spawn_blocking(move || {
+    on_a_blocking_thread(state, move |state| {
         let message = as_txn(&txn);
-        apply_change(&state, who, txn, written_back, &message, &frame.data)
+        apply_change(state, who, txn, written_back, &message, &frame.data)
     })
     .await
-    .unwrap_or_else(|e| Handled::failed(WireError::Malformed(format!("transaction handler failed: {e}"))))
 }
 
 /// What a `WriteBack` says of the commands its client made in its cache.
@@ -597,8 +595,12 @@ fn rights_lost(state: &ServerState, client: ClientId, txn: &braid_proto::Txn, wr
 
 /// Serves `request` on a blocking thread (it may wait for the disk or for other clients).
 async fn run_blocking(state: &Arc<ServerState>, who: Peer, request: Request, frame: Frame) -> Handled {
+    on_a_blocking_thread(state, move |state| handle_blocking(state, who, request, frame)).await
+}
+
+async fn on_a_blocking_thread(state: &Arc<ServerState>, work: impl FnOnce(&ServerState) -> Handled + Send + 'static) -> Handled {
     let state = state.clone();
-    tokio::task::spawn_blocking(move || handle_blocking(&state, who, request, frame))
+    tokio::task::spawn_blocking(move || work(&state))
         .await
         .unwrap_or_else(|e| Handled::failed(WireError::Malformed(format!("request handler failed: {e}"))))
 }
