@@ -592,7 +592,7 @@ impl WriteBack {
             match (command, result) {
                 (_, Ok(CommandOk::Attr(attr))) => {
                     // A probe may have been sent after changes queued since (see `reported`).
-                    let probe = matches!(command, Command::SetAttr { changes, .. } if *changes == AttrChanges::default());
+                    let probe = command.is_probe();
                     command.handles().into_iter().for_each(|h| state.reported(h, attr, index >= queued && !probe))
                 }
                 _ if index < queued => {}

@@ -570,6 +570,11 @@ impl Command {
         named_handles!(self)
     }
 
+    /// An empty setattr: it changes nothing and answers the object's attributes.
+    pub fn is_probe(&self) -> bool {
+        matches!(self, Command::SetAttr { changes, .. } if *changes == AttrChanges::default())
+    }
+
     pub fn handles_mut(&mut self) -> Vec<&mut Handle> {
         named_handles!(self)
     }

@@ -83,6 +83,9 @@ struct State {
     next_callback: u64,
     /// Fast-path changes in flight.
     fast_busy: usize,
+    /// Write-backs of changes made under rights of the previous server process, admitted
+    /// during the grace period and not yet applied (see [`Reclaim`]).
+    reclaims: usize,
     /// Connections per client, and since when a client has had none.
     presence: HashMap<ClientId, Presence>,
     locks: LockTable,
@@ -210,6 +213,33 @@ struct Object {
     changed_by: Option<ClientId>,
 }
 
+/// A write-back, admitted during the grace period after a restart, of changes its client made
+/// in its cache under exclusive rights of the previous server process. No other client can
+/// have changed those objects since (every other change waits for the grace period), and
+/// the changes were made before any change waiting now: so they go first, and other changes
+/// wait until every admitted reclaim has been applied. Ends when dropped.
+#[must_use]
+pub struct Reclaim<'c> {
+    coherence: &'c Coherence,
+}
+
+impl Drop for Reclaim<'_> {
+    fn drop(&mut self) {
+        let mut state = self.coherence.lock();
+        assert!(state.reclaims > 0, "a reclaim ends twice");
+        state.reclaims -= 1;
+        self.coherence.changed.notify_all();
+    }
+}
+
+/// Which server process granted the rights a write-back's changes were made under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Granter {
+    ThisProcess,
+    /// A process before a restart: this one knows nothing of its rights.
+    Earlier,
+}
+
 /// A read in flight: rights for what it read are granted only if nothing changed meanwhile.
 #[must_use]
 pub struct ReadTicket {
@@ -239,13 +269,43 @@ impl Coherence {
         self.grace_until.is_some_and(|until| Instant::now() < until)
     }
 
-    fn wait_for_grace(&self) {
-        if let Some(until) = self.grace_until {
+    /// Admits a write-back of changes made under rights of the previous server process ahead
+    /// of every other change, if the grace period is still on; `None` once it is over (the
+    /// write-back is then a change like any other, fenced like any other).
+    pub fn reclaim(&self) -> Option<Reclaim<'_>> {
+        let mut state = self.lock();
+        if !self.in_grace() {
+            return None;
+        }
+        state.reclaims += 1;
+        Some(Reclaim { coherence: self })
+    }
+
+    /// Whether a change begun now would wait: the grace period is on, or reclaims admitted
+    /// during it are still being applied.
+    pub fn changes_wait(&self) -> bool {
+        self.in_grace() || self.lock().reclaims > 0
+    }
+
+    /// Locks the state once changes may begin: the grace period is over and every reclaim
+    /// admitted during it has been applied. A `reclaim` begins at once.
+    fn lock_for_change(&self, reclaim: Option<&Reclaim<'_>>) -> MutexGuard<'_, State> {
+        let mut state = self.lock();
+        let Some(until) = self.grace_until.filter(|_| reclaim.is_none()) else { return state };
+        let mut logged = false;
+        loop {
             let now = Instant::now();
-            if now < until {
-                tracing::info!(wait_ms = (until - now).as_millis() as u64, "change waits for the grace period after a restart");
-                std::thread::sleep(until - now);
+            if now >= until && state.reclaims == 0 {
+                return state;
             }
+            if !logged {
+                let wait_ms = until.saturating_duration_since(now).as_millis() as u64;
+                tracing::info!(wait_ms, reclaims = state.reclaims, "change waits for the grace period after a restart");
+                logged = true;
+            }
+            // Woken when a reclaim ends; the end of the grace period is waited out.
+            let wait = if now < until { until - now } else { self.lease };
+            state = self.changed.wait_timeout(state, wait).expect("coherence lock").0;
         }
     }
 
@@ -456,14 +516,16 @@ impl Coherence {
     /// acknowledgement), is not being asked to write them back (a flush or recall it may still
     /// answer), and another client changed, holds or used them since, or this server no longer
     /// remembers (its record was swept after the right ran out). Such changes must be refused:
-    /// applied late, they would overwrite what the other client did.
-    pub fn rights_lost<'h>(&self, client: ClientId, handles: impl IntoIterator<Item = &'h Handle>) -> Vec<Handle> {
+    /// applied late, they would overwrite what the other client did. Of rights granted by an
+    /// `Earlier` server process this one has no record unless somebody used the object since
+    /// it started: no record then means nobody did.
+    pub fn rights_lost<'h>(&self, client: ClientId, granted_by: Granter, handles: impl IntoIterator<Item = &'h Handle>) -> Vec<Handle> {
         let state = self.lock();
         let now = Instant::now();
         let mut named: Vec<&Handle> = handles.into_iter().collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
         named.dedup();
-        named.into_iter().filter(|handle| right_lost(&state, client, handle, now)).cloned().collect()
+        named.into_iter().filter(|handle| right_lost(&state, client, granted_by, handle, now)).cloned().collect()
     }
 
     /// Whether requests of `client` must name what they touch: someone else may hold rights.
@@ -480,9 +542,8 @@ impl Coherence {
 
     /// Starts a change by `client` without naming what it touches, if `client` is the only
     /// subscriber (nobody else can hold rights); `None` if it is not.
-    pub fn begin_alone(&self, client: ClientId) -> Option<Change> {
-        self.wait_for_grace();
-        let mut state = self.lock();
+    pub fn begin_alone(&self, client: ClientId, reclaim: Option<&Reclaim<'_>>) -> Option<Change> {
+        let mut state = self.lock_for_change(reclaim);
         if others_subscribed(&state, client) {
             return None;
         }
@@ -494,9 +555,8 @@ impl Coherence {
 
     /// Starts a change by `client` of `items`: recalls them from every other holder and returns
     /// once each has acknowledged or its lease has run out.
-    pub fn begin_change(&self, client: ClientId, items: &[Invalidation]) -> Change {
-        self.wait_for_grace();
-        let mut state = self.lock();
+    pub fn begin_change(&self, client: ClientId, items: &[Invalidation], reclaim: Option<&Reclaim<'_>>) -> Change {
+        let mut state = self.lock_for_change(reclaim);
         state.epoch += 1;
         let epoch = state.epoch;
         let now = Instant::now();
@@ -713,13 +773,14 @@ impl Coherence {
 }
 
 /// See [`Coherence::rights_lost`].
-fn right_lost(state: &State, client: ClientId, handle: &Handle, now: Instant) -> bool {
+fn right_lost(state: &State, client: ClientId, granted_by: Granter, handle: &Handle, now: Instant) -> bool {
     let asked = state.pending.values().any(|asked| asked.covers(client, handle, now));
     let Some(object) = state.objects.get(handle) else {
-        if !asked {
+        let forgotten = granted_by == Granter::ThisProcess && !asked;
+        if forgotten {
             tracing::warn!(client = client.0, ?handle, "refusing changes a client made in its cache: its right is long gone");
         }
-        return !asked;
+        return forgotten;
     };
     let right = object.holders.get(&client);
     let held = right.is_some_and(|right| right.exclusive && right.until > now);
@@ -882,7 +943,7 @@ mod tests {
         assert!(c.grant(c.begin_read(), b, [&h(1)]).leased());
 
         let started = Instant::now();
-        let change = c.begin_change(b, &[Invalidation::Object(h(1))]);
+        let change = c.begin_change(b, &[Invalidation::Object(h(1))], None);
         let waited = started.elapsed();
         assert_eq!(seen.load(Ordering::SeqCst), 1, "A was recalled once");
         assert!(waited >= Duration::from_millis(50) && waited < Duration::from_secs(5), "waited {waited:?}");
@@ -901,7 +962,7 @@ mod tests {
         let flushes = Arc::new(AtomicUsize::new(0));
         c.subscribe(a, 1, acking_sink(&c, Duration::from_millis(50), flushes.clone()));
         c.subscribe(b, 2, acking_sink(&c, Duration::ZERO, Arc::new(AtomicUsize::new(0))));
-        let change = c.begin_change(a, &[Invalidation::Object(h(1))]);
+        let change = c.begin_change(a, &[Invalidation::Object(h(1))], None);
         assert_eq!(c.end_change(change, [&h(1)]), Grant::Exclusive);
         assert!(c.exclusive_elsewhere(b) && !c.exclusive_elsewhere(a));
         assert_eq!(c.grant(c.begin_read(), a, [&h(1)]), Grant::Shared, "a read keeps A's right exclusive");
@@ -914,7 +975,7 @@ mod tests {
         assert!(!c.lock().objects[&h(1)].holders[&a].exclusive, "A's right is shared now");
         assert!(!c.flush_others(b, &[h(1)]), "nothing more to ask");
         assert_eq!(c.grant(c.begin_read(), b, [&h(1)]), Grant::Shared);
-        let change = c.begin_change(a, &[Invalidation::Object(h(1))]);
+        let change = c.begin_change(a, &[Invalidation::Object(h(1))], None);
         assert_eq!(c.end_change(change, [&h(1)]), Grant::Shared, "contended: no exclusive right for a lease");
     }
 
@@ -928,7 +989,7 @@ mod tests {
         let (a, b) = (ClientId(1), ClientId(2));
         c.subscribe(a, 1, acking_sink(&c, Duration::ZERO, Arc::new(AtomicUsize::new(0))));
         c.subscribe(b, 2, acking_sink(&c, Duration::ZERO, Arc::new(AtomicUsize::new(0))));
-        let change = c.begin_change(a, &[Invalidation::Object(h(1)), Invalidation::Object(h(2))]);
+        let change = c.begin_change(a, &[Invalidation::Object(h(1)), Invalidation::Object(h(2))], None);
         assert_eq!(c.end_change(change, [&h(1), &h(2)]), Grant::Exclusive);
         for _ in 0..3 {
             std::thread::sleep(Duration::from_millis(200));
@@ -960,9 +1021,10 @@ mod tests {
         let change = c.begin_change(
             a,
             &[Invalidation::Object(read.clone()), Invalidation::Object(changed.clone()), Invalidation::Object(idle.clone())],
+            None,
         );
         assert_eq!(c.end_change(change, [&read, &changed, &idle]), Grant::Exclusive);
-        assert!(c.rights_lost(a, [&read, &changed, &idle]).is_empty(), "held");
+        assert!(c.rights_lost(a, Granter::ThisProcess, [&read, &changed, &idle]).is_empty(), "held");
 
         let flushing = {
             let (c, read) = (c.clone(), read.clone());
@@ -970,19 +1032,28 @@ mod tests {
         };
         let changing = {
             let (c, changed) = (c.clone(), changed.clone());
-            std::thread::spawn(move || c.begin_change(b, &[Invalidation::Object(changed)]))
+            std::thread::spawn(move || c.begin_change(b, &[Invalidation::Object(changed)], None))
         };
         std::thread::sleep(Duration::from_millis(50));
-        assert!(c.rights_lost(a, [&read, &changed]).is_empty(), "asked to write back (a flush, a recall), and the lease runs");
+        assert!(
+            c.rights_lost(a, Granter::ThisProcess, [&read, &changed]).is_empty(),
+            "asked to write back (a flush, a recall), and the lease runs"
+        );
         assert!(flushing.join().unwrap(), "B's read waited for A's lease");
         let change = changing.join().unwrap();
-        assert!(c.rights_lost(a, [&read, &idle]).is_empty(), "ran out, but nobody else came yet");
+        assert!(c.rights_lost(a, Granter::ThisProcess, [&read, &idle]).is_empty(), "ran out, but nobody else came yet");
         c.end_change(change, [&changed]);
-        assert_eq!(c.rights_lost(a, [&changed]), vec![changed.clone()], "B changed it");
+        assert_eq!(c.rights_lost(a, Granter::ThisProcess, [&changed]), vec![changed.clone()], "B changed it");
         assert_eq!(c.grant(c.begin_read(), b, [&read]), Grant::Shared);
-        assert_eq!(c.rights_lost(a, [&changed, &read]), vec![read.clone(), changed.clone()], "B read it without A's changes");
-        assert_eq!(c.rights_lost(a, [&h(4)]), vec![h(4)], "a record forgotten (swept out): nothing is known");
-        assert!(c.rights_lost(b, [&changed]).is_empty(), "B's own right");
+        assert_eq!(
+            c.rights_lost(a, Granter::ThisProcess, [&changed, &read]),
+            vec![read.clone(), changed.clone()],
+            "B read it without A's changes"
+        );
+        assert_eq!(c.rights_lost(a, Granter::ThisProcess, [&h(4)]), vec![h(4)], "a record forgotten (swept out): nothing is known");
+        assert!(c.rights_lost(a, Granter::Earlier, [&h(4)]).is_empty(), "no record of a right of an earlier process: nobody came since");
+        assert_eq!(c.rights_lost(a, Granter::Earlier, [&changed]), vec![changed.clone()], "B changed it after the restart");
+        assert!(c.rights_lost(b, Granter::ThisProcess, [&changed]).is_empty(), "B's own right");
     }
 
     #[test]
@@ -992,14 +1063,14 @@ mod tests {
         // a write-back slow at the server); the recalling change waits for it to end instead
         // of being applied first and overwritten by it.
         let (c, a, b) = silent_and_answering_clients();
-        let change = c.begin_change(a, &[Invalidation::Object(h(1))]);
+        let change = c.begin_change(a, &[Invalidation::Object(h(1))], None);
         assert_eq!(c.end_change(change, [&h(1)]), Grant::Exclusive);
-        let in_flight = c.begin_change(a, &[Invalidation::Object(h(1))]);
+        let in_flight = c.begin_change(a, &[Invalidation::Object(h(1))], None);
         let (began, waiting) = std::sync::mpsc::channel();
         let recalling = {
             let c = c.clone();
             std::thread::spawn(move || {
-                let change = c.begin_change(b, &[Invalidation::Object(h(1))]);
+                let change = c.begin_change(b, &[Invalidation::Object(h(1))], None);
                 began.send(()).unwrap();
                 c.end_change(change, [&h(1)]);
             })
@@ -1015,7 +1086,7 @@ mod tests {
         let c = Arc::new(Coherence::new(Duration::from_millis(200), false));
         let (a, b) = (ClientId(1), ClientId(2));
         c.subscribe(a, 1, Arc::new(|_, _: &Callback| false));
-        let change = c.begin_change(a, &[Invalidation::Object(h(1))]);
+        let change = c.begin_change(a, &[Invalidation::Object(h(1))], None);
         assert_eq!(c.end_change(change, [&h(1)]), Grant::Exclusive);
         let started = Instant::now();
         assert!(c.flush_others(b, &[h(1)]));
@@ -1045,7 +1116,7 @@ mod tests {
         assert!(c.grant(c.begin_read(), a, [&h(1)]).leased());
         let old = Invalidation::Entry { parent: h(1), name: b"old".to_vec() };
         let new = Invalidation::Entry { parent: h(1), name: b"new".to_vec() };
-        let change = c.begin_change(b, &[Invalidation::Object(h(1)), old.clone(), Invalidation::Object(h(1)), new.clone()]);
+        let change = c.begin_change(b, &[Invalidation::Object(h(1)), old.clone(), Invalidation::Object(h(1)), new.clone()], None);
         let _ = c.end_change(change, []);
         assert_eq!(*got.lock().unwrap(), vec![old, new, Invalidation::Object(h(1))], "entries first, duplicates dropped");
     }
@@ -1063,12 +1134,12 @@ mod tests {
         assert!(c.grant(c.begin_read(), a, [&h(1), &h(2)]).leased());
         let entry = |name: &[u8]| Invalidation::Entry { parent: h(1), name: name.to_vec() };
         for name in [&b"lock"[..], b"master", b"other"] {
-            let change = c.begin_change(b, &[Invalidation::Object(h(1)), entry(name)]);
+            let change = c.begin_change(b, &[Invalidation::Object(h(1)), entry(name)], None);
             let _ = c.end_change(change, []);
         }
         assert_eq!(recalls.load(Ordering::SeqCst), 3, "every change of a name recalls the directory's holder");
         for _ in 0..2 {
-            let change = c.begin_change(b, &[Invalidation::Object(h(2))]);
+            let change = c.begin_change(b, &[Invalidation::Object(h(2))], None);
             let _ = c.end_change(change, []);
         }
         assert_eq!(recalls.load(Ordering::SeqCst), 4, "a file's holder is recalled once");
@@ -1084,14 +1155,14 @@ mod tests {
         c.subscribe(a, 1, never.clone());
         c.subscribe(b, 2, never);
         let ticket = c.begin_read();
-        let change = c.begin_change(b, &[Invalidation::Object(h(7))]);
+        let change = c.begin_change(b, &[Invalidation::Object(h(7))], None);
         assert!(!c.grant(ticket, a, [&h(7)]).leased(), "read begun before, granted during the change");
         let during = c.begin_read();
         let _ = c.end_change(change, [&h(7)]);
         assert!(!c.grant(during, a, [&h(7)]).leased(), "read begun during the change (it may have read the old state)");
         assert!(c.grant(c.begin_read(), a, [&h(7)]).leased(), "read begun after the change");
         let before = c.begin_read();
-        let change = c.begin_change(b, &[Invalidation::Object(h(7))]);
+        let change = c.begin_change(b, &[Invalidation::Object(h(7))], None);
         let _ = c.end_change(change, []);
         assert!(!c.grant(before, a, [&h(7)]).leased(), "read begun before a change that is over");
     }
@@ -1106,7 +1177,7 @@ mod tests {
         assert!(c.grant(c.begin_read(), a, [&h(3)]).leased());
         c.session_closed(a, 1);
         let started = Instant::now();
-        let change = c.begin_change(b, &[Invalidation::Entry { parent: h(3), name: b"x".to_vec() }]);
+        let change = c.begin_change(b, &[Invalidation::Entry { parent: h(3), name: b"x".to_vec() }], None);
         let waited = started.elapsed();
         let _ = c.end_change(change, []);
         assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(3), "waited {waited:?}");
@@ -1131,7 +1202,7 @@ mod tests {
         let c = Coherence::new(Duration::from_millis(200), true);
         assert!(c.in_grace());
         let started = Instant::now();
-        let change = c.begin_alone(ClientId(1)).expect("alone");
+        let change = c.begin_alone(ClientId(1), None).expect("alone");
         let _ = c.end_change(change, []);
         assert!(started.elapsed() >= Duration::from_millis(150), "no grace period");
         assert!(!c.in_grace());
@@ -1139,14 +1210,47 @@ mod tests {
     }
 
     #[test]
+    fn write_backs_of_the_previous_process_go_ahead_of_changes_waiting_for_the_grace_period() {
+        // Goal: after a restart, changes a client made in its cache under a right of the old
+        // process are applied during the grace period, and a change another client made after
+        // the restart waits until they are, even past the end of the grace period. Released
+        // together at its end, the old change could land after the new one and overwrite it.
+        let c = Arc::new(Coherence::new(Duration::from_millis(200), true));
+        let (a, b) = (ClientId(1), ClientId(2));
+        let started = Instant::now();
+        let reclaim = c.reclaim().expect("admitted during the grace period");
+        let written_back = c.begin_change(a, &[Invalidation::Object(h(1))], Some(&reclaim));
+        assert!(started.elapsed() < Duration::from_millis(100), "the reclaim waited for the grace period");
+        assert!(c.changes_wait());
+        let waiting = {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let change = c.begin_change(b, &[Invalidation::Object(h(1))], None);
+                let began = Instant::now();
+                let _ = c.end_change(change, [&h(1)]);
+                began
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!c.in_grace() && c.changes_wait(), "the grace period is over, the reclaim is not");
+        assert!(c.reclaim().is_none(), "admitted after the grace period");
+        assert!(!waiting.is_finished(), "a new change began before the reclaim ended");
+        let _ = c.end_change(written_back, [&h(1)]);
+        let ended = Instant::now();
+        drop(reclaim);
+        assert!(waiting.join().unwrap() >= ended, "the new change began before the reclaim was applied");
+        assert!(!c.changes_wait());
+    }
+
+    #[test]
     fn the_fast_path_is_only_for_a_lone_client() {
         let c = Coherence::new(Duration::from_secs(30), false);
         let (a, b) = (ClientId(1), ClientId(2));
         c.subscribe(a, 1, Arc::new(|_, _: &Callback| true));
-        let change = c.begin_alone(a).expect("alone");
+        let change = c.begin_alone(a, None).expect("alone");
         let _ = c.end_change(change, []);
         c.subscribe(b, 2, Arc::new(|_, _: &Callback| true));
-        assert!(c.begin_alone(a).is_none(), "b may hold rights now");
+        assert!(c.begin_alone(a, None).is_none(), "b may hold rights now");
         assert!(c.shared(a));
     }
 }

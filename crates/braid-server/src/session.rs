@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, B
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::coherence::{Change, Grant, Heard, LockMode, LockRefused, Sink};
+use crate::coherence::{Change, Grant, Granter, Heard, LockMode, LockRefused, Reclaim, Sink};
 use crate::export::Export;
 use crate::locks::{Owner, Wanted};
 use crate::ServerState;
@@ -424,7 +424,7 @@ fn is_quick(state: &ServerState, who: Peer, request: &Request) -> bool {
         Request::Commit | Request::CommitUpTo(_) | Request::DurableTxn(_) | Request::StagedTxn(_) => false,
         Request::WriteBack { staged: true, .. } => false,
         Request::Txn(txn) | Request::WriteBack { txn, .. } => {
-            txn.commands.len() <= 16 && !state.coherence.shared(client) && !state.coherence.in_grace()
+            txn.commands.len() <= 16 && !state.coherence.shared(client) && !state.coherence.changes_wait()
         }
         Request::StatFs | Request::Release { .. } | Request::CallbackDone { .. } | Request::Unsubscribe | Request::Renew(_) => true,
         Request::Lock(_) | Request::LockReclaim(_) | Request::TestLock(_) | Request::Subscribe => true,
@@ -541,6 +541,14 @@ impl WrittenBack {
     fn new(queued: u32, instance: u64) -> Self {
         Self { queued: queued as usize, instance }
     }
+
+    /// Whether `txn` changes nothing but what its client changed in its cache under rights of
+    /// an earlier server process (the probes after them change nothing): during the grace
+    /// period they are applied ahead of every other change (a `Reclaim`). A command made
+    /// now, outside the cache, waits like any other change.
+    fn reclaims(&self, state: &ServerState, txn: &braid_proto::Txn) -> bool {
+        self.instance != state.instance && txn.commands.iter().skip(self.queued).all(Command::is_probe)
+    }
 }
 
 /// The encoded `Txn` of a transaction that came in another request: the log holds every
@@ -564,8 +572,12 @@ fn apply_change(
     }
     let client = who.client;
     txn.creds = effective_creds(state, txn.creds);
-    let lost = written_back.map_or_else(Vec::new, |w| rights_lost(state, client, &txn, w));
-    let change = begin_change(state, client, &txn.commands);
+    let reclaim = written_back.filter(|w| w.reclaims(state, &txn)).and_then(|_| state.coherence.reclaim());
+    let lost = match written_back {
+        Some(w) if reclaim.is_none() => rights_lost(state, client, &txn, w),
+        _ => Vec::new(),
+    };
+    let change = begin_change(state, client, &txn.commands, reclaim.as_ref());
     let sender = crate::applier::Sender {
         client,
         // From protocol version 6 on, a refused write does not stop the writes after it.
@@ -582,15 +594,13 @@ fn apply_change(
 }
 
 /// The objects that the queued commands of a write-back name and that their client may no
-/// longer change from its cache. Commands made under rights of an earlier server process are
-/// not fenced: this process cannot know what they were (they wait for the grace period, as
-/// every change does).
+/// longer change from its cache. Commands made under rights of an earlier server process and
+/// written back after the grace period are judged as any others: their rights have run out
+/// by then, and another client may have changed the objects since.
 fn rights_lost(state: &ServerState, client: ClientId, txn: &braid_proto::Txn, written_back: WrittenBack) -> Vec<Handle> {
-    if written_back.instance != state.instance {
-        return Vec::new();
-    }
     let named = txn.commands.iter().take(written_back.queued).flat_map(Command::handles).filter(|h| h.created_index().is_none());
-    state.coherence.rights_lost(client, named)
+    let granted_by = if written_back.instance == state.instance { Granter::ThisProcess } else { Granter::Earlier };
+    state.coherence.rights_lost(client, granted_by, named)
 }
 
 /// Serves `request` on a blocking thread (it may wait for the disk or for other clients).
@@ -780,11 +790,11 @@ fn reply_handles(directory: &Handle, reply: &Reply) -> Vec<Handle> {
 
 /// Starts a change: on the fast path when no other client can hold rights, otherwise after
 /// recalling everything the commands touch from every other holder.
-fn begin_change(state: &ServerState, client: ClientId, commands: &[Command]) -> Change {
-    if let Some(change) = state.coherence.begin_alone(client) {
+fn begin_change(state: &ServerState, client: ClientId, commands: &[Command], reclaim: Option<&Reclaim<'_>>) -> Change {
+    if let Some(change) = state.coherence.begin_alone(client, reclaim) {
         return change;
     }
-    state.coherence.begin_change(client, &invalidations(&state.export, commands))
+    state.coherence.begin_change(client, &invalidations(&state.export, commands), reclaim)
 }
 
 /// What other clients must stop caching before `commands` apply: the objects they change and

@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use braid_proto::{LockKind, LockRequest, Reply, Request};
-use common::{getxattr, last_errno, plain_mount_args, setxattr, write_as_user, Fixture, OtherMount, RawSession};
+use common::{getxattr, last_errno, plain_mount_args, setxattr, wait_until, write_as_user, Fixture, OtherMount, RawSession};
 
 /// A server with leases of `lease` seconds, mounted twice: `a` is the fixture's own mount.
 fn two_clients(lease: &str) -> (Fixture, OtherMount) {
@@ -408,7 +408,7 @@ fn a_waiting_lock_request_is_granted_as_soon_as_the_lock_is_let_go() {
     let handle = holder.lookup(&holder.root(), b"f").expect("lookup").handle;
     let lock = |owner, kind| LockRequest { handle: handle.clone(), owner, kind, start: 0, end: u64::MAX, pid: 1 };
     assert!(matches!(holder.call(&Request::Lock(lock(1, LockKind::Write)), &[]), Ok((Reply::LockTest(None), _))));
-    waiter.send(&Request::LockWait(lock(2, LockKind::Write)));
+    waiter.send(&Request::LockWait(lock(2, LockKind::Write)), &[]);
     std::thread::sleep(Duration::from_millis(20));
     assert!(matches!(holder.call(&Request::Lock(lock(1, LockKind::Unlock)), &[]), Ok((Reply::LockTest(None), _))));
     let answer = waiter.next_response().result;
@@ -756,6 +756,31 @@ fn after_a_server_restart_no_client_trusts_what_it_cached_before() {
     // Attributes and listings first: they are served without a request when cached.
     assert_eq!(fs::metadata(b.m("f")).unwrap().mode() & 0o777, 0o604, "B used attributes cached before the restart");
     assert_eq!(fs::read_dir(b.m("d")).unwrap().count(), 1, "B listed a directory cached before the restart");
+}
+
+#[test]
+fn a_change_queued_before_a_server_crash_lands_before_what_another_client_writes_after_the_restart() {
+    // Goal: A's write, queued in its cache under an exclusive right when the server is killed,
+    // reaches the restarted server during its grace period, ahead of B's write made after the
+    // restart (which waits for the grace period). Before, both waited for its end and went on
+    // in any order: A's older bytes could land over B's. The server checks this order with a
+    // raw session (reconnect.rs); here the real client must send its queue as a write-back of
+    // the old process's rights, with nothing in it that would make the server hold it back.
+    let (mut a, b) = two_clients("3");
+    fs::write(a.m("f"), b"........").unwrap();
+    wait_until("A's create reaches the server", Duration::from_secs(10), || fs::read(a.e("f")).is_ok_and(|bytes| bytes == b"........"));
+    let on_a = OpenOptions::new().write(true).open(a.m("f")).unwrap();
+    a.signal_server(libc::SIGSTOP);
+    on_a.write_all_at(b"AAAAAAAA", 0).expect("a write into A's cache");
+    std::thread::sleep(Duration::from_millis(200)); // A's flusher sends it into the frozen server
+    a.kill_server();
+    a.start_server();
+    let path = b.m("f");
+    within("B's write during the grace period", Duration::from_secs(20), move || {
+        OpenOptions::new().write(true).open(path).unwrap().write_all_at(b"BBBB", 0).unwrap();
+    });
+    assert_eq!(fs::read(a.e("f")).unwrap(), b"BBBBAAAA", "A's write from before the crash landed over B's from after it");
+    drop(on_a);
 }
 
 /// A python3 worker that, `EACH` times, locks two random 8-byte slots of a counter file with

@@ -6,7 +6,7 @@ mod common;
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
 
-use braid_proto::{ClientId, Command, CommandOk, Credentials, Reply, Request, Txn, TxnSeq};
+use braid_proto::{ClientId, Command, CommandOk, Credentials, Errno, Reply, Request, Txn, TxnSeq};
 use common::{drop_page_cache, Fixture, RawSession, Rng};
 
 const KIB: usize = 1024;
@@ -288,4 +288,76 @@ fn a_staged_txn_is_answered_applied_then_durable_and_applied_at_most_once() {
     assert_eq!(outcome.results[0], Err(braid_proto::Errno(libc::EEXIST)), "{:?}", outcome.results);
     assert!(matches!(raw.next_response().result, Ok(Reply::Committed(_))));
     assert!(fx.e("f").exists());
+}
+
+/// A write of `bytes` at offset 0 of `handle`, as one transaction numbered `seq`.
+fn write_txn(handle: &braid_proto::Handle, seq: u64, bytes: &[u8]) -> Txn {
+    let write = Command::Write { handle: handle.clone(), offset: 0, len: bytes.len() as u32 };
+    Txn { seq: TxnSeq(seq), replied_below: TxnSeq(seq), creds: Credentials::default(), commands: vec![write] }
+}
+
+/// The result of the one command of a transaction's reply.
+fn only_result(answer: Result<Reply, braid_proto::WireError>) -> Result<CommandOk, Errno> {
+    match answer {
+        Ok(Reply::Txn(mut outcome)) if outcome.results.len() == 1 => outcome.results.pop().expect("one result"),
+        other => panic!("a transaction of one command answered {other:?}"),
+    }
+}
+
+#[test]
+fn after_a_restart_changes_made_under_old_rights_land_before_changes_made_since() {
+    // Goal: a client's changes queued in its cache under an exclusive right of a server process
+    // that then crashed were made before anything another client does after the restart. The
+    // restarted server applies no change during its grace period (one lease) except such
+    // write-backs, and the other client's change waits until they are applied. Before, both
+    // waited for the end of the grace period and went on in any order: the old write could land
+    // over the new one. Written back after the grace period, the old changes are fenced as
+    // any others: refused where another client changed the object since.
+    let args = ["--insecure", "--no-root-squash", "--lease", "2"].map(String::from).to_vec();
+    let mut fx = Fixture::serving_with_args(
+        |export| {
+            fs::write(export.join("f"), b"........").unwrap();
+            fs::write(export.join("g"), b"........").unwrap();
+        },
+        args,
+        common::plain_mount_args(),
+    );
+    let mut before = RawSession::open(fx.addr());
+    let (old_instance, root) = (before.info.server_instance, before.root());
+    let f = before.lookup(&root, b"f").expect("lookup f").handle;
+    let g = before.lookup(&root, b"g").expect("lookup g").handle;
+    drop(before);
+    fx.kill_server();
+    fx.start_server();
+
+    // The other client has a callback channel, as a mount does: the server keeps a record of
+    // the rights its changes bring it (the fence after the grace period needs one).
+    let other_client = ClientId(0x00c0_ffee_0000_0002);
+    let mut callbacks = RawSession::open_as(fx.addr(), other_client);
+    assert!(matches!(callbacks.call(&Request::Subscribe, &[]), Ok((Reply::Done, _))));
+    let mut other = RawSession::open_as(fx.addr(), other_client);
+    other.send(&Request::Txn(write_txn(&f, 1, b"BBBB")), b"BBBB");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let mut holder = RawSession::open(fx.addr());
+    let written_back =
+        |seq, handle, bytes| Request::WriteBack { txn: write_txn(handle, seq, bytes), queued: 1, instance: old_instance, staged: false };
+    let answer = holder.call_response(&written_back(1, &f, b"AAAAAAAA"), b"AAAAAAAA").0.result;
+    assert_eq!(only_result(answer), Ok(CommandOk::Written(8)), "the write-back of the old process's right");
+    other.stream.set_nonblocking(true).unwrap();
+    let pending = other.stream.peek(&mut [0; 1]).map_err(|e| e.kind());
+    assert_eq!(pending, Err(std::io::ErrorKind::WouldBlock), "the change made after the restart did not wait for the write-back");
+    other.stream.set_nonblocking(false).unwrap();
+    assert_eq!(only_result(other.next_response().result), Ok(CommandOk::Written(4)));
+    assert_eq!(fs::read(fx.e("f")).unwrap(), b"BBBBAAAA", "the old change landed over the new one");
+
+    // After the grace period: refused on f (changed since), applied on g (nobody came). The
+    // other client is asked to give f up and does not answer: the late write-back waits for its
+    // lease to run out.
+    let mut late = RawSession::open(fx.addr());
+    let refused = late.call_response(&written_back(1, &f, b"ZZ"), b"ZZ").0.result;
+    assert_eq!(only_result(refused), Err(Errno(libc::EIO)), "a late old change overwrote another client's");
+    let applied = late.call_response(&written_back(2, &g, b"ZZ"), b"ZZ").0.result;
+    assert_eq!(only_result(applied), Ok(CommandOk::Written(2)), "a late old change on an object nobody used since");
+    assert_eq!(fs::read(fx.e("f")).unwrap(), b"BBBBAAAA");
+    assert_eq!(fs::read(fx.e("g")).unwrap(), b"ZZ......");
 }

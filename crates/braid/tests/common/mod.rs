@@ -525,10 +525,8 @@ impl RawSession {
 
     /// Sends one request and returns its whole response and data.
     pub fn call_response(&mut self, request: &Request, data: &[u8]) -> (Response, Vec<u8>) {
-        let id = self.next_request_id;
-        self.next_request_id += 1;
-        let bytes = encode_frame(FrameKind::Request, id, request, data).expect("encode request");
-        self.stream.write_all(&bytes).expect("send request");
+        self.send(request, data);
+        let id = self.next_request_id - 1;
         let frame = read_frame(&mut self.stream).unwrap_or_else(|e| panic!("no response to {request:?}: {e}"));
         assert_eq!(frame.header.kind, FrameKind::Response);
         assert_eq!(frame.header.request_id, id, "response to another request");
@@ -536,10 +534,10 @@ impl RawSession {
     }
 
     /// Sends one request without waiting for its response (`next_response` reads it).
-    pub fn send(&mut self, request: &Request) {
+    pub fn send(&mut self, request: &Request, data: &[u8]) {
         let id = self.next_request_id;
         self.next_request_id += 1;
-        let bytes = encode_frame(FrameKind::Request, id, request, &[]).expect("encode request");
+        let bytes = encode_frame(FrameKind::Request, id, request, data).expect("encode request");
         self.stream.write_all(&bytes).expect("send request");
     }
 
