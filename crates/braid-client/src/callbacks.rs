@@ -81,11 +81,17 @@ fn run(
 ) {
     let mut backoff = Duration::from_millis(10);
     let next_id = AtomicU64::new(1);
+    let mut instance = client.connection.server_instance();
     while !stop.load(Ordering::Acquire) {
         match client.connection.open_callback_channel() {
             Ok(mut channel) => {
                 *socket.lock().expect("callback socket lock") = channel.socket.try_clone().ok();
                 backoff = Duration::from_millis(10);
+                // Every client notices a restart here (its channel breaks), idle or not.
+                let now = client.connection.server_instance();
+                if std::mem::replace(&mut instance, now) != now {
+                    start_reclaim(client);
+                }
                 // Rights lost with the last channel no longer keep what is open here.
                 client.send_unsent_opens(false);
                 let error = serve(&mut channel, client, handler, &next_id, &subscribed);
@@ -103,6 +109,20 @@ fn run(
         }
         std::thread::sleep(backoff);
         backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Finishes the reclaim after a restart of the server on a thread of its own: it waits for
+/// the write-back of the queue, which may wait for this channel's callbacks.
+fn start_reclaim(client: &Client) {
+    let client = client.clone();
+    let spawned = std::thread::Builder::new().name("braid-reclaim".into()).spawn(move || {
+        if let Err(e) = client.finish_reclaim() {
+            tracing::warn!(error = %e, "cannot finish the reclaim after the server restarted; its grace period lasts a whole lease");
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the reclaim thread; the grace period after the restart lasts a whole lease");
     }
 }
 

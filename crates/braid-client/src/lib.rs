@@ -97,6 +97,8 @@ pub struct Client {
     /// made in its cache under exclusive rights it lost, rather than let them overwrite what
     /// another client did since.
     write_back_fence: bool,
+    /// The server ends its grace period after a restart when told (`Request::ReclaimDone`).
+    reclaim_done: bool,
     /// The callback channel is subscribed: the server grants rights and recalls them.
     subscribed: Arc<AtomicBool>,
 }
@@ -186,6 +188,7 @@ impl Client {
             lock_wait: info.version >= braid_proto::LOCK_WAIT_VERSION,
             lock_wait_at_server: info.version >= braid_proto::LOCK_WAIT_AT_SERVER_VERSION,
             write_back_fence: info.version >= braid_proto::WRITE_BACK_FENCE_VERSION,
+            reclaim_done: info.version >= braid_proto::RECLAIM_DONE_VERSION,
             subscribed: Arc::new(AtomicBool::new(false)),
         };
         client.start_flusher().map_err(thread_error)?;
@@ -228,6 +231,19 @@ impl Client {
             thread.stop();
         }
         self.call(Request::Unsubscribe).map(|_| ())
+    }
+
+    /// After a restart of the server: claims this client's locks again and writes back what
+    /// it changed in its cache under the old process's rights (a reclaim, applied during the
+    /// grace period), then says so: the grace period, during which every other client's reads
+    /// and changes wait, then need not last a whole lease for this client.
+    pub(crate) fn finish_reclaim(&self) -> Result<()> {
+        self.connection.confirm_locks()?;
+        self.flush()?;
+        if self.reclaim_done {
+            self.call(Request::ReclaimDone)?;
+        }
+        Ok(())
     }
 
     pub fn lookup(&self, parent: &Handle, name: &[u8]) -> Result<(Entry, Lease)> {

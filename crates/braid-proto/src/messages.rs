@@ -11,8 +11,9 @@ use crate::codec::Checksum;
 /// [`crate::limits::TXN_DATA_BYTES_MAX`] of data, in which a refused write does not stop the
 /// commands after it, 7 [`Request::LockWait`] and [`Request::LockReclaim`], 8 clients that hold
 /// locks are heard from at least every half lease (see [`LOCK_LEASE_VERSION`]) and a lock wait
-/// waits at the server (see [`LOCK_WAIT_AT_SERVER_VERSION`]), 9 [`Request::WriteBack`].
-pub const PROTOCOL_VERSIONS: &[u16] = &[9, 8, 7, 6, 5, 4, 3, 2, 1];
+/// waits at the server (see [`LOCK_WAIT_AT_SERVER_VERSION`]), 9 [`Request::WriteBack`], 10
+/// [`Request::ReclaimDone`].
+pub const PROTOCOL_VERSIONS: &[u16] = &[10, 9, 8, 7, 6, 5, 4, 3, 2, 1];
 
 /// The first protocol version with [`Request::DurableTxn`].
 pub const DURABLE_TXN_VERSION: u16 = 2;
@@ -53,6 +54,11 @@ pub const LOCK_WAIT_AT_SERVER_VERSION: u16 = 8;
 /// under exclusive rights are refused once those rights were taken from it without its
 /// acknowledgement, instead of overwriting what another client did since.
 pub const WRITE_BACK_FENCE_VERSION: u16 = 9;
+
+/// The first protocol version with [`Request::ReclaimDone`]: the grace period after a restart
+/// of the server ends as soon as every client of the previous process has written back what
+/// it changed under that process's rights and claimed its locks again; reads wait for it.
+pub const RECLAIM_DONE_VERSION: u16 = 10;
 
 /// Identifies one client (one mount) for deduplication; random, chosen at mount time and kept
 /// across reconnects.
@@ -364,12 +370,22 @@ pub enum Request {
     /// without the client's acknowledgement (its lease ran out: it was frozen, cut off or too
     /// slow to answer a recall) is refused with `EIO`: another client may have changed the
     /// object since, and the late change would overwrite that. Protocol version 9.
+    ///
+    /// Changes made under rights of an earlier server process (and nothing else but probes,
+    /// empty setattrs) are applied during the grace period after a restart ahead of every
+    /// other change (a reclaim); after it they are refused where another client changed or
+    /// holds the object since the restart.
     WriteBack {
         txn: Txn,
         queued: u32,
         instance: u64,
         staged: bool,
     },
+    /// After a restart of the server: this client has written back every change it made under
+    /// rights of the previous server process and claimed its locks again. Once every client of
+    /// the previous process has said so (or a lease has passed), the grace period is over:
+    /// other changes and reads, which wait for it, go on. Protocol version 10.
+    ReclaimDone,
 }
 
 /// A whole-file or byte-range lock request. `owner` is the client's name for the lock owner

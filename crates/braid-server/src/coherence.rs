@@ -21,7 +21,7 @@
 //! objects (the fast path, which costs no lookups): a second client subscribing waits until
 //! fast-path changes in flight are done, and its reads begun before then get no rights.
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -64,8 +64,14 @@ pub struct Coherence {
     lease: Duration,
     /// Woken whenever a lock is taken, changed or released: waiting owners try again.
     locks_changed: Arc<tokio::sync::Notify>,
-    /// Until then, changes wait: clients of the previous server process may still cache.
+    /// Until then, changes and reads wait: clients of the previous server process may still
+    /// cache.
     grace_until: Option<Instant>,
+    /// Every awaited client reclaimed before `grace_until`.
+    grace_ended: AtomicBool,
+    /// Write-backs of changes made under rights of the previous server process, admitted
+    /// during the grace period and not yet applied (see [`Reclaim`]); changed under the lock.
+    reclaims: AtomicUsize,
     state: Mutex<State>,
     /// Signalled when a callback is acknowledged or a fast-path change ends.
     changed: Condvar,
@@ -83,9 +89,9 @@ struct State {
     next_callback: u64,
     /// Fast-path changes in flight.
     fast_busy: usize,
-    /// Write-backs of changes made under rights of the previous server process, admitted
-    /// during the grace period and not yet applied (see [`Reclaim`]).
-    reclaims: usize,
+    /// The clients that may hold rights of the previous server process and have not reclaimed
+    /// yet; `None` if not known (the grace period then lasts a whole lease).
+    awaited: Option<HashSet<ClientId>>,
     /// Connections per client, and since when a client has had none.
     presence: HashMap<ClientId, Presence>,
     locks: LockTable,
@@ -225,9 +231,10 @@ pub struct Reclaim<'c> {
 
 impl Drop for Reclaim<'_> {
     fn drop(&mut self) {
-        let mut state = self.coherence.lock();
-        assert!(state.reclaims > 0, "a reclaim ends twice");
-        state.reclaims -= 1;
+        // Under the lock, so that a change checking for reclaims before it waits is woken.
+        let _state = self.coherence.lock();
+        let before = self.coherence.reclaims.fetch_sub(1, Ordering::AcqRel);
+        assert!(before > 0, "a reclaim ends twice");
         self.coherence.changed.notify_all();
     }
 }
@@ -257,34 +264,77 @@ pub struct Change {
 
 impl Coherence {
     /// `after_restart`: clients of an earlier server process may still hold rights it granted;
-    /// changes then wait one lease (the grace period).
+    /// changes and reads then wait one lease (the grace period), or until each client of
+    /// [`Self::awaiting`] has reclaimed.
     pub fn new(lease: Duration, after_restart: bool) -> Self {
         let grace_until = after_restart.then(|| Instant::now() + lease);
         let locks_changed = Arc::new(tokio::sync::Notify::new());
-        Self { lease, locks_changed, grace_until, state: Mutex::new(State::default()), changed: Condvar::new() }
+        Self {
+            lease,
+            locks_changed,
+            grace_until,
+            grace_ended: AtomicBool::new(false),
+            reclaims: AtomicUsize::new(0),
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+        }
     }
 
-    /// Whether changes must still wait for the rights of a previous server process to expire.
+    /// The clients that may hold rights of the previous process: the grace period ends as soon
+    /// as each has said it reclaimed (`reclaim_done`). Without this, nobody is known, and the
+    /// grace period lasts its whole lease.
+    pub fn awaiting(mut self, clients: HashSet<ClientId>) -> Self {
+        if clients.is_empty() {
+            self.grace_ended.store(true, Ordering::Release);
+        }
+        self.state.get_mut().expect("coherence lock").awaited = Some(clients);
+        self
+    }
+
+    /// Whether changes and reads must still wait for the rights of a previous server process:
+    /// until they have expired, or each client that may hold one has reclaimed.
     pub fn in_grace(&self) -> bool {
-        self.grace_until.is_some_and(|until| Instant::now() < until)
+        !self.grace_ended.load(Ordering::Acquire) && self.grace_until.is_some_and(|until| Instant::now() < until)
+    }
+
+    /// `client` has written back everything it changed under rights of the previous process
+    /// and claimed its locks again (or gave up its rights): the grace period no longer waits
+    /// for it, and ends if it waited for nobody else.
+    pub fn reclaim_done(&self, client: ClientId) {
+        let mut state = self.lock();
+        let Some(awaited) = state.awaited.as_mut() else { return };
+        if awaited.remove(&client) && awaited.is_empty() && self.in_grace() {
+            self.grace_ended.store(true, Ordering::Release);
+            tracing::info!("every client of the previous server process has reclaimed: the grace period is over");
+            self.changed.notify_all();
+            self.locks_changed.notify_waiters();
+        }
     }
 
     /// Admits a write-back of changes made under rights of the previous server process ahead
     /// of every other change, if the grace period is still on; `None` once it is over (the
     /// write-back is then a change like any other, fenced like any other).
     pub fn reclaim(&self) -> Option<Reclaim<'_>> {
-        let mut state = self.lock();
+        let _state = self.lock();
         if !self.in_grace() {
             return None;
         }
-        state.reclaims += 1;
+        self.reclaims.fetch_add(1, Ordering::AcqRel);
         Some(Reclaim { coherence: self })
     }
 
-    /// Whether a change begun now would wait: the grace period is on, or reclaims admitted
-    /// during it are still being applied.
+    /// Whether a change or read begun now would wait: the grace period is on, or reclaims
+    /// admitted during it are still being applied.
     pub fn changes_wait(&self) -> bool {
-        self.in_grace() || self.lock().reclaims > 0
+        self.in_grace() || self.reclaims.load(Ordering::Acquire) > 0
+    }
+
+    /// Returns once a read may see what clients of the previous process changed in their
+    /// caches: the grace period is over and every reclaim admitted during it was applied.
+    pub fn wait_out_grace(&self) {
+        if self.changes_wait() {
+            drop(self.lock_for_change(None));
+        }
     }
 
     /// Locks the state once changes may begin: the grace period is over and every reclaim
@@ -293,20 +343,19 @@ impl Coherence {
         let mut state = self.lock();
         let Some(until) = self.grace_until.filter(|_| reclaim.is_none()) else { return state };
         let mut logged = false;
-        loop {
-            let now = Instant::now();
-            if now >= until && state.reclaims == 0 {
-                return state;
-            }
+        while self.changes_wait() {
+            let left = until.saturating_duration_since(Instant::now());
             if !logged {
-                let wait_ms = until.saturating_duration_since(now).as_millis() as u64;
-                tracing::info!(wait_ms, reclaims = state.reclaims, "change waits for the grace period after a restart");
+                let reclaims = self.reclaims.load(Ordering::Acquire);
+                tracing::info!(wait_ms = left.as_millis() as u64, reclaims, "waiting for the grace period after a restart");
                 logged = true;
             }
-            // Woken when a reclaim ends; the end of the grace period is waited out.
-            let wait = if now < until { until - now } else { self.lease };
+            // Woken when a reclaim ends or the last awaited client reclaimed; the end of the
+            // grace period is waited out.
+            let wait = if left.is_zero() { self.lease } else { left };
             state = self.changed.wait_timeout(state, wait).expect("coherence lock").0;
         }
+        state
     }
 
     pub fn lease(&self) -> Duration {
@@ -1207,6 +1256,36 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(150), "no grace period");
         assert!(!c.in_grace());
         assert!(!Coherence::new(Duration::from_secs(30), false).in_grace(), "a first start has none");
+    }
+
+    #[test]
+    fn the_grace_period_ends_once_every_client_of_the_previous_process_has_reclaimed() {
+        // Goal: after a restart, reads and changes wait until the clients that may hold rights
+        // of the old process have written back what they changed under them, and no longer
+        // than that: a whole lease (10 s by default) only if one of them does not come back.
+        let (a, b) = (ClientId(1), ClientId(2));
+        let c = Arc::new(Coherence::new(Duration::from_secs(30), true).awaiting(HashSet::from([a, b])));
+        c.reclaim_done(ClientId(3));
+        c.reclaim_done(a);
+        assert!(c.in_grace(), "B has not reclaimed yet");
+        let (done, read) = std::sync::mpsc::channel();
+        let reader = {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                c.wait_out_grace();
+                done.send(()).unwrap();
+            })
+        };
+        assert!(read.recv_timeout(Duration::from_millis(100)).is_err(), "a read went on during the grace period");
+        c.reclaim_done(b);
+        assert!(!c.in_grace());
+        read.recv_timeout(Duration::from_secs(10)).expect("the read still waits after every client reclaimed");
+        reader.join().unwrap();
+        let change = c.begin_alone(a, None).expect("alone");
+        let _ = c.end_change(change, []);
+
+        assert!(!Coherence::new(Duration::from_secs(30), true).awaiting(HashSet::new()).in_grace(), "nobody to wait for");
+        assert!(Coherence::new(Duration::from_secs(30), true).in_grace(), "clients not known: a whole lease");
     }
 
     #[test]

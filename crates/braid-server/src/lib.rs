@@ -7,6 +7,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod applier;
+pub mod clients;
 pub mod coherence;
 pub mod commit;
 pub mod dedup;
@@ -78,6 +79,8 @@ pub struct ServerState {
     pub root_squash: bool,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub coherence: coherence::Coherence,
+    /// Who may hold rights granted on this state, for the grace period after a restart.
+    pub clients: clients::KnownClients,
     /// Numbers connections, so a client's old callback connection is told from its new one.
     pub next_session: std::sync::atomic::AtomicU64,
 }
@@ -127,6 +130,11 @@ impl Server {
         let committer = Committer::new(applied, wal.segment(), config.commit_interval);
         let thread_committer = committer.clone();
         std::thread::Builder::new().name("braid-commit".into()).spawn(move || thread_committer.run(targets)).map_err(state_err)?;
+        let (clients, awaited) = clients::KnownClients::open(&state_dir, !served_before).map_err(state_err)?;
+        let coherence = match awaited {
+            Some(awaited) if served_before => coherence::Coherence::new(config.lease, true).awaiting(awaited),
+            _ => coherence::Coherence::new(config.lease, served_before),
+        };
         let state = ServerState {
             export,
             applier: Mutex::new(Applier::new(wal, recovered.cache, recovered.next_lsn)),
@@ -137,7 +145,8 @@ impl Server {
             in_flight_bytes: Arc::new(tokio::sync::Semaphore::new(braid_proto::limits::IN_FLIGHT_BYTES_MAX)),
             root_squash: config.root_squash,
             tls: config.tls.clone().map(tokio_rustls::TlsAcceptor::from),
-            coherence: coherence::Coherence::new(config.lease, served_before),
+            coherence,
+            clients,
             next_session: std::sync::atomic::AtomicU64::new(1),
         };
         Ok(Self { state: Arc::new(state) })

@@ -360,8 +360,17 @@ async fn subscribe(state: &Arc<ServerState>, who: Peer, tx: &mpsc::Sender<Outgoi
         }
     });
     let state = state.clone();
-    // Waits for changes in flight that recalled nothing: not on the connection's task.
-    let subscribed = tokio::task::spawn_blocking(move || state.coherence.subscribe(who.client, who.session, sink)).await;
+    // Writes the list of clients, and waits for changes in flight that recalled nothing: not
+    // on the connection's task.
+    let subscribed = tokio::task::spawn_blocking(move || {
+        // On file before any right is granted: a restarted server must wait for this client.
+        if let Err(e) = state.clients.remember(who.client, !state.coherence.in_grace()) {
+            tracing::error!(error = %e, "cannot record a client in the list of clients; after a restart the grace period will last a whole lease");
+            state.clients.distrust();
+        }
+        state.coherence.subscribe(who.client, who.session, sink)
+    })
+    .await;
     if let Err(e) = subscribed {
         tracing::error!(error = %e, "subscribe failed");
     }
@@ -419,6 +428,9 @@ fn effective_creds(state: &ServerState, creds: braid_proto::Credentials) -> brai
 /// wait must not block the connection's task.
 fn is_quick(state: &ServerState, who: Peer, request: &Request) -> bool {
     let (client, version) = (who.client, who.version);
+    if is_read(request) && state.coherence.changes_wait() {
+        return false;
+    }
     match request {
         Request::Read { len, .. } => *len <= 128 * 1024 && !state.coherence.exclusive_elsewhere(client),
         Request::Commit | Request::CommitUpTo(_) | Request::DurableTxn(_) | Request::StagedTxn(_) => false,
@@ -427,11 +439,29 @@ fn is_quick(state: &ServerState, who: Peer, request: &Request) -> bool {
             txn.commands.len() <= 16 && !state.coherence.shared(client) && !state.coherence.changes_wait()
         }
         Request::StatFs | Request::Release { .. } | Request::CallbackDone { .. } | Request::Unsubscribe | Request::Renew(_) => true,
-        Request::Lock(_) | Request::LockReclaim(_) | Request::TestLock(_) | Request::Subscribe => true,
+        Request::Lock(_) | Request::LockReclaim(_) | Request::TestLock(_) | Request::Subscribe | Request::ReclaimDone => true,
         // From protocol 8 on the server waits for the lock a while: not on the reading task.
         Request::LockWait(_) => version < braid_proto::LOCK_WAIT_AT_SERVER_VERSION,
         _ => !state.coherence.exclusive_elsewhere(client),
     }
+}
+
+/// Whether `request` reads what a client of the previous server process may have changed in
+/// its cache: during the grace period after a restart it waits until that is written back.
+fn is_read(request: &Request) -> bool {
+    matches!(
+        request,
+        Request::Lookup { .. }
+            | Request::GetAttr { .. }
+            | Request::ReadLink { .. }
+            | Request::Read { .. }
+            | Request::ReadDir { .. }
+            | Request::GetXattr { .. }
+            | Request::ListXattr { .. }
+            | Request::XattrNames { .. }
+            | Request::Lseek { .. }
+            | Request::Open { .. }
+    )
 }
 
 /// A request's outcome: the reply, the bulk data that goes with it, and the rights the client
@@ -664,6 +694,9 @@ fn fresh<T>(state: &ServerState, client: ClientId, handle: &Handle, read: impl F
 
 fn handle_blocking(state: &ServerState, who: Peer, request: Request, frame: Frame) -> Handled {
     let (export, client) = (&state.export, who.client);
+    if is_read(&request) {
+        state.coherence.wait_out_grace();
+    }
     let granting = |(result, grant): (Result<Reply, Errno>, Grant)| Handled { grant, ..Handled::plain(result) };
     match request {
         Request::Lookup { parent, name } => {
@@ -728,6 +761,14 @@ fn handle_blocking(state: &ServerState, who: Peer, request: Request, frame: Fram
         }
         Request::Unsubscribe => {
             state.coherence.unsubscribe(client);
+            if let Err(e) = state.clients.forget(client) {
+                tracing::warn!(error = %e, "cannot remove a client from the list of clients; a restart will wait for it");
+            }
+            state.coherence.reclaim_done(client);
+            Handled::plain(Ok(Reply::Done))
+        }
+        Request::ReclaimDone => {
+            state.coherence.reclaim_done(client);
             Handled::plain(Ok(Reply::Done))
         }
         Request::Subscribe => unreachable!("handled on the connection's task"),
@@ -867,8 +908,8 @@ mod tests {
     fn negotiation_picks_common_algorithms_and_names_what_is_missing() {
         // Goal: the refusal names the first missing algorithm; success reports what is in force.
         let (version, algorithms) = negotiate(&hello(), "tls13", "x509").unwrap();
-        assert_eq!(version, 9);
-        for older in 1..9u16 {
+        assert_eq!(version, 10);
+        for older in 1..10u16 {
             let client = Hello { versions: (1..=older).rev().collect(), ..hello() };
             assert_eq!(negotiate(&client, "tls13", "x509").unwrap().0, older, "a version-{older} client is still served");
         }

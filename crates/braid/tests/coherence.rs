@@ -783,6 +783,29 @@ fn a_change_queued_before_a_server_crash_lands_before_what_another_client_writes
     drop(on_a);
 }
 
+#[test]
+fn a_file_written_and_closed_before_a_server_crash_reads_back_new_on_the_other_client() {
+    // Goal: close-to-open across a crash of the server. A writes and closes a file it holds;
+    // its bytes are still in A's cache when the server is killed. B opens the file after the
+    // restart: it must read A's bytes. The restarted server knows nothing of A's right, so
+    // B's reads wait for the grace period, which ends as soon as every client of the old
+    // process has written back what it changed under the old rights (ReclaimDone), not
+    // after a whole lease (30 s here). Before, reads were served at once: B read the old bytes.
+    let (mut a, b) = two_clients("30");
+    fs::write(a.m("f"), b"........").unwrap();
+    wait_until("A's create reaches the server", Duration::from_secs(10), || fs::read(a.e("f")).is_ok_and(|bytes| bytes == b"........"));
+    let on_a = OpenOptions::new().write(true).open(a.m("f")).unwrap();
+    a.signal_server(libc::SIGSTOP);
+    on_a.write_all_at(b"AAAAAAAA", 0).expect("a write into A's cache");
+    drop(on_a);
+    std::thread::sleep(Duration::from_millis(200)); // A's flusher sends it into the frozen server
+    a.kill_server();
+    a.start_server();
+    let path = b.m("f");
+    let read = within("B's read after the restart", Duration::from_secs(15), move || fs::read(path).unwrap());
+    assert_eq!(read, b"AAAAAAAA", "B read what the file held before A's write, which A had closed before the crash");
+}
+
 /// A python3 worker that, `EACH` times, locks two random 8-byte slots of a counter file with
 /// blocking POSIX locks (in random order, so that workers deadlock each other), increments
 /// both counters and unlocks; on EDEADLK it lets go of the slot it holds and tries again.

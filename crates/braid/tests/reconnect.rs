@@ -7,7 +7,7 @@ use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
 
 use braid_proto::{ClientId, Command, CommandOk, Credentials, Errno, Reply, Request, Txn, TxnSeq};
-use common::{drop_page_cache, Fixture, RawSession, Rng};
+use common::{drop_page_cache, in_mountinfo, Fixture, RawSession, Rng};
 
 const KIB: usize = 1024;
 
@@ -236,11 +236,6 @@ impl Drop for FakeMount {
     }
 }
 
-fn in_mountinfo(path: &std::path::Path) -> bool {
-    let info = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    info.lines().any(|line| line.split(' ').nth(4) == path.to_str())
-}
-
 #[test]
 fn a_durable_txn_is_answered_once_durable_and_applied_at_most_once() {
     // Goal: the one-round-trip fsync (`DurableTxn`) is answered only when the server's durable
@@ -322,7 +317,11 @@ fn after_a_restart_changes_made_under_old_rights_land_before_changes_made_since(
         args,
         common::plain_mount_args(),
     );
-    let mut before = RawSession::open(fx.addr());
+    // The holder subscribes, as a mount does: the restarted server waits for it (it never
+    // says it reclaimed, so the grace period lasts its whole lease).
+    let holder_client = ClientId(0x00c0_ffee_0000_0001);
+    let mut before = RawSession::open_as(fx.addr(), holder_client);
+    assert!(matches!(before.call(&Request::Subscribe, &[]), Ok((Reply::Done, _))));
     let (old_instance, root) = (before.info.server_instance, before.root());
     let f = before.lookup(&root, b"f").expect("lookup f").handle;
     let g = before.lookup(&root, b"g").expect("lookup g").handle;
@@ -338,7 +337,7 @@ fn after_a_restart_changes_made_under_old_rights_land_before_changes_made_since(
     let mut other = RawSession::open_as(fx.addr(), other_client);
     other.send(&Request::Txn(write_txn(&f, 1, b"BBBB")), b"BBBB");
     std::thread::sleep(std::time::Duration::from_millis(100));
-    let mut holder = RawSession::open(fx.addr());
+    let mut holder = RawSession::open_as(fx.addr(), holder_client);
     let written_back =
         |seq, handle, bytes| Request::WriteBack { txn: write_txn(handle, seq, bytes), queued: 1, instance: old_instance, staged: false };
     let answer = holder.call_response(&written_back(1, &f, b"AAAAAAAA"), b"AAAAAAAA").0.result;
@@ -353,10 +352,10 @@ fn after_a_restart_changes_made_under_old_rights_land_before_changes_made_since(
     // After the grace period: refused on f (changed since), applied on g (nobody came). The
     // other client is asked to give f up and does not answer: the late write-back waits for its
     // lease to run out.
-    let mut late = RawSession::open(fx.addr());
-    let refused = late.call_response(&written_back(1, &f, b"ZZ"), b"ZZ").0.result;
+    let mut late = RawSession::open_as(fx.addr(), holder_client);
+    let refused = late.call_response(&written_back(2, &f, b"ZZ"), b"ZZ").0.result;
     assert_eq!(only_result(refused), Err(Errno(libc::EIO)), "a late old change overwrote another client's");
-    let applied = late.call_response(&written_back(2, &g, b"ZZ"), b"ZZ").0.result;
+    let applied = late.call_response(&written_back(3, &g, b"ZZ"), b"ZZ").0.result;
     assert_eq!(only_result(applied), Ok(CommandOk::Written(2)), "a late old change on an object nobody used since");
     assert_eq!(fs::read(fx.e("f")).unwrap(), b"BBBBAAAA");
     assert_eq!(fs::read(fx.e("g")).unwrap(), b"ZZ......");

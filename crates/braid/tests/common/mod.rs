@@ -331,13 +331,15 @@ fn stop_mount(mnt: &Path, child: Option<Child>) {
             let _ = child.wait();
         }
     }
-    if is_mount_point(mnt) {
+    if in_mountinfo(mnt) {
         let _ = Process::new("umount").arg("-l").arg(mnt).status();
     }
 }
 
+/// Unmounts `mnt` if it is mounted. Mounted is what the kernel's table says: a stat of a mount
+/// whose server does not answer fails, and such a mount must go too.
 fn unmount(mnt: &Path) {
-    if !is_mount_point(mnt) {
+    if !in_mountinfo(mnt) {
         return;
     }
     let quiet = |program: &str, args: &[&OsStr]| {
@@ -385,6 +387,12 @@ pub fn is_mount_point(path: &Path) -> bool {
         (Ok(own), Ok(up)) => own.dev() != up.dev(),
         _ => false,
     }
+}
+
+/// Whether `path` is a mount point in this process's mount table (asks no file system).
+pub fn in_mountinfo(path: &Path) -> bool {
+    let info = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    info.lines().any(|line| line.split(' ').nth(4) == path.to_str())
 }
 
 /// Polls `condition` until it holds, failing the test after `limit`.
