@@ -14,7 +14,8 @@
 //! an earlier process stay on file until one lease after a restart has passed (their rights
 //! have expired by then), so a second crash during the grace period still waits for them.
 //! No file, or one that cannot be read, means nobody is known: the grace period then lasts a
-//! whole lease, as it did before the file existed.
+//! whole lease, as it did before the file existed, and no list is written before it is over
+//! (it would leave out the clients of the earlier process).
 use std::collections::{BTreeSet, HashSet};
 use std::fs;
 use std::io;
@@ -34,6 +35,9 @@ struct Known {
     current: BTreeSet<u64>,
     /// Of earlier processes, not subscribed to this one yet.
     earlier: BTreeSet<u64>,
+    /// There was no list to read (a state of an older server) or it was damaged: until the
+    /// grace period is over, a list written now would leave out clients that may hold rights.
+    earlier_unknown: bool,
 }
 
 impl KnownClients {
@@ -60,7 +64,7 @@ impl KnownClients {
             }
         };
         let awaited = earlier.as_ref().map(|ids| ids.iter().map(|id| ClientId(*id)).collect());
-        let known = Known { current: BTreeSet::new(), earlier: earlier.unwrap_or_default() };
+        let known = Known { current: BTreeSet::new(), earlier_unknown: earlier.is_none(), earlier: earlier.unwrap_or_default() };
         Ok((Self { path, known: Mutex::new(known) }, awaited))
     }
 
@@ -70,11 +74,12 @@ impl KnownClients {
         let mut known = self.lock();
         let was_earlier = known.earlier.remove(&client.0);
         let added = known.current.insert(client.0);
-        let dropped = grace_over && !known.earlier.is_empty();
-        if dropped {
+        let earlier_gone = grace_over && (!known.earlier.is_empty() || known.earlier_unknown);
+        if earlier_gone {
             known.earlier.clear();
+            known.earlier_unknown = false;
         }
-        if (added && !was_earlier) || dropped {
+        if (added && !was_earlier) || earlier_gone {
             self.write(&known)?;
         }
         Ok(())
@@ -100,6 +105,9 @@ impl KnownClients {
     }
 
     fn write(&self, known: &Known) -> io::Result<()> {
+        if known.earlier_unknown {
+            return Ok(());
+        }
         let ids: Vec<u64> = known.current.union(&known.earlier).copied().collect();
         let bytes = postcard::to_stdvec(&ids).map_err(io::Error::other)?;
         crate::instances::replace_durably(&self.path, &bytes)
@@ -145,5 +153,14 @@ mod tests {
         assert_eq!(on_file(dir.path()), None, "a damaged list: a whole lease");
         second.distrust();
         assert_eq!(on_file(dir.path()), None);
+
+        // Nobody known: no list is written before the grace period is over, since it would
+        // leave out the clients of the earlier process.
+        let (third, awaited) = KnownClients::open(dir.path(), false).unwrap();
+        assert_eq!(awaited, None);
+        third.remember(ClientId(5), false).unwrap();
+        assert_eq!(on_file(dir.path()), None, "a list written during a grace period of unknown clients");
+        third.remember(ClientId(6), true).unwrap();
+        assert_eq!(on_file(dir.path()), Some(HashSet::from([ClientId(5), ClientId(6)])));
     }
 }
