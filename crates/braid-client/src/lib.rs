@@ -899,7 +899,7 @@ impl Client {
                 }
                 let commands = self.writeback.canonical(commands);
                 let created = outcome.created();
-                self.writeback.granted(commands.iter().flat_map(Command::handles).chain(created), lease, exclusive);
+                self.writeback.granted(commands.iter().flat_map(Command::handles).chain(created), lease, exclusive, &epoch);
                 self.writeback.applied(&commands, &outcome.results, queued, (outcome.lsn, &epoch));
                 Ok((outcome.results, lease))
             }

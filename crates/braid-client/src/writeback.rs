@@ -469,12 +469,22 @@ impl WriteBack {
 
     /// Records the rights a response granted on `handles` (see `taken_back` on responses that
     /// a callback overtook).
-    pub(crate) fn granted<'h>(&self, handles: impl IntoIterator<Item = &'h Handle>, until: Option<Instant>, exclusive: bool) {
+    pub(crate) fn granted<'h>(
+        &self,
+        handles: impl IntoIterator<Item = &'h Handle>,
+        until: Option<Instant>,
+        exclusive: bool,
+        epoch: &Epoch,
+    ) {
         let mut state = self.lock();
+        // The process that grants them becomes the current one first: changes queued under
+        // these rights are stamped with it (`Queued::rights_of`), and a reply of a process
+        // already succeeded grants nothing exclusive.
+        let current = matches!(state.era(epoch), Era::Current);
         for handle in handles {
             let handle = state.canonical(handle);
             match until {
-                Some(until) if exclusive => state.hold(handle, until),
+                Some(until) if exclusive && current => state.hold(handle, until),
                 _ => state.not_exclusive(&handle),
             }
         }
@@ -1354,8 +1364,26 @@ mod tests {
         Epoch { instance, predecessors: None }
     }
 
+    #[test]
+    fn a_change_made_under_a_right_carries_the_server_process_that_granted_it() {
+        // Goal: the server fences or reclaims a write-back by the process its rights came
+        // from. The reply that grants a right makes its process the current one before the
+        // right can be used: stamped with the one before (0 at the first reply), a change
+        // made just after the grant was taken for one made under a restarted server's rights.
+        let w = WriteBack::new(false);
+        let until = Some(Instant::now() + Duration::from_secs(10));
+        w.granted([&h(1)], until, true, &epoch(7));
+        assert!(w.queue(&Credentials::default(), &Command::Write { handle: h(1), offset: 0, len: 1 }, b"x").is_some());
+        assert_eq!(w.lock().queue.iter().map(|op| op.rights_of).collect::<Vec<_>>(), vec![7]);
+        let successor = Epoch { instance: 8, predecessors: Some(vec![Predecessor { instance: 7, durable: Lsn(0) }]) };
+        w.granted([&h(2)], until, true, &successor);
+        w.granted([&h(3)], until, true, &epoch(7));
+        assert!(!w.holds(&h(3)), "a reply of a process already succeeded granted a right");
+        assert!(w.holds(&h(2)));
+    }
+
     fn held(w: &WriteBack, handle: &Handle, attr: Attr) {
-        w.granted([handle], Some(Instant::now() + Duration::from_secs(10)), true);
+        w.granted([handle], Some(Instant::now() + Duration::from_secs(10)), true, &epoch(0));
         w.attributes(handle, &attr);
     }
 
@@ -1506,9 +1534,9 @@ mod tests {
         let creds = Credentials::default();
         let write = |n| Command::Write { handle: h(n), offset: 0, len: 3 };
         assert_eq!(w.queue(&creds, &write(1), b"abc"), None, "no right");
-        w.granted([&h(1)], Some(Instant::now() + Duration::from_secs(10)), false);
+        w.granted([&h(1)], Some(Instant::now() + Duration::from_secs(10)), false, &epoch(0));
         assert_eq!(w.queue(&creds, &write(1), b"abc"), None, "shared right");
-        w.granted([&h(1)], Some(Instant::now() + Duration::from_millis(100)), true);
+        w.granted([&h(1)], Some(Instant::now() + Duration::from_millis(100)), true, &epoch(0));
         assert_eq!(w.queue(&creds, &write(1), b"abc"), None, "right about to end");
         held(&w, &h(1), Attr::default());
         assert_eq!(w.queue(&creds, &write(1), b"abc"), Some(CommandOk::Written(3)));
@@ -1613,7 +1641,7 @@ mod tests {
         let (root, dir) = (h(1), h(2));
         let mkdir = [Command::Mkdir { parent: root.clone(), name: b"d".to_vec(), mode: 0o755 }];
         let made = [Ok(CommandOk::Entry(Entry { handle: dir.clone(), attr: Attr::default() }))];
-        w.granted([&root, &dir], Some(Instant::now() + Duration::from_secs(10)), true);
+        w.granted([&root, &dir], Some(Instant::now() + Duration::from_secs(10)), true, &epoch(0));
         w.names_changed(&mkdir, &made, 0);
         assert!(w.known_missing(&dir, b"a"));
         assert!(!w.known_missing(&dir, &[b'n'; 256]), "an overlong name is the server's to refuse");
@@ -1630,7 +1658,7 @@ mod tests {
         assert!(w.known_missing(&dir, b"b"), "unlinked");
         w.names_changed(&[create(b"c")], &[Err(Errno(libc::ENOSPC))], 0);
         assert!(!w.known_missing(&dir, b"z"), "a failed change leaves the listing unknown");
-        w.granted([&dir], Some(Instant::now() + Duration::from_secs(10)), true);
+        w.granted([&dir], Some(Instant::now() + Duration::from_secs(10)), true, &epoch(0));
         w.names_changed(&mkdir, &made, 0);
         w.downgraded(std::slice::from_ref(&dir));
         assert!(!w.known_missing(&dir, b"z"), "another client read it");
@@ -1642,7 +1670,7 @@ mod tests {
         let w = WriteBack::new(false);
         let (dir, file) = (h(1), h(2));
         let until = Some(Instant::now() + Duration::from_secs(10));
-        w.granted([&dir, &file], until, true);
+        w.granted([&dir, &file], until, true, &epoch(0));
         let dir_attr = Attr { ino: 1, nlink: 2, ..Attr::default() };
         let create = Command::Create { parent: dir.clone(), name: b"f".to_vec(), mode: 0o644, rdev: 0, exclusive: true, pin: false };
         let probe = Command::SetAttr { handle: dir.clone(), changes: AttrChanges::default() };
