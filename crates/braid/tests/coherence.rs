@@ -811,7 +811,7 @@ fn a_file_written_and_closed_before_a_server_crash_reads_back_new_on_the_other_c
 /// both counters and unlocks; on EDEADLK it lets go of the slot it holds and tries again.
 /// Prints "done" and how many deadlocks it was told of.
 const SLOT_WORKER: &str = r#"
-import errno, fcntl, os, random, sys
+import errno, fcntl, os, random, sys, time
 path, seed, each, slots = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 rng = random.Random(seed)
 fd = os.open(path, os.O_RDWR)
@@ -833,6 +833,7 @@ for _ in range(each):
     for slot in (first, second):
         value = int(os.pread(fd, 8, slot * 8))
         os.pwrite(fd, b"%08d" % (value + 1), slot * 8)
+        sys.stderr.write("%d %d %d\n" % (slot, value, time.monotonic_ns()))
     lock(second, fcntl.LOCK_UN)
     lock(first, fcntl.LOCK_UN)
 print("done", deadlocks)
@@ -873,7 +874,25 @@ fn random_range_locks_from_both_clients_lose_no_update_and_never_hang() {
     }
     let text = fs::read_to_string(b.m("slots")).unwrap();
     let total: u32 = text.as_bytes().chunks(8).map(|slot| std::str::from_utf8(slot).unwrap().parse::<u32>().unwrap()).sum();
-    assert_eq!(total, paths_count * EACH * 2, "lost increments: {text}");
+    // Each increment as "slot value-read time" per worker: a value read twice names the pair of
+    // workers (0-2 on A, 3-5 on B) whose increments collided.
+    let mut reads: Vec<(u64, u64, u64, usize)> = Vec::new();
+    for (worker, out) in outputs.iter().enumerate() {
+        for line in String::from_utf8_lossy(&out.stderr).lines() {
+            let f: Vec<u64> = line.split(' ').filter_map(|x| x.parse().ok()).collect();
+            if let [slot, value, at] = f[..] {
+                reads.push((slot, value, at, worker));
+            }
+        }
+    }
+    reads.sort();
+    let collisions: Vec<_> = reads.windows(2).filter(|w| (w[0].0, w[0].1) == (w[1].0, w[1].1)).map(|w| (w[0], w[1])).collect();
+    let on_server = fs::read_to_string(a.e("slots")).unwrap();
+    assert_eq!(
+        total,
+        paths_count * EACH * 2,
+        "lost increments: {text} (export {on_server}); (slot, value, ns, worker) read twice: {collisions:?}"
+    );
 }
 
 /// A python3 sqlite3 worker: `EACH` transactions, each reading the counter, incrementing it
