@@ -765,22 +765,15 @@ fn a_change_queued_before_a_server_crash_lands_before_what_another_client_writes
     // restart (which waits for the grace period). Before, both waited for its end and went on
     // in any order: A's older bytes could land over B's. The server checks this order with a
     // raw session (reconnect.rs); here the real client must send its queue as a write-back of
-    // the old process's rights, with nothing in it that would make the server hold it back.
-    let (mut a, b) = two_clients("3");
-    fs::write(a.m("f"), b"........").unwrap();
-    wait_until("A's create reaches the server", Duration::from_secs(10), || fs::read(a.e("f")).is_ok_and(|bytes| bytes == b"........"));
-    let on_a = OpenOptions::new().write(true).open(a.m("f")).unwrap();
-    a.signal_server(libc::SIGSTOP);
-    on_a.write_all_at(b"AAAAAAAA", 0).expect("a write into A's cache");
-    std::thread::sleep(Duration::from_millis(200)); // A's flusher sends it into the frozen server
-    a.kill_server();
-    a.start_server();
+    // the old process's rights, with nothing in it that would make the server hold it back
+    // (A's write, and so its ReclaimDone and B's write, would then wait out the 30 s lease).
+    let (mut a, b) = two_clients("30");
+    crash_with_a_write_in_the_cache_of(&mut a);
     let path = b.m("f");
-    within("B's write during the grace period", Duration::from_secs(20), move || {
+    within("B's write during the grace period", Duration::from_secs(10), move || {
         OpenOptions::new().write(true).open(path).unwrap().write_all_at(b"BBBB", 0).unwrap();
     });
     assert_eq!(fs::read(a.e("f")).unwrap(), b"BBBBAAAA", "A's write from before the crash landed over B's from after it");
-    drop(on_a);
 }
 
 #[test]
@@ -792,18 +785,25 @@ fn a_file_written_and_closed_before_a_server_crash_reads_back_new_on_the_other_c
     // process has written back what it changed under the old rights (ReclaimDone), not
     // after a whole lease (30 s here). Before, reads were served at once: B read the old bytes.
     let (mut a, b) = two_clients("30");
+    crash_with_a_write_in_the_cache_of(&mut a);
+    let path = b.m("f");
+    let read = within("B's read after the restart", Duration::from_secs(15), move || fs::read(path).unwrap());
+    assert_eq!(read, b"AAAAAAAA", "B read what the file held before A's write, which A had closed before the crash");
+}
+
+/// A creates `f` ("........"), then writes "AAAAAAAA" over it and closes it while the server is
+/// frozen (A holds the file: the write is queued, and its flusher sends it into the frozen
+/// server); the server is then killed and restarted. A's bytes exist in A's cache only.
+fn crash_with_a_write_in_the_cache_of(a: &mut Fixture) {
     fs::write(a.m("f"), b"........").unwrap();
     wait_until("A's create reaches the server", Duration::from_secs(10), || fs::read(a.e("f")).is_ok_and(|bytes| bytes == b"........"));
     let on_a = OpenOptions::new().write(true).open(a.m("f")).unwrap();
     a.signal_server(libc::SIGSTOP);
     on_a.write_all_at(b"AAAAAAAA", 0).expect("a write into A's cache");
     drop(on_a);
-    std::thread::sleep(Duration::from_millis(200)); // A's flusher sends it into the frozen server
+    std::thread::sleep(Duration::from_millis(200));
     a.kill_server();
     a.start_server();
-    let path = b.m("f");
-    let read = within("B's read after the restart", Duration::from_secs(15), move || fs::read(path).unwrap());
-    assert_eq!(read, b"AAAAAAAA", "B read what the file held before A's write, which A had closed before the crash");
 }
 
 /// A python3 worker that, `EACH` times, locks two random 8-byte slots of a counter file with
