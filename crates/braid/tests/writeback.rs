@@ -5,7 +5,7 @@ mod common;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -510,4 +510,23 @@ fn a_full_export_refusing_thousands_of_queued_writes_does_not_stall_the_fsync() 
     let error = within("fsync of 4,000 refused writes", Duration::from_secs(20), move || file.sync_all().expect_err("past the limit"));
     assert!(matches!(error.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)), "{error}");
     assert!(fs::metadata(f.e("f")).expect("stat in the export").len() <= 1 << 20, "the export stayed within its limit");
+}
+
+#[test]
+fn a_read_after_the_kernel_dropped_its_pages_sees_this_clients_queued_writes() {
+    // Goal: the kernel's pages of a file hold this client's writes, which wait up to 25 ms in
+    // the write-back queue before they reach the server. When the kernel drops those pages
+    // (memory pressure, fadvise, a lock taken after a recall), the next read goes to the
+    // server and must still see them: the read sends the queue first (fails without that).
+    let fx = serving_leased("30", &[]);
+    fs::write(fx.m("f"), b"....").unwrap();
+    let file = OpenOptions::new().read(true).write(true).open(fx.m("f")).unwrap();
+    for round in 0..20u32 {
+        let bytes = format!("{round:04}");
+        file.write_all_at(bytes.as_bytes(), 0).unwrap();
+        common::drop_page_cache(&file);
+        let mut read = [0u8; 4];
+        file.read_exact_at(&mut read, 0).unwrap();
+        assert_eq!(read, bytes.as_bytes(), "round {round}: the read missed this client's queued write");
+    }
 }
