@@ -809,12 +809,16 @@ fn crash_with_a_write_in_the_cache_of(a: &mut Fixture) {
 /// A python3 worker that, `EACH` times, locks two random 8-byte slots of a counter file with
 /// blocking POSIX locks (in random order, so that workers deadlock each other), increments
 /// both counters and unlocks; on EDEADLK it lets go of the slot it holds and tries again.
-/// Prints "done" and how many deadlocks it was told of.
+/// Prints "done" and how many deadlocks it was told of; on stderr, for each increment, the slot,
+/// the value read, when the locks were taken and the write done, and the value an O_DIRECT
+/// read (past the kernel's pages, through braid to the server) saw at the same moment.
 const SLOT_WORKER: &str = r#"
-import errno, fcntl, os, random, sys, time
+import errno, fcntl, mmap, os, random, sys, time
 path, seed, each, slots = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 rng = random.Random(seed)
 fd = os.open(path, os.O_RDWR)
+dfd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+dbuf = mmap.mmap(-1, 4096)
 def lock(slot, how):
     fcntl.lockf(fd, how, 8, slot * 8, 0)
 deadlocks = 0
@@ -830,10 +834,13 @@ for _ in range(each):
                 raise
             deadlocks += 1
             lock(first, fcntl.LOCK_UN)
+    locked = time.monotonic_ns()
     for slot in (first, second):
         value = int(os.pread(fd, 8, slot * 8))
+        os.preadv(dfd, [dbuf], 0)
+        direct = int(dbuf[slot * 8:slot * 8 + 8])
         os.pwrite(fd, b"%08d" % (value + 1), slot * 8)
-        sys.stderr.write("%d %d %d\n" % (slot, value, time.monotonic_ns()))
+        sys.stderr.write("%d %d %d %d %d\n" % (slot, value, locked, time.monotonic_ns(), direct))
     lock(second, fcntl.LOCK_UN)
     lock(first, fcntl.LOCK_UN)
 print("done", deadlocks)
@@ -874,24 +881,31 @@ fn random_range_locks_from_both_clients_lose_no_update_and_never_hang() {
     }
     let text = fs::read_to_string(b.m("slots")).unwrap();
     let total: u32 = text.as_bytes().chunks(8).map(|slot| std::str::from_utf8(slot).unwrap().parse::<u32>().unwrap()).sum();
-    // Each increment as "slot value-read time" per worker: a value read twice names the pair of
-    // workers (0-2 on A, 3-5 on B) whose increments collided.
-    let mut reads: Vec<(u64, u64, u64, usize)> = Vec::new();
+    // Each increment as (slot, value read, locked at, written at, worker, value read past the
+    // kernel's pages): a value read twice names the workers (0-2 on A, 3-5 on B) whose
+    // increments collided, whether they held the lock at the same time, and whether the
+    // kernel's pages or what braid answers were stale.
+    let mut reads: Vec<(u64, u64, u64, u64, usize, u64)> = Vec::new();
     for (worker, out) in outputs.iter().enumerate() {
         for line in String::from_utf8_lossy(&out.stderr).lines() {
             let f: Vec<u64> = line.split(' ').filter_map(|x| x.parse().ok()).collect();
-            if let [slot, value, at] = f[..] {
-                reads.push((slot, value, at, worker));
+            if let [slot, value, locked, written, direct] = f[..] {
+                reads.push((slot, value, locked, written, worker, direct));
             }
         }
     }
     reads.sort();
     let collisions: Vec<_> = reads.windows(2).filter(|w| (w[0].0, w[0].1) == (w[1].0, w[1].1)).map(|w| (w[0], w[1])).collect();
+    // And the increments just before and after each, to see who wrote what was read twice.
+    let around: Vec<_> = collisions
+        .iter()
+        .flat_map(|(first, _)| reads.iter().filter(move |r| r.0 == first.0 && r.1 + 2 >= first.1 && r.1 <= first.1 + 1))
+        .collect();
     let on_server = fs::read_to_string(a.e("slots")).unwrap();
     assert_eq!(
         total,
         paths_count * EACH * 2,
-        "lost increments: {text} (export {on_server}); (slot, value, ns, worker) read twice: {collisions:?}"
+        "lost increments: {text} (export {on_server}); read twice (slot, value, locked ns, written ns, worker, direct): {collisions:?}, around them: {around:?}"
     );
 }
 
