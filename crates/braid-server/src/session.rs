@@ -438,7 +438,9 @@ fn is_quick(state: &ServerState, who: Peer, request: &Request) -> bool {
         Request::Txn(txn) | Request::WriteBack { txn, .. } => {
             txn.commands.len() <= 16 && !state.coherence.shared(client) && !state.coherence.changes_wait()
         }
-        Request::StatFs | Request::Release { .. } | Request::CallbackDone { .. } | Request::Unsubscribe | Request::Renew(_) => true,
+        Request::StatFs | Request::Release { .. } | Request::CallbackDone { .. } | Request::Renew(_) => true,
+        // It rewrites the list of clients, durably.
+        Request::Unsubscribe => false,
         Request::Lock(_) | Request::LockReclaim(_) | Request::TestLock(_) | Request::Subscribe | Request::ReclaimDone => true,
         // From protocol 8 on the server waits for the lock a while: not on the reading task.
         Request::LockWait(_) => version < braid_proto::LOCK_WAIT_AT_SERVER_VERSION,
