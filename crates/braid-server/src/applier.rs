@@ -96,12 +96,13 @@ pub fn apply_txn(
         Seen::Torn(logged) => (logged.and_then(decode_logged), true),
         Seen::New => (resolve_append(export, txn, data), false),
     };
-    let (txn, message, data, slices) = match &replayable {
-        Some((txn, logged)) => (txn, &logged.message[..], &logged.data[..], data_slices(&txn.commands, &logged.data)?),
-        None => (txn, message, data, received_slices),
+    let (txn, message, data, slices, refused_before) = match &replayable {
+        Some((txn, logged)) => (txn, &logged.message[..], &logged.data[..], data_slices(&txn.commands, &logged.data)?, &logged.refused[..]),
+        None => (txn, message, data, received_slices, &[][..]),
     };
+    let refused = refusals(&sender.fence, &txn.commands, refused_before);
     let lsn = a.next_lsn;
-    let record = WalRecord::Txn { lsn: lsn.0, client: client.0, seq: txn.seq.0, message, data };
+    let record = WalRecord::txn(lsn, client, txn.seq, message, data, refused.clone());
     a.wal.append_txn(&record, &a.cache, lsn).map_err(|e| log_error(&e))?;
     a.next_lsn = Lsn(lsn.0 + 1);
     a.cache.logged(client, txn.seq, None);
@@ -111,7 +112,7 @@ pub fn apply_txn(
     let mut created: Vec<Option<Handle>> = Vec::with_capacity(txn.commands.len());
     for (index, (command, slice)) in txn.commands.iter().zip(slices).enumerate() {
         let result = match with_created(command, &created) {
-            Ok(_) if sender.fence.refuses(index, command) => Err(Errno(libc::EIO)),
+            Ok(_) if refused.contains(&(index as u32)) => Err(Errno(libc::EIO)),
             Ok(Some(resolved)) => export.apply(&resolved, slice, &txn.creds, tolerant),
             Ok(None) => export.apply(command, slice, &txn.creds, tolerant),
             Err(errno) => Err(errno),
@@ -140,6 +141,17 @@ pub fn apply_txn(
     Ok(Reply::Txn(outcome))
 }
 
+/// The indices of the `commands` that `fence` refuses, and of those refused when the
+/// transaction was first applied (`before`, from its logged form when it is applied again):
+/// a refusal stands, since the objects may have changed since.
+fn refusals(fence: &Fence<'_>, commands: &[Command], before: &[u32]) -> Vec<u32> {
+    (0u32..)
+        .zip(commands)
+        .filter(|(index, command)| before.contains(index) || fence.refuses(*index as usize, command))
+        .map(|(index, _)| index)
+        .collect()
+}
+
 /// `command` with its [`Handle::created_by`] references replaced by what the earlier commands
 /// created; `None` if it has none. A reference to no earlier creation names no object.
 fn with_created(command: &Command, created: &[Option<Handle>]) -> Result<Option<Command>, Errno> {
@@ -163,7 +175,7 @@ fn resolve_append(export: &Export, txn: &Txn, data: &[u8]) -> Option<(Txn, Logge
     let offset = export.getattr(handle).ok()?.size;
     let write = Txn { commands: vec![Command::Write { handle: handle.clone(), offset, len: *len }], ..txn.clone() };
     let message = postcard::to_stdvec(&Request::Txn(write.clone())).expect("a txn always encodes");
-    Some((write, LoggedTxn { message, data: data.to_vec() }))
+    Some((write, LoggedTxn { message, data: data.to_vec(), refused: Vec::new() }))
 }
 
 /// The transaction of a logged form, if it decodes (it was encoded by this server).
@@ -260,7 +272,7 @@ mod tests {
         // A crash after the log append and the write, before the reply record: torn.
         let mut torn = ReplyCache::default();
         let logged = Txn { commands: vec![Command::Write { handle: f.clone(), offset: 3, len: 3 }], ..append(&f, 2) };
-        let logged = LoggedTxn { message: postcard::to_stdvec(&Request::Txn(logged)).unwrap(), data: b"xyz".to_vec() };
+        let logged = LoggedTxn { message: postcard::to_stdvec(&Request::Txn(logged)).unwrap(), data: b"xyz".to_vec(), refused: Vec::new() };
         torn.logged(client, TxnSeq(2), Some(logged));
         let (wal, _) = Wal::open(&dir.path().join("wal2"), None).unwrap();
         let applier = Mutex::new(Applier::new(wal, torn, Lsn(10)));
@@ -365,6 +377,47 @@ mod tests {
         let Ok(Reply::Txn(outcome)) = apply_txn(&applier, &committer, &export, sender, &txn, &message, b"Q") else { panic!("txn failed") };
         assert_eq!(outcome.results, [Err(Errno(libc::EIO))], "any other refusal ends the transaction");
         assert_eq!(std::fs::read(dir.path().join("data/f")).unwrap(), b"abZ");
+    }
+
+    #[test]
+    fn a_command_the_fence_refused_is_refused_again_when_its_transaction_is_applied_again() {
+        // Goal: a write-back applied after a crash of the machine (its records survived, what it
+        // did may not have) replays the fence's decisions: the write refused because another
+        // client had taken the file is refused again, though the resend comes unfenced (as a
+        // reclaim does in the grace period), and the other command is applied again.
+        let dir = tempfile::tempdir().unwrap();
+        let (export, applier, committer, lost) = setup(dir.path());
+        std::fs::write(dir.path().join("data/g"), b"ghi").unwrap();
+        let kept = export.lookup(&export.root_entry().unwrap().handle, b"g").unwrap().handle;
+        let commands = vec![Command::Write { handle: lost.clone(), offset: 0, len: 1 }, Command::Write { handle: kept, offset: 0, len: 1 }];
+        let txn = Txn { seq: TxnSeq(1), replied_below: TxnSeq(1), creds: Credentials::default(), commands };
+        let message = postcard::to_stdvec(&Request::Txn(txn.clone())).unwrap();
+        let lost_objects = [lost.clone()];
+        let client = ClientId(4);
+        let fenced = Sender { client, writes_go_on: true, fence: Fence { queued: 2, lost: &lost_objects } };
+        apply_txn(&applier, &committer, &export, fenced, &txn, &message, b"XY").unwrap();
+        assert_eq!(std::fs::read(dir.path().join("data/f")).unwrap(), b"abc");
+
+        // The machine crashed before a commit: the transaction counts as torn, g lost its write.
+        drop(applier);
+        std::fs::write(dir.path().join("data/g"), b"ghi").unwrap();
+        let (wal, recovered) = Wal::open(&dir.path().join("wal"), Some(Lsn(0))).unwrap();
+        assert_eq!(recovered.undone, 1);
+        let applier = Mutex::new(Applier::new(wal, recovered.cache, recovered.next_lsn));
+        let unfenced = Sender { client, writes_go_on: true, fence: Fence::default() };
+        let Ok(Reply::Txn(outcome)) = apply_txn(&applier, &committer, &export, unfenced, &txn, &message, b"XY") else {
+            panic!("txn failed")
+        };
+        assert_eq!(outcome.results[0], Err(Errno(libc::EIO)), "{:?}", outcome.results);
+        assert!(outcome.results[1].is_ok(), "{:?}", outcome.results);
+        assert_eq!(std::fs::read(dir.path().join("data/f")).unwrap(), b"abc", "the refused write was applied when replayed");
+        assert_eq!(std::fs::read(dir.path().join("data/g")).unwrap(), b"Yhi");
+
+        // And the log of that second application keeps the refusal for a third.
+        drop(applier);
+        let (_, recovered) = Wal::open(&dir.path().join("wal"), Some(Lsn(0))).unwrap();
+        let Seen::Torn(Some(logged)) = recovered.cache.check(client, TxnSeq(1)) else { panic!("not torn") };
+        assert_eq!(logged.refused, [0]);
     }
 
     #[test]

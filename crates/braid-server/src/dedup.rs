@@ -24,11 +24,14 @@ pub enum Seen {
     Forgotten,
 }
 
-/// A transaction as the log holds it: the encoded `Request::Txn` and its data.
+/// A transaction as the log holds it: the encoded `Request::Txn`, its data, and the indices
+/// of the commands the write-back fence refused when it was applied (applied again, it must
+/// refuse them again: another client may have changed their objects since).
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LoggedTxn {
     pub message: Vec<u8>,
     pub data: Vec<u8>,
+    pub refused: Vec<u32>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -143,7 +146,7 @@ mod tests {
     fn logged_forms_stay_out_of_snapshots_but_survive_adopting_one() {
         // Goal: snapshots stay small (no logged data in them), and replaying a snapshot after
         // a torn transaction's record does not lose the form a resend must use.
-        let form = LoggedTxn { message: vec![1], data: vec![2; 100] };
+        let form = LoggedTxn { message: vec![1], data: vec![2; 100], refused: Vec::new() };
         let mut cache = ReplyCache::default();
         cache.logged(C, TxnSeq(3), Some(form.clone()));
         cache.logged(C, TxnSeq(4), Some(form.clone()));

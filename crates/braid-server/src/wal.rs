@@ -54,6 +54,31 @@ pub enum WalRecord<'a> {
         #[serde(borrow)]
         cache: &'a [u8],
     },
+    /// A `Txn` of which the write-back fence refused some commands: their indices. A record
+    /// of its own, so that logs written before it existed still decode.
+    FencedTxn {
+        lsn: u64,
+        client: u64,
+        seq: u64,
+        #[serde(borrow)]
+        message: &'a [u8],
+        #[serde(borrow)]
+        data: &'a [u8],
+        refused: Vec<u32>,
+    },
+}
+
+impl<'a> WalRecord<'a> {
+    /// The record of a transaction logged before it is applied: `refused` lists the commands
+    /// the fence refuses.
+    pub fn txn(lsn: Lsn, client: ClientId, seq: TxnSeq, message: &'a [u8], data: &'a [u8], refused: Vec<u32>) -> Self {
+        let (lsn, client, seq) = (lsn.0, client.0, seq.0);
+        if refused.is_empty() {
+            WalRecord::Txn { lsn, client, seq, message, data }
+        } else {
+            WalRecord::FencedTxn { lsn, client, seq, message, data, refused }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -242,12 +267,12 @@ fn apply_record(record: WalRecord<'_>, replay: &mut Replay) {
     into.records += 1;
     match record {
         WalRecord::Txn { lsn, client, seq, message, data } => {
-            let logged = crate::dedup::LoggedTxn { message: message.to_vec(), data: data.to_vec() };
-            if replay.lost_above.is_some_and(|bound| lsn > bound.0) {
-                replay.above.push((ClientId(client), TxnSeq(seq), logged.clone()));
-            }
-            into.cache.logged(ClientId(client), TxnSeq(seq), Some(logged));
-            into.next_lsn = into.next_lsn.max(Lsn(lsn + 1));
+            let logged = crate::dedup::LoggedTxn { message: message.to_vec(), data: data.to_vec(), refused: Vec::new() };
+            replay_txn(replay, Lsn(lsn), ClientId(client), TxnSeq(seq), logged);
+        }
+        WalRecord::FencedTxn { lsn, client, seq, message, data, refused } => {
+            let logged = crate::dedup::LoggedTxn { message: message.to_vec(), data: data.to_vec(), refused };
+            replay_txn(replay, Lsn(lsn), ClientId(client), TxnSeq(seq), logged);
         }
         WalRecord::Applied { client, seq, reply, .. } => into.cache.record(ClientId(client), TxnSeq(seq), reply.to_vec()),
         WalRecord::Snapshot { next_lsn, cache } => {
@@ -257,6 +282,15 @@ fn apply_record(record: WalRecord<'_>, replay: &mut Replay) {
             into.next_lsn = into.next_lsn.max(Lsn(next_lsn));
         }
     }
+}
+
+/// A logged transaction counts as torn until its `Applied` record comes.
+fn replay_txn(replay: &mut Replay, lsn: Lsn, client: ClientId, seq: TxnSeq, logged: crate::dedup::LoggedTxn) {
+    if replay.lost_above.is_some_and(|bound| lsn > bound) {
+        replay.above.push((client, seq, logged.clone()));
+    }
+    replay.into.cache.logged(client, seq, Some(logged));
+    replay.into.next_lsn = replay.into.next_lsn.max(Lsn(lsn.0 + 1));
 }
 
 #[cfg(test)]
@@ -303,7 +337,7 @@ mod tests {
         let (_, rec) = Wal::open(dir.path(), Some(Lsn(1))).unwrap();
         assert_eq!(rec.undone, 1);
         assert_eq!(rec.cache.check(ClientId(7), TxnSeq(10)), Seen::Done(b"r".to_vec()));
-        let torn = crate::dedup::LoggedTxn { message: b"m".to_vec(), data: b"data".to_vec() };
+        let torn = crate::dedup::LoggedTxn { message: b"m".to_vec(), data: b"data".to_vec(), refused: Vec::new() };
         assert_eq!(rec.cache.check(ClientId(7), TxnSeq(11)), Seen::Torn(Some(torn)));
     }
 
