@@ -43,6 +43,12 @@ pub struct KernelCache {
     unsent: Mutex<HashMap<u64, usize>>,
     /// Signalled when an object stops being busy or a notice is deferred.
     idle: Condvar,
+    /// Deferred drops of pages not sent yet, per node (also counted in `unsent`).
+    pages_unsent: Mutex<HashMap<u64, usize>>,
+    /// Signalled when a deferred drop of pages has been sent.
+    pages_sent: Condvar,
+    /// Who read each node since this mount last wrote it (see `written`).
+    readers: Mutex<HashMap<u64, Readers>>,
     notifier: OnceLock<Notifier>,
 }
 
@@ -65,6 +71,17 @@ struct NodeLease {
     until: Instant,
     /// The lease lapsed before it was renewed: pages cached before may be stale.
     gap: bool,
+}
+
+/// The longest a request for attributes waits for pages of its file to be dropped: they wait
+/// only for requests in flight on the file (see "Deadlock avoidance").
+const PAGES_DROP_WAIT_MAX: Duration = Duration::from_millis(200);
+
+/// The threads that read a node since this mount last wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Readers {
+    One(u32),
+    Several,
 }
 
 /// A kernel cache invalidation.
@@ -125,6 +142,9 @@ impl KernelCache {
             deferred: Mutex::new(Vec::new()),
             unsent: Mutex::new(HashMap::new()),
             idle: Condvar::new(),
+            pages_unsent: Mutex::new(HashMap::new()),
+            pages_sent: Condvar::new(),
+            readers: Mutex::new(HashMap::new()),
             notifier: OnceLock::new(),
         })
     }
@@ -200,6 +220,41 @@ impl KernelCache {
     fn drop_node_state(&self, node: u64) {
         self.leases.lock().expect("lease lock").remove(&node);
         self.missing_xattrs.lock().expect("xattr lock").remove(&node);
+        self.readers.lock().expect("readers lock").remove(&node);
+    }
+
+    /// Thread `pid` reads `node`. Call before the read is served, so that a write answered
+    /// after it knows that it may have been overtaken.
+    pub fn reading(&self, node: u64, pid: u32) {
+        let mut readers = self.readers.lock().expect("readers lock");
+        match readers.get(&node) {
+            Some(Readers::One(reader)) if *reader != pid => {
+                readers.insert(node, Readers::Several);
+            }
+            Some(_) => {}
+            None => {
+                readers.insert(node, Readers::One(pid));
+            }
+        }
+    }
+
+    /// Thread `pid` wrote `len` bytes at `offset` of `node` through the kernel's pages.
+    ///
+    /// The kernel copies a write into its pages and unlocks them before it sends the write to
+    /// this mount; if they are dropped in between (an invalidation, the kernel's own check of
+    /// the file's mtime), another thread's read fills them again with the bytes from before
+    /// the write, and this mount's lease makes the kernel keep them. Only a read by another
+    /// thread can do it (the writer is inside its write), so only then are the written pages
+    /// dropped once more, after the answer.
+    pub fn written(&self, node: u64, pid: u32, offset: u64, len: u64) {
+        let overtaken = match self.readers.lock().expect("readers lock").remove(&node) {
+            Some(Readers::One(reader)) => reader != pid,
+            Some(Readers::Several) => true,
+            None => false,
+        };
+        if overtaken {
+            self.drop_pages_later(node, offset, len);
+        }
     }
 
     /// Whether `node` is known, under a lease, to have no extended attribute `name`.
@@ -253,12 +308,31 @@ impl KernelCache {
         leased && !self.unsent.lock().expect("unsent lock").contains_key(&node)
     }
 
+    /// Waits until no drop of pages of `node` waits to be sent, for at most
+    /// `PAGES_DROP_WAIT_MAX`. Called when the kernel asks for the attributes of `node`, which
+    /// it does before it reads pages after a write of its own (the write makes them out of
+    /// date): so a process that reads back what it wrote finds the pages that `written`
+    /// drops gone. Never waits for other notifications: those may need a directory's lock
+    /// that the caller holds.
+    pub fn await_pages_dropped(&self, node: u64) {
+        let unsent = self.pages_unsent.lock().expect("pages lock");
+        let (_unsent, timeout) =
+            self.pages_sent.wait_timeout_while(unsent, PAGES_DROP_WAIT_MAX, |unsent| unsent.contains_key(&node)).expect("pages lock");
+        if timeout.timed_out() {
+            tracing::debug!(node, "a drop of pages is still waiting to be sent");
+        }
+    }
+
     /// Leaves `notices` to the invalidator thread.
     fn defer(&self, notices: impl IntoIterator<Item = Notice>) {
         let mut deferred = self.deferred.lock().expect("deferred lock");
         let mut unsent = self.unsent.lock().expect("unsent lock");
+        let mut pages_unsent = self.pages_unsent.lock().expect("pages lock");
         for notice in notices {
             *unsent.entry(notice.node()).or_default() += 1;
+            if let Notice::Pages { node, .. } = notice {
+                *pages_unsent.entry(node).or_default() += 1;
+            }
             deferred.push(notice);
         }
         self.idle.notify_all();
@@ -266,12 +340,11 @@ impl KernelCache {
 
     /// A deferred notification was sent.
     fn sent(&self, notice: &Notice) {
-        let mut unsent = self.unsent.lock().expect("unsent lock");
         let node = notice.node();
-        let count = unsent.get_mut(&node).expect("a deferred notice is counted");
-        *count -= 1;
-        if *count == 0 {
-            unsent.remove(&node);
+        uncount(&mut self.unsent.lock().expect("unsent lock"), node);
+        if let Notice::Pages { .. } = notice {
+            uncount(&mut self.pages_unsent.lock().expect("pages lock"), node);
+            self.pages_sent.notify_all();
         }
     }
 
@@ -322,6 +395,15 @@ impl KernelCache {
             }
             deferred = self.idle.wait_timeout(deferred, Duration::from_millis(100)).expect("deferred lock").0;
         }
+    }
+}
+
+/// Counts one fewer notice of `node` waiting to be sent.
+fn uncount(unsent: &mut HashMap<u64, usize>, node: u64) {
+    let count = unsent.get_mut(&node).expect("a deferred notice is counted");
+    *count -= 1;
+    if *count == 0 {
+        unsent.remove(&node);
     }
 }
 
@@ -466,5 +548,52 @@ mod tests {
         drop(guard);
         c.drop_pages_later(9, 0, 4096);
         assert!(!c.pages_trusted(9), "a read without a lease waits to be dropped");
+    }
+
+    #[test]
+    fn written_pages_are_dropped_when_another_thread_read_since_the_last_write() {
+        // Goal: a page another thread filled again while a write was on its way to this mount
+        // holds the bytes from before the write; it must not stay in the kernel's cache.
+        let c = cache();
+        c.leased(9, Some(Instant::now() + Duration::from_secs(5)));
+        c.reading(9, 100);
+        c.written(9, 100, 0, 10);
+        assert!(c.pages_trusted(9), "the writer's own reads cannot overtake its write");
+        c.written(9, 100, 0, 10);
+        assert!(c.pages_trusted(9), "no read at all since the last write");
+        c.reading(9, 100);
+        c.reading(9, 200);
+        c.written(9, 100, 4096, 10);
+        assert_eq!(*c.deferred.lock().unwrap(), vec![Notice::Pages { node: 9, offset: 4096, len: 10 }]);
+        assert!(!c.pages_trusted(9), "another thread read since the last write");
+        c.reading(9, 200);
+        c.forgotten(9);
+        c.written(9, 100, 0, 10);
+        assert_eq!(c.deferred.lock().unwrap().len(), 1, "the reads were forgotten with the node");
+    }
+
+    #[test]
+    fn a_request_for_attributes_waits_until_the_pages_of_its_file_are_dropped() {
+        // Goal: the writer's own read-back after an overtaken write (which asks for attributes
+        // first) finds the stale pages gone; other notifications are not waited for.
+        let c = cache();
+        let h = Handle(vec![9]);
+        c.inodes.lock().unwrap().remember(9, &h);
+        let guard = c.busy(&[9]);
+        c.recall(&[Invalidation::Object(h)]);
+        assert!(c.pages_unsent.lock().unwrap().is_empty(), "a recall's notification is not waited for");
+        c.drop_pages_later(9, 0, 10);
+        assert_eq!(c.deferred.lock().unwrap().len(), 2);
+        let sender = {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let waiting = std::mem::take(&mut *c.deferred.lock().unwrap());
+                waiting.iter().for_each(|notice| c.sent(notice));
+            })
+        };
+        c.await_pages_dropped(9);
+        sender.join().unwrap();
+        assert!(c.pages_unsent.lock().unwrap().is_empty() && c.unsent.lock().unwrap().is_empty());
+        drop(guard);
     }
 }

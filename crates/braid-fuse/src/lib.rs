@@ -470,6 +470,7 @@ impl Filesystem for BraidFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.cache.await_pages_dropped(ino.0);
         self.reply_attr(reply, ino, self.handle(ino).and_then(|h| self.check(self.client.getattr(&h))));
     }
 
@@ -576,7 +577,7 @@ impl Filesystem for BraidFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -586,6 +587,7 @@ impl Filesystem for BraidFs {
         reply: ReplyData,
     ) {
         let read = self.locking.fenced(ino.0, fh.0, lock.map(|o| o.0)).and_then(|()| self.handle(ino));
+        self.cache.reading(ino.0, req.pid());
         match read.and_then(|h| self.check(self.client.read(&h, offset, size.min(IO_BYTES_MAX)))) {
             Ok((data, lease)) => {
                 self.cache.leased(ino.0, lease);
@@ -625,6 +627,9 @@ impl Filesystem for BraidFs {
             }
             self.apply(req, &[ino], command, data.to_vec())
         });
+        if result.is_ok() && flags.0 & libc::O_APPEND == 0 {
+            self.cache.written(ino.0, req.pid(), offset, data.len() as u64);
+        }
         reply_written(reply, result);
     }
 
