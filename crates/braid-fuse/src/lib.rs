@@ -18,7 +18,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use braid_client::inodes::InodeTable;
@@ -30,8 +30,8 @@ use braid_proto::{
 use fuser::{
     AccessFlags, Config, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session, SessionACL, TimeOrNow,
-    WriteFlags,
+    ReplyEmpty, ReplyEntry, ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session, SessionACL,
+    SessionUnmounter, TimeOrNow, WriteFlags,
 };
 
 use crate::cache::KernelCache;
@@ -65,6 +65,8 @@ pub struct BraidFs {
     /// Objects of recent listings, by node, with the listing batch they came in: the first
     /// getxattr of one the cache cannot answer asks for the names of the whole batch at once.
     unasked_xattrs: Mutex<HashMap<u64, ListedBatch>>,
+    /// Unmounts the mount point; set once the session exists (see `destroy`).
+    unmounter: Arc<OnceLock<Mutex<SessionUnmounter>>>,
 }
 
 /// The objects (node, handle) of one batch of a readdirplus listing.
@@ -104,8 +106,9 @@ pub fn mount(fs: BraidFs, mountpoint: &Path, options: &MountOptions) -> io::Resu
     config.acl = if nix_is_root() { SessionACL::All } else { SessionACL::Owner };
     config.n_threads = Some(options.threads.max(2));
     config.clone_fd = true;
-    let (cache, client) = (fs.cache.clone(), fs.client.clone());
-    let session = Session::new(fs, mountpoint, &config)?;
+    let (cache, client, unmounter) = (fs.cache.clone(), fs.client.clone(), fs.unmounter.clone());
+    let mut session = Session::new(fs, mountpoint, &config)?;
+    let _ = unmounter.set(Mutex::new(session.unmount_callable()));
     // Rights are granted only once the callback channel is up, and recalls need the notifier.
     cache.start(session.notifier())?;
     client.subscribe(cache)?;
@@ -149,6 +152,7 @@ impl BraidFs {
             next_fh: AtomicU64::new(1),
             read_only: info.read_only,
             unasked_xattrs: Mutex::new(HashMap::new()),
+            unmounter: Arc::new(OnceLock::new()),
         }
     }
 
@@ -451,6 +455,15 @@ impl Filesystem for BraidFs {
     }
 
     fn destroy(&mut self) {
+        // The session unmounts its mount point by path when it ends, after this. The kernel
+        // has usually unmounted it already, and the rights given back below may wait for an
+        // unreachable server for the whole timeout: by then the mount point may hold another
+        // mount (the user mounted again), which the session would unmount. So unmount now.
+        if let Some(unmounter) = self.unmounter.get() {
+            if let Err(e) = unmounter.lock().expect("unmounter lock").unmount() {
+                tracing::debug!(error = %e, "mount point already unmounted");
+            }
+        }
         if let Err(e) = self.client.unsubscribe() {
             tracing::warn!(error = %e, "cannot give the server this mount's rights back; they expire with their lease");
         }

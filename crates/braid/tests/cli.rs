@@ -90,3 +90,32 @@ fn default_mount_daemonizes_and_umount_unmounts() {
     assert!(ok, "umount failed: {text}");
     wait_until("unmounted", START_DEADLINE, || !is_mount_point(&fixture.mnt));
 }
+
+#[test]
+fn a_mount_whose_server_is_gone_at_unmount_leaves_the_next_mount_there_alone() {
+    // Goal: after `umount`, a mount whose server is gone tries to give its rights back for up
+    // to its --timeout before its process ends; it must not then unmount what was mounted on
+    // the same mount point meanwhile (the process used to unmount the path as its last act).
+    let mut fixture = Fixture::serving_with(|export| std::fs::write(export.join("hello"), b"hi").expect("seed file"));
+    let addr = fixture.addr().to_string();
+    let mnt = fixture.mnt.to_str().expect("utf-8 path").to_owned();
+    let logs = tempfile::tempdir().expect("temp dir");
+    let old_log = logs.path().join("old-mount.log");
+    let (ok, text) = run(&["mount", &addr, &mnt, "--timeout", "2", "--insecure", "--log-file", old_log.to_str().unwrap()]);
+    assert!(ok, "daemonized mount failed: {text}");
+    assert_eq!(std::fs::read(fixture.mnt.join("hello")).expect("read through the mount"), b"hi");
+    fixture.kill_server();
+    let status = Command::new("umount").arg(&mnt).status().expect("run umount");
+    assert!(status.success() && !is_mount_point(&fixture.mnt), "umount failed");
+
+    // Another server (this one stays down, so the old process waits out its timeout).
+    let other = Fixture::serving_with(|export| std::fs::write(export.join("other"), b"yes").expect("seed file"));
+    let (ok, text) = run(&["mount", &other.addr().to_string(), &mnt, "--timeout", "30", "--insecure"]);
+    assert!(ok, "second mount failed: {text}");
+    let old_ended = || std::fs::read_to_string(&old_log).unwrap_or_default().contains("unmounted mountpoint");
+    wait_until("the old mount's process to end", START_DEADLINE, old_ended);
+    assert!(is_mount_point(&fixture.mnt), "the old mount's process unmounted the new mount");
+    assert_eq!(std::fs::read(fixture.mnt.join("other")).expect("read through the new mount"), b"yes");
+    let (ok, text) = run(&["umount", &mnt]);
+    assert!(ok, "umount failed: {text}");
+}
