@@ -31,16 +31,10 @@ const APPLIED_RESERVE_BYTES: u64 = 64 << 10;
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum WalRecord<'a> {
-    Txn {
-        lsn: u64,
-        client: u64,
-        seq: u64,
-        /// The encoded `Request::Txn`, as received.
-        #[serde(borrow)]
-        message: &'a [u8],
-        #[serde(borrow)]
-        data: &'a [u8],
-    },
+    /// A transaction, logged before it is applied. (A newtype variant encodes as the struct
+    /// variant it was before `FencedTxn`: older logs decode unchanged.)
+    #[serde(borrow)]
+    Txn(TxnRecord<'a>),
     Applied {
         lsn: u64,
         client: u64,
@@ -57,26 +51,33 @@ pub enum WalRecord<'a> {
     /// A `Txn` of which the write-back fence refused some commands: their indices. A record
     /// of its own, so that logs written before it existed still decode.
     FencedTxn {
-        lsn: u64,
-        client: u64,
-        seq: u64,
         #[serde(borrow)]
-        message: &'a [u8],
-        #[serde(borrow)]
-        data: &'a [u8],
+        txn: TxnRecord<'a>,
         refused: Vec<u32>,
     },
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TxnRecord<'a> {
+    pub lsn: u64,
+    pub client: u64,
+    pub seq: u64,
+    /// The encoded `Request::Txn`, as received.
+    #[serde(borrow)]
+    pub message: &'a [u8],
+    #[serde(borrow)]
+    pub data: &'a [u8],
 }
 
 impl<'a> WalRecord<'a> {
     /// The record of a transaction logged before it is applied: `refused` lists the commands
     /// the fence refuses.
     pub fn txn(lsn: Lsn, client: ClientId, seq: TxnSeq, message: &'a [u8], data: &'a [u8], refused: Vec<u32>) -> Self {
-        let (lsn, client, seq) = (lsn.0, client.0, seq.0);
+        let txn = TxnRecord { lsn: lsn.0, client: client.0, seq: seq.0, message, data };
         if refused.is_empty() {
-            WalRecord::Txn { lsn, client, seq, message, data }
+            WalRecord::Txn(txn)
         } else {
-            WalRecord::FencedTxn { lsn, client, seq, message, data, refused }
+            WalRecord::FencedTxn { txn, refused }
         }
     }
 }
@@ -266,14 +267,8 @@ fn apply_record(record: WalRecord<'_>, replay: &mut Replay) {
     let into = &mut replay.into;
     into.records += 1;
     match record {
-        WalRecord::Txn { lsn, client, seq, message, data } => {
-            let logged = crate::dedup::LoggedTxn { message: message.to_vec(), data: data.to_vec(), refused: Vec::new() };
-            replay_txn(replay, Lsn(lsn), ClientId(client), TxnSeq(seq), logged);
-        }
-        WalRecord::FencedTxn { lsn, client, seq, message, data, refused } => {
-            let logged = crate::dedup::LoggedTxn { message: message.to_vec(), data: data.to_vec(), refused };
-            replay_txn(replay, Lsn(lsn), ClientId(client), TxnSeq(seq), logged);
-        }
+        WalRecord::Txn(txn) => replay_txn(replay, txn, Vec::new()),
+        WalRecord::FencedTxn { txn, refused } => replay_txn(replay, txn, refused),
         WalRecord::Applied { client, seq, reply, .. } => into.cache.record(ClientId(client), TxnSeq(seq), reply.to_vec()),
         WalRecord::Snapshot { next_lsn, cache } => {
             if let Ok(cache) = postcard::from_bytes(cache) {
@@ -285,12 +280,14 @@ fn apply_record(record: WalRecord<'_>, replay: &mut Replay) {
 }
 
 /// A logged transaction counts as torn until its `Applied` record comes.
-fn replay_txn(replay: &mut Replay, lsn: Lsn, client: ClientId, seq: TxnSeq, logged: crate::dedup::LoggedTxn) {
-    if replay.lost_above.is_some_and(|bound| lsn > bound) {
+fn replay_txn(replay: &mut Replay, txn: TxnRecord<'_>, refused: Vec<u32>) {
+    let (client, seq) = (ClientId(txn.client), TxnSeq(txn.seq));
+    let logged = crate::dedup::LoggedTxn { message: txn.message.to_vec(), data: txn.data.to_vec(), refused };
+    if replay.lost_above.is_some_and(|bound| txn.lsn > bound.0) {
         replay.above.push((client, seq, logged.clone()));
     }
     replay.into.cache.logged(client, seq, Some(logged));
-    replay.into.next_lsn = replay.into.next_lsn.max(Lsn(lsn.0 + 1));
+    replay.into.next_lsn = replay.into.next_lsn.max(Lsn(txn.lsn + 1));
 }
 
 #[cfg(test)]
@@ -299,7 +296,21 @@ mod tests {
     use crate::dedup::Seen;
 
     fn txn(lsn: u64, seq: u64) -> WalRecord<'static> {
-        WalRecord::Txn { lsn, client: 7, seq, message: b"m", data: b"data" }
+        WalRecord::Txn(TxnRecord { lsn, client: 7, seq, message: b"m", data: b"data" })
+    }
+
+    #[test]
+    fn a_transaction_record_written_before_fenced_records_existed_still_decodes() {
+        // Goal: logs of older servers replay: the `Txn` record is encoded as it was.
+        #[derive(Serialize)]
+        enum Before<'a> {
+            Txn { lsn: u64, client: u64, seq: u64, message: &'a [u8], data: &'a [u8] },
+        }
+        let old = postcard::to_stdvec(&Before::Txn { lsn: 3, client: 7, seq: 9, message: b"m", data: b"data" }).unwrap();
+        assert_eq!(
+            postcard::from_bytes::<WalRecord<'_>>(&old).unwrap(),
+            WalRecord::Txn(TxnRecord { lsn: 3, client: 7, seq: 9, message: b"m", data: b"data" })
+        );
     }
 
     #[test]
