@@ -126,10 +126,11 @@ struct State {
     /// object it names when known: nobody else can have added one, so a name not here does not
     /// exist (no lookup needed).
     listings: HashMap<Handle, HashMap<Vec<u8>, Option<Handle>>>,
-    /// The inode number of the directory holding each directory this client made, as far as
-    /// this client has seen it move: the `..` of a listing answered here. Forgotten when it may
-    /// have moved unseen.
-    parents: HashMap<Handle, u64>,
+    /// The directory holding each directory this client made, as far as this client has seen
+    /// it move: its inode number is the `..` of a listing answered here (looked up when
+    /// listing: a parent made here changes its number when its create reaches the server).
+    /// Forgotten when it may have moved unseen.
+    parents: HashMap<Handle, Handle>,
     /// Provisional handles whose create has reached the server, and the server's handles.
     resolved: HashMap<Handle, Handle>,
     /// Provisional handles whose create the server refused: the object never existed.
@@ -383,10 +384,7 @@ impl State {
 
     /// Directory `dir` is in `parent` now (made or moved there by this client).
     fn moved_to(&mut self, dir: &Handle, parent: &Handle) {
-        match self.attrs.get(parent) {
-            Some(attr) => self.parents.insert(dir.clone(), attr.ino),
-            None => self.parents.remove(dir),
-        };
+        self.parents.insert(dir.clone(), parent.clone());
     }
 
     /// A rename sent to the server moved `object` (`None`: an object the listings do not know,
@@ -564,7 +562,7 @@ impl WriteBack {
         let now = Instant::now();
         let dir = state.canonical(dir);
         let (attr, mut until) = state.held_exactly(&dir, now)?;
-        let parent_ino = *state.parents.get(&dir)?;
+        let parent_ino = state.attrs.get(&state.canonical(state.parents.get(&dir)?))?.ino;
         let names = state.listings.get(&dir)?;
         let mut entries = Vec::with_capacity(names.len());
         for (name, object) in names {
@@ -1978,6 +1976,13 @@ mod tests {
         assert!(w.queue_rename(&creds, &rename), "queued");
         assert_eq!(w.known_listing(&inner.handle).map(|l| l.parent_ino), Some(dir_ino), "`..` follows a move made here");
         assert_eq!(w.known_listing(&sub.handle).map(|l| l.entries.len()), Some(1), "and so does the name");
+
+        // The create of `s` reaches the server, which gives it its inode number: `..` of a
+        // directory in it is that number, not the provisional one (seen once in CI).
+        let e = queued_create(&w, &creds, &mkdir(&sub.handle, b"e"));
+        w.resolve(&sub.handle, &h(20));
+        w.lock().reported(&h(20), &Attr { ino: 777, ..sub.attr }, true);
+        assert_eq!(w.known_listing(&e.handle).map(|l| l.parent_ino), Some(777), "`..` is the parent's number now");
 
         w.downgraded(std::slice::from_ref(&file.handle));
         assert!(w.known_listing(&sub.handle).is_none(), "an object in it may be changed by another client");
