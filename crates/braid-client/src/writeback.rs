@@ -127,10 +127,10 @@ struct State {
     /// exist (no lookup needed).
     listings: HashMap<Handle, HashMap<Vec<u8>, Option<Handle>>>,
     /// The directory holding each directory this client made, as far as this client has seen
-    /// it move: its inode number is the `..` of a listing answered here (looked up when
-    /// listing: a parent made here changes its number when its create reaches the server).
-    /// Forgotten when it may have moved unseen.
-    parents: HashMap<Handle, Handle>,
+    /// it move, and its inode number then: the `..` of a listing answered here (the number
+    /// is looked up again when listing: a parent made here changes it when its create reaches
+    /// the server). Forgotten when it may have moved unseen.
+    parents: HashMap<Handle, (Handle, u64)>,
     /// Provisional handles whose create has reached the server, and the server's handles.
     resolved: HashMap<Handle, Handle>,
     /// Provisional handles whose create the server refused: the object never existed.
@@ -384,7 +384,21 @@ impl State {
 
     /// Directory `dir` is in `parent` now (made or moved there by this client).
     fn moved_to(&mut self, dir: &Handle, parent: &Handle) {
-        self.parents.insert(dir.clone(), parent.clone());
+        match self.attrs.get(parent) {
+            Some(attr) => self.parents.insert(dir.clone(), (parent.clone(), attr.ino)),
+            None => self.parents.remove(dir),
+        };
+    }
+
+    /// The inode number of the directory `dir` is in, if known: as it is now if this client
+    /// holds that directory, else as it was when `dir` moved there, unless it was provisional
+    /// then (the server may have given it another since).
+    fn parent_ino(&self, dir: &Handle) -> Option<u64> {
+        let (parent, then) = self.parents.get(dir)?;
+        match self.attrs.get(&self.canonical(parent)) {
+            Some(attr) => Some(attr.ino),
+            None => (*then < PROVISIONAL_INO).then_some(*then),
+        }
     }
 
     /// A rename sent to the server moved `object` (`None`: an object the listings do not know,
@@ -562,7 +576,7 @@ impl WriteBack {
         let now = Instant::now();
         let dir = state.canonical(dir);
         let (attr, mut until) = state.held_exactly(&dir, now)?;
-        let parent_ino = state.attrs.get(&state.canonical(state.parents.get(&dir)?))?.ino;
+        let parent_ino = state.parent_ino(&dir)?;
         let names = state.listings.get(&dir)?;
         let mut entries = Vec::with_capacity(names.len());
         for (name, object) in names {
